@@ -1,0 +1,1 @@
+"""The export stage: the architectures, LeNet-5 training and the PyTorch -> ONNX model repository."""

@@ -1,0 +1,92 @@
+"""The one image -> tensor transform, shared by training, export verification and the service.
+
+Keeping it in one place is what makes a served model see exactly what it was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded image becomes the model's input tensor."""
+
+    color_mode: Literal["L", "RGB"]
+    resize: int  # the shorter side is resized to this (bilinear)
+    crop: int  # then center-cropped to crop x crop
+    mean: tuple[float, ...]  # per channel, applied to pixel / 255
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        channels = 1 if self.color_mode == "L" else 3
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean/std need {channels} values for color mode {self.color_mode}")
+        if self.crop > self.resize:
+            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(
+            color_mode=d["color_mode"],
+            resize=int(d["resize"]),
+            crop=int(d["crop"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+        )
+
+
+IMAGENET = Preprocessing(color_mode="RGB", resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def resize_and_crop(image: Image.Image, p: Preprocessing) -> Image.Image:
+    """Convert to the model's colour mode, resize the shorter side, center-crop."""
+    if image.mode != p.color_mode:
+        # Palette/alpha images go through RGB(A) first so transparency and palettes convert sanely.
+        if image.mode in ("P", "PA", "LA", "RGBA", "I", "I;16", "F", "CMYK", "YCbCr", "1"):
+            image = image.convert("RGB")
+        image = image.convert(p.color_mode)
+    w, h = image.size
+    short = min(w, h)
+    if short != p.resize:
+        scale = p.resize / short
+        nw, nh = max(p.resize, round(w * scale)), max(p.resize, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+        w, h = nw, nh
+    if (w, h) != (p.crop, p.crop):
+        left, top = (w - p.crop) // 2, (h - p.crop) // 2
+        image = image.crop((left, top, left + p.crop, top + p.crop))
+    return image
+
+
+def to_tensor(image: Image.Image, p: Preprocessing) -> np.ndarray:
+    """A decoded PIL image -> normalized float32 array of shape (C, crop, crop)."""
+    image = resize_and_crop(image, p)
+    arr = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
+    if arr.ndim == 2:
+        arr = arr[None, :, :]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    mean = np.asarray(p.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(p.std, dtype=np.float32)[:, None, None]
+    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+
+# LeNet-5 on the UCI digits: the 8x8 images rendered to 32x32 grayscale (export.digits), then
+# normalized with the training split's pixel mean and std (a test recomputes them).
+DIGITS = Preprocessing(color_mode="L", resize=32, crop=32, mean=(0.3055,), std=(0.3235,))

@@ -1,0 +1,99 @@
+"""Every Prometheus metric the service exports, defined once.
+
+Naming follows prometheus.io: `cnnserve_` prefix, base units in the name, `_total` on counters,
+histograms for durations, and the same low-cardinality labels everywhere: `method`, `model`, `code`,
+`reason`, `task`, `provider`. Everything is measured in the serving process around calls into the
+engines and the worker pool, so no multiprocess mode is needed. Process metrics (`process_*`) come
+from client_python's default collectors on the same registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+# Request latencies on CPU span ~0.5 ms (LeNet) to seconds (queued ResNet-50 batches).
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Gradient jobs run from ~10 ms (one explain) to minutes (a large stylization).
+TASK_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+registry: CollectorRegistry = REGISTRY
+
+# --- requests (every RPC) ---------------------------------------------------------------------
+REQUESTS = Counter(
+    "cnnserve_requests_total", "RPCs answered, by method, model and gRPC status code.",
+    ["method", "model", "code"],
+)
+REQUEST_DURATION = Histogram(
+    "cnnserve_request_duration_seconds", "End-to-end RPC latency in the server.",
+    ["method", "model"], buckets=LATENCY_BUCKETS,
+)
+INFLIGHT = Gauge("cnnserve_inflight_requests", "RPCs being handled now.", ["method"])
+REJECTIONS = Counter(
+    "cnnserve_rejections_total",
+    "Requests refused before or instead of computing, by reason "
+    "(queue_full, deadline, invalid_argument, not_found, too_large, unavailable, cost_budget, ...).",
+    ["method", "model", "reason"],
+)
+
+# --- classification path ----------------------------------------------------------------------
+IMAGES = Counter("cnnserve_images_total", "Images classified.", ["model"])
+DECODE_DURATION = Histogram(
+    "cnnserve_decode_duration_seconds", "Image decoding time per image.", ["model"], buckets=LATENCY_BUCKETS,
+)
+PREPROCESS_DURATION = Histogram(
+    "cnnserve_preprocess_duration_seconds", "Resize, crop and normalization time per image.",
+    ["model"], buckets=LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "cnnserve_queue_wait_seconds", "Time a request waited in the batching queue.",
+    ["model"], buckets=LATENCY_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "cnnserve_inference_duration_seconds", "ONNX Runtime run time per batch.",
+    ["model", "provider"], buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "cnnserve_batch_size", "Images per ONNX Runtime call.", ["model"], buckets=BATCH_BUCKETS,
+)
+QUEUE_DEPTH = Gauge("cnnserve_queue_depth", "Images waiting in the batching queue.", ["model"])
+MODEL_INFO = Gauge(
+    "cnnserve_model_info", "Loaded model versions (value 1), with the execution provider in use.",
+    ["model", "version", "provider", "trained"],
+)
+PROVIDER_INFO = Gauge(
+    "cnnserve_execution_provider_info", "The ONNX Runtime execution provider in use (value 1).", ["provider"],
+)
+ENGINE_RESTARTS = Counter(
+    "cnnserve_engine_restarts_total", "Classification engine threads restarted after a crash.", ["model"],
+)
+
+# --- gradient jobs (explain, dream, stylize) ---------------------------------------------------
+TASK_DURATION = Histogram(
+    "cnnserve_task_duration_seconds", "Gradient job run time in a worker.", ["task", "model"],
+    buckets=TASK_BUCKETS,
+)
+TASK_STEPS = Counter(
+    "cnnserve_task_steps_total", "Optimisation steps run by gradient jobs; rate() gives steps per second.",
+    ["task", "model"],
+)
+TASK_STEP_RATE = Histogram(
+    "cnnserve_task_steps_per_second", "Steps per second of each finished gradient job.", ["task", "model"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
+TASK_QUEUE_WAIT = Histogram(
+    "cnnserve_task_queue_wait_seconds", "Time a gradient job waited for a worker.", ["task"],
+    buckets=TASK_BUCKETS,
+)
+TASKS_INFLIGHT = Gauge("cnnserve_tasks_inflight", "Gradient jobs admitted and not finished.", ["task"])
+TASK_QUEUED_COST = Gauge(
+    "cnnserve_task_queued_cost", "Admitted gradient work not yet finished, in cost units (pixels x steps).",
+)
+TASK_COST_BUDGET = Gauge("cnnserve_task_cost_budget", "The gradient admission budget, in cost units.")
+WORKER_RESTARTS = Counter("cnnserve_worker_restarts_total", "Gradient worker processes restarted.")
+WORKERS_ALIVE = Gauge("cnnserve_workers_alive", "Gradient worker processes alive and ready.")
+TASK_CANCELLATIONS = Counter(
+    "cnnserve_task_cancellations_total", "Gradient jobs stopped by cancellation or deadline.", ["task"],
+)

@@ -1,0 +1,115 @@
+"""The one typed settings object. Every field is a `CNNSERVE_<NAME>` environment variable and a
+`--<name-with-dashes>` flag of `cnnserve serve` (see service/cli.py); the Field description is the
+--help text. Build it once in the entry point and pass it down: nothing else reads os.environ.
+
+Durations end in `_s`, sizes in `_bytes`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", extra="forbid", validate_default=True)
+
+    # --- network ---------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind to (only this one).")
+    grpc_port: int = Field(8500, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start).")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus metrics HTTP port (0 picks one).")
+
+    # --- models ----------------------------------------------------------------------------------
+    repository: Path = Field(Path("model_repository"), description="Model repository directory (read-only).")
+    models: str = Field(
+        "",
+        description="Comma-separated models to load, each NAME or NAME:VERSION[+VERSION...]; "
+        "empty loads every model at its latest version. NAME:all loads every version.",
+    )
+
+    # --- ONNX Runtime ----------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Execution provider: auto uses CUDA only when a GPU is really usable."
+    )
+    cuda_device_id: int = Field(0, ge=0, description="CUDA device id for ONNX Runtime and the gradient workers.")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "HEURISTIC", description="cuDNN convolution algorithm search for the CUDA provider."
+    )
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimization level."
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core).")
+    inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
+
+    # --- dynamic batching ------------------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, le=256, description="Largest batch sent to ONNX Runtime per model.")
+    max_queue_delay_s: float = Field(
+        0.002, ge=0.0, le=1.0, description="How long a batch may wait for more requests before it runs."
+    )
+    max_queue_size: int = Field(
+        256, ge=1, description="Images that may wait per model; beyond that requests get RESOURCE_EXHAUSTED."
+    )
+    preprocess_threads: int = Field(
+        0, ge=0, description="Threads decoding and preprocessing images (0: one per core, at least 2)."
+    )
+
+    # --- request caps ----------------------------------------------------------------------------
+    max_images_per_request: int = Field(256, ge=1, description="Most images in one ClassifyBatch/ModelInfer.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Most pixels an encoded image may declare (checked before decoding)."
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
+    )
+    max_deadline_s: float = Field(
+        600.0, gt=0, description="Longest deadline honoured; longer or missing deadlines are capped to this."
+    )
+    max_top_k: int = Field(1000, ge=1, description="Largest top_k a request may ask for.")
+
+    # --- gradient jobs ---------------------------------------------------------------------------
+    workers: int = Field(1, ge=0, description="PyTorch gradient worker processes (0 disables gradient RPCs).")
+    worker_address: str = Field(
+        "", description="host:port of a separate `cnnserve worker` tier; empty uses the local worker pool."
+    )
+    max_task_cost: float = Field(
+        2.0e9, gt=0, description="Gradient admission budget in cost units (pixels x steps) admitted at once."
+    )
+    max_task_iterations: int = Field(1000, ge=1, description="Most optimisation steps one gradient job may ask for.")
+    max_task_image_side: int = Field(1024, ge=16, description="Longest image side a gradient job may use.")
+    max_task_duration_s: float = Field(
+        300.0, gt=0, description="Longest a gradient job may run; it is stopped after this."
+    )
+    max_task_batch: int = Field(16, ge=1, description="Most images in one Explain request.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker (0: cores / workers).")
+
+    # --- connections and shutdown ----------------------------------------------------------------
+    grace_period_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long accepted calls may take to finish before exit."
+    )
+    keepalive_time_s: float = Field(30.0, gt=0, description="Server keepalive ping interval.")
+    keepalive_timeout_s: float = Field(10.0, gt=0, description="Keepalive ping ack timeout.")
+    keepalive_min_client_ping_s: float = Field(
+        10.0, gt=0, description="Shortest client keepalive interval tolerated (clients must ping less often)."
+    )
+    max_connection_age_s: float = Field(
+        300.0, gt=0, description="Connections are closed gracefully after this, so clients rebalance."
+    )
+    max_connection_age_grace_s: float = Field(
+        30.0, ge=0, description="Time in-flight calls get after max_connection_age."
+    )
+    max_concurrent_rpcs: int = Field(
+        1024, ge=1, description="RPCs handled at once; beyond that gRPC answers RESOURCE_EXHAUSTED."
+    )
+
+    # --- logging ---------------------------------------------------------------------------------
+    log_format: Literal["json", "text"] = Field("text", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @property
+    def max_receive_message_bytes(self) -> int:
+        """Sized for the largest allowed batch of float32 tensors at 224x224x3, plus framing."""
+        largest_batch = self.max_images_per_request * 3 * 224 * 224 * 4
+        return max(self.max_message_bytes, largest_batch + 1024 * 1024)
