@@ -1,0 +1,73 @@
+# cnnserve developer commands. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REPOSITORY ?= model_repository
+GRPC_PORT ?= 8500
+METRICS_PORT ?= 9090
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is capped below 2.14 in pyproject: pip takes the local 2.13 CPU wheel here.
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create .venv and install cnnserve with its dev tools
+
+$(REPOSITORY)/.demo-complete: | $(STAMP)
+	$(PY) -m export demo --repository $(REPOSITORY)
+	touch $@
+
+.PHONY: demo
+demo: $(STAMP) ## Build (or verify) the demo model repository in ./model_repository
+	$(PY) -m export demo --repository $(REPOSITORY)
+	touch $(REPOSITORY)/.demo-complete
+
+.PHONY: serve
+serve: $(REPOSITORY)/.demo-complete ## Build the demo repository if missing, then start the server
+	$(VENV)/bin/cnnserve serve --repository $(REPOSITORY) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+.PHONY: test
+test: $(STAMP) ## Run the default test suite (everything but slow and gpu tests)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+.PHONY: test-all
+test-all: $(STAMP) ## Run every test, slow ones included (gpu tests skip without CUDA)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: describe
+describe: $(STAMP) ## Print the architecture comparison table
+	$(PY) -m export describe
+
+.PHONY: train
+train: $(STAMP) ## Train LeNet-5 on the UCI digits
+	$(PY) -m export train lenet5
+
+.PHONY: protos
+protos: $(STAMP) ## Regenerate the committed gRPC stubs from protos/
+	$(PY) tools/gen_protos.py
+
+.PHONY: lint
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check export service tests
+	$(VENV)/bin/mypy export service
+
+.PHONY: bench
+bench: $(STAMP) ## Benchmarks against in-process baselines; prints ratios
+	$(PY) -m bench
+
+.PHONY: clean
+clean: ## Remove caches (keeps .venv and the model repository)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +
