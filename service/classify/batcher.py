@@ -361,11 +361,16 @@ class DynamicBatcher:
         inputs = [req.x[start:stop] for req, start, stop in parts]
         loop = asyncio.get_running_loop()
         try:
-            outputs, elapsed = await loop.run_in_executor(self._executor, _compute, self._runner, inputs, rows)
+            outputs, elapsed = await loop.run_in_executor(
+                self._executor, _compute, self._runner, inputs, rows
+            )
         except Exception as exc:
             log.error(
                 "model %s: inference failed for a batch of %d images from %d requests",
-                self.name, rows, len(self._current), exc_info=exc,
+                self.name,
+                rows,
+                len(self._current),
+                exc_info=exc,
             )
             error: ServiceError = Internal(GENERIC_INTERNAL_MESSAGE)
             for req in self._current:

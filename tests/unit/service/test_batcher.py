@@ -18,7 +18,13 @@ import pytest
 
 from service import metrics
 from service.classify.batcher import DynamicBatcher
-from service.errors import GENERIC_INTERNAL_MESSAGE, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from service.errors import (
+    GENERIC_INTERNAL_MESSAGE,
+    DeadlineExceeded,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+)
 
 
 class FakeRunner:
@@ -82,7 +88,9 @@ def test_concurrent_requests_are_merged_and_answers_are_not_mixed() -> None:
         await b.start()
         sizes = [1 + (i % 3) for i in range(40)]
         starts = np.cumsum([0, *sizes])[:-1] * 10 + 1000
-        results = await asyncio.gather(*(b.submit(ids(int(s), n), None) for s, n in zip(starts, sizes, strict=True)))
+        results = await asyncio.gather(
+            *(b.submit(ids(int(s), n), None) for s, n in zip(starts, sizes, strict=True))
+        )
         for s, n, out in zip(starts, sizes, results, strict=True):
             np.testing.assert_array_equal(out, ids(int(s), n) * 2)
         await b.close()
@@ -180,7 +188,12 @@ def test_deadline_found_expired_when_the_batch_is_formed() -> None:
 
     async def main() -> None:
         b = DynamicBatcher(
-            runner, name="clock", max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8, clock=lambda: now[0]
+            runner,
+            name="clock",
+            max_batch_size=1,
+            max_queue_delay_s=0.0,
+            max_queue_size=8,
+            clock=lambda: now[0],
         )
         await b.start()
         first = asyncio.create_task(b.submit(ids(0, 1), None))
@@ -247,7 +260,9 @@ def test_close_drains_queued_work_then_refuses() -> None:
     assert sum(runner.sizes()) == 12
 
 
-def test_runner_failure_answers_internal_and_the_batcher_keeps_serving(caplog: pytest.LogCaptureFixture) -> None:
+def test_runner_failure_answers_internal_and_the_batcher_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     runner = FakeRunner(poison=666.0)
 
     async def main() -> None:
@@ -307,7 +322,12 @@ def test_metrics_are_recorded() -> None:
 
     async def main() -> None:
         b = DynamicBatcher(
-            runner, name="metrics-test", max_batch_size=4, max_queue_delay_s=0, max_queue_size=16, provider="CPU"
+            runner,
+            name="metrics-test",
+            max_batch_size=4,
+            max_queue_delay_s=0,
+            max_queue_size=16,
+            provider="CPU",
         )
         await b.start()
         await b.submit(ids(0, 3), None)
