@@ -1,0 +1,288 @@
+"""Build and run the server: grpc.aio with our two APIs, health and reflection, plus metrics HTTP.
+
+Lifecycle (`run`):
+
+1. Bind gRPC (settings.host:grpc_port) and the metrics HTTP server, start both, and log
+   `listening grpc=HOST:PORT metrics=HOST:PORT` (the chosen ports when 0 was asked for). Health is
+   NOT_SERVING and inference RPCs answer UNAVAILABLE, but probes and metadata work.
+2. engine.load() in a thread (scan, verify, ONNX Runtime sessions, warm-up), engine.start(), then
+   health SERVING for "", both services and every "model:<name>".
+3. On SIGTERM/SIGINT: health NOT_SERVING at once, new calls UNAVAILABLE, accepted calls get up to
+   grace_period_s to finish (`server.stop(grace)`), engine.stop(), exit 0. A second signal exits
+   at once with status 1.
+
+Exit status 1 with a clear log line when no model can be loaded or a port cannot be bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import metrics
+from service.metrics_http import MetricsHTTPServer
+from service.oip import GRPCInferenceServicer
+from service.servicers import Engine, InferenceServicer, ServingState
+from service.settings import Settings
+
+from ._proto.cnnserve.v1 import inference_pb2, inference_pb2_grpc
+from ._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+
+log = logging.getLogger("service.server")
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+OIP_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+T = TypeVar("T")
+
+
+class StartupError(Exception):
+    """The server cannot start (port in use, no model loadable); the message says why."""
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Channel arguments of the gRPC server (see grpc's include/grpc/impl/channel_arg_names.h)."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Server-initiated keepalive pings detect dead peers (e.g. a vanished NAT entry).
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        # Clients may ping (also between calls) as often as every keepalive_min_client_ping_s;
+        # more often earns a GOAWAY "too_many_pings". service.client's defaults stay above it.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.keepalive_min_client_ping_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        # Rotate connections so clients behind L4 load balancers spread onto new replicas.
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_s)),
+        # Never share a port with another process silently (Linux SO_REUSEPORT would).
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _in_daemon_thread(fn: Callable[[], T], name: str) -> T:
+    """Run a blocking call in a daemon thread: unlike the default executor, a SIGTERM during a long
+    model load does not have to wait for it before the process can exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
+
+
+class Server:
+    """The gRPC server, its health/reflection services and the metrics endpoint, around an engine."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        if engine is None:
+            from service.classify.engine import ClassificationEngine
+
+            engine = ClassificationEngine(settings)
+        self.settings = settings
+        self.engine = engine
+        self.state = ServingState(engine, settings)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.metrics_server: MetricsHTTPServer | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._engine_started = False
+
+    # --- readiness ------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.state.draining:
+            return False, "shutting down"
+        if not self.engine.ready:
+            return False, "loading models"
+        return True, ""
+
+    def _health_names(self) -> list[str]:
+        models = sorted({m.name for m in self.engine.models()})
+        return ["", INFERENCE_SERVICE, OIP_SERVICE, *(f"model:{name}" for name in models)]
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start gRPC and metrics HTTP; health NOT_SERVING until `load` finishes."""
+        settings = self.settings
+        server = grpc.aio.server(
+            options=grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), server)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            GRPCInferenceServicer(self.state), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, OIP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        for name in ("", INFERENCE_SERVICE, OIP_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = _address(settings.host, settings.grpc_port)
+        try:
+            self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot bind gRPC to {address}: {exc}") from None
+        try:
+            self.metrics_server = MetricsHTTPServer(
+                settings.host, settings.metrics_port, metrics.registry, self.readiness
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot bind metrics HTTP to {_address(settings.host, settings.metrics_port)}: {exc}"
+            ) from None
+        self.metrics_port = self.metrics_server.port
+        await server.start()
+        self.grpc_server = server
+        self.metrics_server.start()
+        log.info(
+            "listening grpc=%s metrics=%s",
+            _address(settings.host, self.grpc_port),
+            _address(settings.host, self.metrics_port),
+        )
+
+    async def load(self) -> None:
+        """Load and warm up the models, start the engine, then report SERVING."""
+        started = time.perf_counter()
+        try:
+            await _in_daemon_thread(self.engine.load, "cnnserve-load")  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise StartupError(f"no model could be loaded from {self.settings.repository}: {exc}") from exc
+        await self.engine.start()  # type: ignore[attr-defined]
+        self._engine_started = True
+        if self.state.draining:
+            return
+        for name in self._health_names():
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        models = ", ".join(f"{m.name}:{m.version} ({m.provider})" for m in self.engine.models())
+        log.info("ready in %.2fs: serving %s", time.perf_counter() - started, models)
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING at once, refuse new calls, let accepted ones finish, stop the engine."""
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        self.state.draining = True
+        # Marks every service NOT_SERVING and ignores later set() calls (a late load finishing).
+        await self.health.enter_graceful_shutdown()
+        log.info("shutting down: health NOT_SERVING, up to %.1fs for accepted calls to finish", grace)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+        if self._engine_started:
+            try:
+                await self.engine.stop()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - exit anyway, but say why it was not clean
+                log.exception("stopping the engine failed")
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        log.info("stopped")
+
+
+async def run(settings: Settings, engine: Engine | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. Returns the process exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("received %s: draining", signal.Signals(signum).name)
+            stop.set()
+        else:
+            log.warning("received %s again: exiting now without draining", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(1)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    server = Server(settings, engine)
+    try:
+        await server.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    load = asyncio.create_task(server.load())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if load.done() and load.exception() is not None:
+        stopping.cancel()
+        exc = load.exception()
+        log.error("%s", exc, exc_info=exc.__cause__ if isinstance(exc, StartupError) else exc)
+        await server.shutdown(grace_s=0)
+        return 1
+    if not load.done():
+        log.info("stopping before the models finished loading")
+        load.cancel()
+    await stopping
+    await server.shutdown()
+    return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message (+ exc_info when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Root logging to stderr in settings.log_format at settings.log_level (UTC timestamps)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+    else:
+        formatter = logging.Formatter(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)

@@ -1,0 +1,554 @@
+"""The cnnserve.v1.Inference servicer: protobuf -> domain -> engine -> protobuf, nothing more.
+
+Every RPC goes through `Rpc`, which keeps the per-RPC metrics (requests by code, latency,
+in-flight, rejections by reason) and turns every exception into a status with
+`errors.status_of` -> `context.abort`: a client never sees UNKNOWN or a traceback.
+
+The engine is used only through the interface in docs/SERVICE_INTERFACES.md (`Engine` below is
+that interface as a Protocol, so tests can pass a double).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import grpc
+import numpy as np
+
+from service import errors, images
+from service.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
+from service.metrics import INFLIGHT, REJECTIONS, REQUEST_DURATION, REQUESTS
+from service.settings import Settings
+
+from ._proto.cnnserve.v1 import inference_pb2 as pb
+from ._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from service.classify.engine import LoadedModel, Timings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+T = TypeVar("T")
+
+# Wire dtype names a client may use for a raw tensor -> little-endian numpy dtype.
+TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"),
+    "fp32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "fp16": np.dtype("<f2"),
+}
+
+# What this server serves per model, as ModelInfo.capabilities. The gradient RPCs add theirs here
+# (via Servicer(served_capabilities=...)) when they exist; a model's metadata.json alone never
+# advertises an RPC the server does not implement.
+CAPABILITY_ENUM = {
+    "classify": pb.CAPABILITY_CLASSIFY,
+    "explain": pb.CAPABILITY_EXPLAIN,
+    "dream": pb.CAPABILITY_DREAM,
+    "stylize": pb.CAPABILITY_STYLIZE,
+}
+SERVED_CAPABILITIES = frozenset({"classify"})
+
+
+class Engine(Protocol):
+    """The classification engine as the servicers use it (service.classify.engine)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def models(self) -> list[LoadedModel]: ...
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel: ...
+
+    async def classify_images(
+        self, model: LoadedModel, images: list[bytes], deadline: float | None
+    ) -> tuple[np.ndarray, Timings]: ...
+
+    async def classify_tensors(
+        self, model: LoadedModel, batch: np.ndarray, deadline: float | None
+    ) -> tuple[np.ndarray, Timings]: ...
+
+    async def infer(
+        self, model: LoadedModel, batch: np.ndarray, deadline: float | None
+    ) -> tuple[np.ndarray, Timings]: ...
+
+
+class ServingState:
+    """What every servicer needs to know about the server: the engine, the settings, and whether
+    requests are accepted (engine warmed up and not shutting down)."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and not self.draining
+
+    def check_ready(self) -> None:
+        """Raise Unavailable unless requests are being accepted."""
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on another replica", reason="shutting_down")
+        if not self.engine.ready:
+            raise Unavailable("server is starting: models are still loading", reason="not_ready")
+
+    def deadline(self, context: grpc.aio.ServicerContext) -> float:
+        """The call's deadline as an absolute time.monotonic(), capped at max_deadline_s.
+
+        Raises DeadlineExceeded when it has already passed.
+        """
+        cap = self.settings.max_deadline_s
+        remaining = context.time_remaining()
+        if remaining is None or remaining > cap:
+            remaining = cap
+        if remaining <= 0:
+            raise DeadlineExceeded("the deadline passed before the request was handled", reason="deadline")
+        return time.monotonic() + remaining
+
+    def check_image_count(self, count: int) -> None:
+        cap = self.settings.max_images_per_request
+        if count > cap:
+            raise InvalidArgument(
+                f"{count} images in one request; max_images_per_request is {cap}", reason="too_many_images"
+            )
+
+    def resolve_model(self, name: str, version: int) -> LoadedModel:
+        """The loaded model for a request's (name, version); version 0 means the latest."""
+        if not name:
+            raise InvalidArgument("model is required (see ListModels)", reason="invalid_argument")
+        if version < 0:
+            raise InvalidArgument(
+                f"version must be >= 0 (0 = latest), got {version}", reason="invalid_argument"
+            )
+        return self.engine.get(name, version or None)
+
+
+class Rpc:
+    """Metrics and error mapping of one RPC (or of one item of a stream).
+
+    `model` is the label for the metrics: set it once the model is resolved. Until then it is "",
+    so a client sending made-up model names cannot blow up the label cardinality.
+    """
+
+    __slots__ = ("method", "model", "_start")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.model = ""
+        self._start = time.perf_counter()
+
+    def succeeded(self) -> None:
+        self._record(grpc.StatusCode.OK, None)
+
+    def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """Record a failure; returns the (code, client-safe message) to answer with."""
+        code, message, reason = errors.status_of(exc)
+        self._record(code, None if code == grpc.StatusCode.INTERNAL else reason)
+        return code, message
+
+    def cancelled(self, context: grpc.aio.ServicerContext) -> None:
+        """The call ended under us: the client cancelled it or its deadline passed."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            self._record(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline")
+        else:
+            self._record(grpc.StatusCode.CANCELLED, "cancelled")
+
+    def _record(self, code: grpc.StatusCode, reason: str | None) -> None:
+        REQUESTS.labels(self.method, self.model, code.name).inc()
+        REQUEST_DURATION.labels(self.method, self.model).observe(time.perf_counter() - self._start)
+        if reason is not None:
+            REJECTIONS.labels(self.method, self.model, reason).inc()
+
+
+async def unary(method: str, context: grpc.aio.ServicerContext, work: Callable[[Rpc], Awaitable[T]]) -> T:
+    """Run one unary RPC's `work` with metrics; any exception becomes `context.abort`."""
+    rpc = Rpc(method)
+    INFLIGHT.labels(method).inc()
+    try:
+        response = await work(rpc)
+    except asyncio.CancelledError:
+        rpc.cancelled(context)
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place every error becomes a status
+        code, message = rpc.failed(exc)
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned") from None  # abort always raises
+    else:
+        rpc.succeeded()
+        return response
+    finally:
+        INFLIGHT.labels(method).dec()
+
+
+def resolve_top_k(requested: int, model: LoadedModel, max_top_k: int) -> int:
+    """top_k for a request: 0 means min(5, classes); otherwise 1..min(max_top_k, classes)."""
+    limit = min(max_top_k, model.num_classes)
+    if requested == 0:
+        return min(DEFAULT_TOP_K, limit)
+    if not 1 <= requested <= limit:
+        raise InvalidArgument(
+            f"top_k must be between 1 and {limit} for {model.name} (it has {model.num_classes} classes, "
+            f"max_top_k is {max_top_k}), got {requested}",
+            reason="invalid_argument",
+        )
+    return requested
+
+
+def top_classes(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[pb.ClassScore]:
+    """The k most probable classes of one probability row, most probable first (ties: lower index)."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [
+        pb.ClassScore(
+            index=int(i), label=labels[i] if i < len(labels) else "", probability=float(probabilities[i])
+        )
+        for i in order
+    ]
+
+
+def tensor_from_proto(tensor: pb.Tensor, model: LoadedModel) -> np.ndarray:
+    """A request Tensor -> validated (1, C, H, W) array of the model's input dtype."""
+    wire = TENSOR_DTYPES.get(tensor.dtype.lower())
+    if wire is None:
+        raise InvalidArgument(
+            f"unsupported tensor dtype {tensor.dtype!r}; use float32 or float16", reason="invalid_argument"
+        )
+    shape = tuple(int(d) for d in tensor.shape)
+    if not shape or any(d < 0 for d in shape):
+        raise InvalidArgument(f"invalid tensor shape {list(shape)}", reason="invalid_argument")
+    expected_bytes = math.prod(shape) * wire.itemsize
+    if len(tensor.data) != expected_bytes:
+        raise InvalidArgument(
+            f"tensor data has {len(tensor.data)} bytes; "
+            f"shape {list(shape)} of {wire.name} needs {expected_bytes}",
+            reason="invalid_argument",
+        )
+    arr = np.frombuffer(tensor.data, dtype=wire).reshape(shape)
+    if len(shape) == 4 and shape[0] != 1:
+        raise InvalidArgument(
+            f"one image per ImageInput: shape [C,H,W] or [1,C,H,W], got {list(shape)}",
+            reason="invalid_argument",
+        )
+    return to_model_dtype(arr, model)
+
+
+def to_model_dtype(arr: np.ndarray, model: LoadedModel) -> np.ndarray:
+    """Validate a float tensor against the model's input shape and convert it to the input dtype.
+
+    Finiteness is checked after the conversion too: a float32 value beyond float16's range becomes
+    inf for an fp16 model, and that must be refused rather than computed.
+    """
+    arr = images.check_tensor(
+        arr, shape=tuple(model.input_shape), dtype=[np.dtype("float32"), np.dtype("float16")]
+    )
+    target = np.dtype(model.input_dtype)
+    if arr.dtype != target:
+        with np.errstate(over="ignore"):
+            arr = arr.astype(target)
+        arr = images.check_tensor(arr, shape=tuple(model.input_shape), dtype=target)
+    return arr
+
+
+def timings_proto(timings: Timings | None, total_s: float) -> pb.Timings:
+    if timings is None:
+        return pb.Timings(total_seconds=total_s)
+    return pb.Timings(
+        decode_seconds=timings.decode_s,
+        preprocess_seconds=timings.preprocess_s,
+        queue_seconds=timings.queue_s,
+        inference_seconds=timings.inference_s,
+        total_seconds=total_s,
+    )
+
+
+def model_info(
+    model: LoadedModel,
+    *,
+    versions: Iterable[int],
+    ready: bool,
+    include_labels: bool = False,
+    served: frozenset[str] = SERVED_CAPABILITIES,
+) -> pb.ModelInfo:
+    meta = model.metadata or {}
+    dtype = np.dtype(model.input_dtype).name
+    p = model.preprocessing
+    capabilities = [
+        CAPABILITY_ENUM[name]
+        for name in ("classify", "explain", "dream", "stylize")
+        if name in served and model.capabilities.get(name, name == "classify")
+    ]
+    info = pb.ModelInfo(
+        name=model.name,
+        version=model.version,
+        versions=sorted(versions),
+        architecture=model.architecture,
+        input=pb.TensorSpec(
+            name=str(meta.get("input", {}).get("name", "input")), shape=list(model.input_shape), dtype=dtype
+        ),
+        output=pb.TensorSpec(
+            name=str(meta.get("output", {}).get("name", "logits")), shape=[model.num_classes], dtype=dtype
+        ),
+        num_classes=model.num_classes,
+        labels_count=len(model.labels),
+        preprocessing=pb.Preprocessing(
+            color_mode=p.color_mode, resize=p.resize, crop=p.crop, mean=list(p.mean), std=list(p.std)
+        ),
+        trained=model.trained,
+        trained_on=model.trained_on or "",
+        parameters=model.parameters,
+        flops=model.flops,
+        execution_provider=model.provider,
+        capabilities=capabilities,
+        ready=ready,
+    )
+    if include_labels:
+        info.labels.extend(model.labels)
+    return info
+
+
+def merge_timings(parts: Sequence[Timings]) -> Timings | None:
+    """Timings of a request served by several engine calls running concurrently: decode and
+    preprocess work adds up, queue and inference overlap (the longest counts)."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return type(parts[0])(
+        decode_s=sum(t.decode_s for t in parts),
+        preprocess_s=sum(t.preprocess_s for t in parts),
+        queue_s=max(t.queue_s for t in parts),
+        inference_s=max(t.inference_s for t in parts),
+    )
+
+
+async def first_error_gather(*aws: Awaitable[T]) -> list[T]:
+    """Like asyncio.gather, but the first failure cancels the others (no orphaned work)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """cnnserve.v1.Inference."""
+
+    def __init__(
+        self, state: ServingState, *, served_capabilities: frozenset[str] = SERVED_CAPABILITIES
+    ) -> None:
+        self._state = state
+        self._served = served_capabilities
+
+    # --- classification ----------------------------------------------------------------------
+
+    async def _classify_inputs(
+        self, model: LoadedModel, inputs: Sequence[pb.ImageInput], deadline: float
+    ) -> tuple[np.ndarray, Timings | None]:
+        """Probabilities [n, K] for request images in request order; encoded images and tensors
+        may be mixed (they go to the engine as two concurrent calls)."""
+        encoded: list[tuple[int, bytes]] = []
+        tensors: list[tuple[int, np.ndarray]] = []
+        for position, item in enumerate(inputs):
+            kind = item.WhichOneof("kind")
+            if kind == "encoded":
+                encoded.append((position, item.encoded))
+            elif kind == "tensor":
+                try:
+                    tensors.append((position, tensor_from_proto(item.tensor, model)))
+                except InvalidArgument as exc:
+                    where = f"image {position}: " if len(inputs) > 1 else ""
+                    raise InvalidArgument(where + exc.message, reason=exc.reason) from None
+            else:
+                where = f"image {position}" if len(inputs) > 1 else "image"
+                raise InvalidArgument(f"{where} is empty: set `encoded` or `tensor`", reason="empty_image")
+        engine = self._state.engine
+        calls: list[Awaitable[tuple[np.ndarray, Timings]]] = []
+        if encoded:
+            calls.append(engine.classify_images(model, [data for _, data in encoded], deadline))
+        if tensors:
+            calls.append(engine.classify_tensors(model, np.concatenate([t for _, t in tensors]), deadline))
+        outcomes = await first_error_gather(*calls)
+        probabilities = np.empty((len(inputs), model.num_classes), dtype=np.float32)
+        groups = [g for g in (encoded, tensors) if g]
+        for group, (probs, _) in zip(groups, outcomes, strict=True):
+            probabilities[[position for position, _ in group]] = probs
+        return probabilities, merge_timings([t for _, t in outcomes])
+
+    async def _classify_one(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, rpc: Rpc
+    ) -> pb.ClassifyResponse:
+        start = time.perf_counter()
+        state = self._state
+        state.check_ready()
+        model = state.resolve_model(request.model, request.version)
+        rpc.model = model.name
+        top_k = resolve_top_k(request.top_k, model, state.settings.max_top_k)
+        if not request.HasField("image"):
+            raise InvalidArgument("image is required", reason="empty_image")
+        deadline = state.deadline(context)
+        probabilities, timings = await self._classify_inputs(model, [request.image], deadline)
+        return pb.ClassifyResponse(
+            model=model.name,
+            version=model.version,
+            classes=top_classes(probabilities[0], top_k, model.labels),
+            timings=timings_proto(timings, time.perf_counter() - start),
+        )
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        return await unary("Classify", context, lambda rpc: self._classify_one(request, context, rpc))
+
+    async def ClassifyBatch(
+        self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyBatchResponse:
+        async def work(rpc: Rpc) -> pb.ClassifyBatchResponse:
+            start = time.perf_counter()
+            state = self._state
+            state.check_ready()
+            model = state.resolve_model(request.model, request.version)
+            rpc.model = model.name
+            top_k = resolve_top_k(request.top_k, model, state.settings.max_top_k)
+            if not request.images:
+                raise InvalidArgument("images is empty: send at least one image", reason="empty_image")
+            state.check_image_count(len(request.images))
+            deadline = state.deadline(context)
+            probabilities, timings = await self._classify_inputs(model, request.images, deadline)
+            return pb.ClassifyBatchResponse(
+                model=model.name,
+                version=model.version,
+                results=[
+                    pb.Classification(classes=top_classes(row, top_k, model.labels)) for row in probabilities
+                ],
+                timings=timings_proto(timings, time.perf_counter() - start),
+            )
+
+        return await unary("ClassifyBatch", context, work)
+
+    def _stream_window(self) -> int:
+        # Items of one stream classified concurrently: enough to fill a couple of batches, so a
+        # single streaming client still gets batched, without one stream taking the whole queue.
+        settings = self._state.settings
+        return max(1, min(settings.max_queue_size, 2 * settings.max_batch_size))
+
+    async def _stream_item(
+        self, item: pb.ClassifyStreamRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyStreamResponse:
+        """One stream item -> its response; never raises (errors become the item's status)."""
+        rpc = Rpc("ClassifyStream")
+        try:
+            if not item.HasField("request"):
+                raise InvalidArgument("stream item has no request", reason="invalid_argument")
+            result = await self._classify_one(item.request, context, rpc)
+        except asyncio.CancelledError:
+            rpc.cancelled(context)
+            raise
+        except Exception as exc:  # noqa: BLE001 - becomes this item's status
+            code, message = rpc.failed(exc)
+            return pb.ClassifyStreamResponse(id=item.id, error=pb.Status(code=code.value[0], message=message))
+        rpc.succeeded()
+        return pb.ClassifyStreamResponse(id=item.id, result=result)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        """Reads items as they come, classifies up to a window of them concurrently (so they can
+        share batches) and answers each as soon as it is done. Exactly one response per item.
+
+        Metrics count items (method="ClassifyStream"); the stream itself shows in the in-flight
+        gauge and, when it fails as a whole (not ready at the start), as one request with its code.
+        """
+        INFLIGHT.labels("ClassifyStream").inc()
+        try:
+            try:
+                self._state.check_ready()
+            except ServiceError as exc:
+                code, message = Rpc("ClassifyStream").failed(exc)
+                await context.abort(code, message)
+            async for response in self._stream(request_iterator, context):
+                yield response
+        finally:
+            INFLIGHT.labels("ClassifyStream").dec()
+
+    async def _stream(
+        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        done: asyncio.Queue[pb.ClassifyStreamResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self._stream_window())
+        running: set[asyncio.Task[pb.ClassifyStreamResponse]] = set()
+        reader_error: list[BaseException] = []
+
+        def finished(task: asyncio.Task[pb.ClassifyStreamResponse]) -> None:
+            running.discard(task)
+            window.release()
+            if not task.cancelled() and task.exception() is None:
+                done.put_nowait(task.result())
+
+        async def read() -> None:
+            try:
+                async for item in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(self._stream_item(item, context))
+                    running.add(task)
+                    task.add_done_callback(finished)
+            except Exception as exc:  # noqa: BLE001 - re-raised by the writer below
+                reader_error.append(exc)
+            finally:
+                done.put_nowait(None)  # end of input
+
+        reader = asyncio.create_task(read())
+        try:
+            input_ended = False
+            while not input_ended or running or not done.empty():
+                response = await done.get()
+                if response is None:
+                    input_ended = True
+                    continue
+                yield response
+            if reader_error:
+                raise reader_error[0]
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    # --- models -------------------------------------------------------------------------------
+
+    def _info(self, model: LoadedModel, include_labels: bool = False) -> pb.ModelInfo:
+        versions = [m.version for m in self._state.engine.models() if m.name == model.name]
+        return model_info(
+            model,
+            versions=versions,
+            ready=self._state.ready,
+            include_labels=include_labels,
+            served=self._served,
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        async def work(rpc: Rpc) -> pb.ListModelsResponse:
+            return pb.ListModelsResponse(models=[self._info(m) for m in self._state.engine.models()])
+
+        return await unary("ListModels", context, work)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async def work(rpc: Rpc) -> pb.ModelInfo:
+            model = self._state.resolve_model(request.name, request.version)
+            rpc.model = model.name
+            return self._info(model, include_labels=request.include_labels)
+
+        return await unary("GetModel", context, work)

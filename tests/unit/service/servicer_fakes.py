@@ -1,0 +1,193 @@
+"""A classification engine double for the servicer and server tests (no ONNX Runtime).
+
+It honours the engine contract of docs/SERVICE_INTERFACES.md: `get` raises NotFound, images are
+decoded and validated by the real service.images, probabilities are a softmax, and the deadline
+is honoured like the batcher does (DeadlineExceeded, never computed). Its "network" is
+transparent: logits[k] = -(mean(x) - k)^2, so a tensor filled with 3.0 is class 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from export.preprocessing import DIGITS, Preprocessing
+from service import images
+from service.errors import DeadlineExceeded, NotFound, ResourceExhausted
+
+
+@dataclass(frozen=True)
+class FakeModel:
+    name: str
+    version: int
+    architecture: str = "lenet5"
+    input_shape: tuple[int, int, int] = (1, 32, 32)
+    input_dtype: np.dtype = field(default_factory=lambda: np.dtype("float32"))
+    num_classes: int = 10
+    labels: tuple[str, ...] = tuple(f"digit {i}" for i in range(10))
+    preprocessing: Preprocessing = DIGITS
+    trained: bool = True
+    trained_on: str | None = "digits"
+    parameters: int = 61706
+    flops: int = 429_000
+    provider: str = "CPUExecutionProvider"
+    capabilities: dict[str, bool] = field(default_factory=lambda: {"classify": True, "explain": True})
+    metadata: dict[str, Any] = field(
+        default_factory=lambda: {"input": {"name": "input"}, "output": {"name": "logits"}}
+    )
+
+
+@dataclass(frozen=True)
+class FakeTimings:
+    decode_s: float
+    preprocess_s: float
+    queue_s: float
+    inference_s: float
+
+
+def fake_logits(batch: np.ndarray, num_classes: int) -> np.ndarray:
+    means = batch.reshape(batch.shape[0], -1).astype(np.float64).mean(axis=1)
+    k = np.arange(num_classes)
+    return (-((means[:, None] - k[None, :]) ** 2)).astype(np.float32)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class FakeEngine:
+    def __init__(self, models: list[FakeModel] | None = None) -> None:
+        self._models = models if models is not None else [FakeModel("lenet5", 1), FakeModel("lenet5", 2)]
+        self._ready = False
+        self.fail_with: BaseException | None = None  # raised by every compute call
+        self.delay_s = 0.0  # "inference" time per call
+        self.load_delay_s = 0.0
+        self.load_error: Exception | None = None
+        self.computed_images = 0  # images that reached the "network"
+        self.stopped = False
+        self.started_calls = 0
+        self.lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def load(self) -> None:
+        time.sleep(self.load_delay_s)
+        if self.load_error is not None:
+            raise self.load_error
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        self.stopped = True
+
+    def models(self) -> list[FakeModel]:
+        return sorted(self._models, key=lambda m: (m.name, m.version))
+
+    def get(self, name: str, version: int | None = None) -> FakeModel:
+        candidates = [m for m in self._models if m.name == name]
+        if not candidates:
+            raise NotFound(f"unknown model {name!r}", reason="not_found")
+        if version is None:
+            return max(candidates, key=lambda m: m.version)
+        for m in candidates:
+            if m.version == version:
+                return m
+        raise NotFound(f"model {name!r} has no version {version}", reason="not_found")
+
+    async def _compute(self, model: FakeModel, batch: np.ndarray, deadline: float | None) -> np.ndarray:
+        self.started_calls += 1
+        if self.fail_with is not None:
+            raise self.fail_with
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed in the queue", reason="deadline")
+        await asyncio.sleep(self.delay_s)
+        self.computed_images += batch.shape[0]
+        return fake_logits(batch, model.num_classes)
+
+    async def classify_images(self, model: FakeModel, data: list[bytes], deadline: float | None):
+        tensors = [
+            images.image_to_tensor(images.decode_image(d, max_pixels=10_000_000), model.preprocessing)
+            for d in data
+        ]
+        logits = await self._compute(model, np.stack(tensors), deadline)
+        return softmax(logits), FakeTimings(0.001, 0.002, 0.0, self.delay_s)
+
+    async def classify_tensors(self, model: FakeModel, batch: np.ndarray, deadline: float | None):
+        assert batch.ndim == 4 and batch.dtype == model.input_dtype
+        logits = await self._compute(model, batch, deadline)
+        return softmax(logits), FakeTimings(0.0, 0.0, 0.0, self.delay_s)
+
+    async def infer(self, model: FakeModel, batch: np.ndarray, deadline: float | None):
+        assert batch.ndim == 4 and batch.dtype == model.input_dtype
+        return await self._compute(model, batch, deadline), FakeTimings(0.0, 0.0, 0.0, self.delay_s)
+
+
+def queue_full() -> ResourceExhausted:
+    return ResourceExhausted("queue full: 4 images waiting for lenet5", reason="queue_full")
+
+
+class Harness:
+    """The real service.server.Server around a FakeEngine, on 127.0.0.1 with ephemeral ports, its
+    event loop in a background thread; tests talk to it over a real channel."""
+
+    def __init__(self, engine: FakeEngine | None = None, *, load: bool = True, **overrides: Any) -> None:
+        import grpc
+
+        from service.server import Server
+        from service.settings import Settings
+
+        self.engine = engine or FakeEngine()
+        settings = {
+            "host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_port": 0,
+            "grace_period_s": 5.0,
+            **overrides,
+        }
+        self.settings = Settings(**settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="harness-loop", daemon=True)
+        self._thread.start()
+        self.server = Server(self.settings, self.engine)
+        self.run(self.server.start())
+        if load:
+            self.run(self.server.load())
+        self.address = f"127.0.0.1:{self.server.grpc_port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self._closed = False
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro: Any) -> Any:
+        """Schedule without waiting; returns a concurrent.futures.Future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.channel.close()
+        if not self.server.state.draining:
+            self.run(self.server.shutdown(grace_s=0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+def counter(name: str, **labels: str) -> float:
+    """Current value of a sample in the service's Prometheus registry (0 when absent)."""
+    from service.metrics import registry
+
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
