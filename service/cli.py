@@ -53,10 +53,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             # Values stay strings: pydantic parses and validates them exactly as it does env values.
-            kwargs["metavar"] = {int: "N", float: "SECONDS" if name.endswith("_s") else "X", Path: "DIR"}.get(
-                annotation,
-                "VALUE",  # type: ignore[arg-type]
-            )
+            metavars: dict[object, str] = {
+                int: "N",
+                float: "SECONDS" if name.endswith("_s") else "X",
+                Path: "DIR",
+            }
+            kwargs["metavar"] = metavars.get(annotation, "VALUE")
             if "choices" in kwargs:
                 del kwargs["metavar"]
         group.add_argument(_flag(name), **kwargs)
@@ -102,7 +104,7 @@ def register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _classify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from service.client import CnnserveClient, CnnserveError
+    from service.client import CnnserveClient, CnnserveError, StreamResult
 
     paths: list[str] = args.images
     payloads: list[tuple[str, bytes]] = []
@@ -113,7 +115,7 @@ def _classify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except OSError as exc:
             print(f"{path}: error: {exc.strerror or exc}", file=sys.stderr)
             failed = True
-    results: dict[int, Any] = {}
+    results: dict[int, StreamResult] = {}
     try:
         with CnnserveClient(args.address, timeout_s=args.timeout) as client:
             for item in client.classify_stream(
@@ -123,16 +125,17 @@ def _classify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except CnnserveError as exc:
         print(f"cnnserve classify: {exc.code.name}: {exc.message}", file=sys.stderr)
         return 1
-    records = []
+    records: list[dict[str, Any]] = []
     for index, path in enumerate(paths):
-        item = results.get(index)
-        if item is None:
+        answer = results.get(index)
+        if answer is None:  # unreadable file, already reported
             continue
-        if item.error is not None:
+        if answer.error is not None:
             failed = True
-            print(f"{path}: error {item.error.code.name}: {item.error.message}", file=sys.stderr)
+            print(f"{path}: error {answer.error.code.name}: {answer.error.message}", file=sys.stderr)
             continue
-        result = item.result
+        result = answer.result
+        assert result is not None  # a StreamResult has a result or an error
         if args.json:
             records.append(
                 {

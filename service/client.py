@@ -183,7 +183,7 @@ class CnnserveClient:
             self._channel = grpc.insecure_channel(address, options=channel_options)
         else:
             self._channel = grpc.secure_channel(address, credentials, options=channel_options)
-        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._stub = pb_grpc.InferenceStub(self._channel)  # type: ignore[no-untyped-call]
         self.timeout_s = timeout_s
 
     def close(self) -> None:
@@ -297,7 +297,8 @@ class CnnserveClient:
         """One model version's metadata (version 0: the latest)."""
         request = pb.GetModelRequest(name=name, version=version, include_labels=include_labels)
         try:
-            return self._stub.GetModel(request, timeout=self._timeout(timeout_s))
+            info: pb.ModelInfo = self._stub.GetModel(request, timeout=self._timeout(timeout_s))
+            return info
         except grpc.RpcError as exc:
             raise _error(exc) from None
 

@@ -24,7 +24,7 @@ import math
 import struct
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 PLATFORM = "onnxruntime_onnx"
 PROBABILITIES = "probabilities"
 EXTENSIONS = ("classification", "encoded_image_input", "probabilities_output", "grpc_health_v1")
-_DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
+_DATATYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 
 
 def oip_datatype(dtype: np.dtype) -> str:
@@ -65,7 +65,8 @@ def parse_version(version: str) -> int | None:
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    probabilities: np.ndarray = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    return probabilities
 
 
 def serialize_bytes(elements: Sequence[bytes]) -> bytes:

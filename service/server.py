@@ -199,8 +199,11 @@ class Server:
         server = grpc.aio.server(
             options=grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
         )
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), server)
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        # The generated *_pb2_grpc modules carry no annotations.
+        inference_pb2_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
+            InferenceServicer(self.state), server
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             GRPCInferenceServicer(self.state), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -296,10 +299,10 @@ async def run(settings: Settings, engine: Engine | None = None) -> int:
     load = asyncio.create_task(server.load())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if load.done() and load.exception() is not None:
+    failure = load.exception() if load.done() else None
+    if failure is not None:
         stopping.cancel()
-        exc = load.exception()
-        log.error("%s", exc, exc_info=exc.__cause__ if isinstance(exc, StartupError) else exc)
+        log.error("%s", failure, exc_info=failure.__cause__ if isinstance(failure, StartupError) else failure)
         await server.shutdown(grace_s=0)
         return 1
     if not load.done():

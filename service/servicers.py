@@ -110,7 +110,7 @@ class ServingState:
             remaining = cap
         if remaining <= 0:
             raise DeadlineExceeded("the deadline passed before the request was handled", reason="deadline")
-        return time.monotonic() + remaining
+        return time.monotonic() + float(remaining)
 
     def check_image_count(self, count: int) -> None:
         cap = self.settings.max_images_per_request
