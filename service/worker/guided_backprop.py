@@ -1,0 +1,327 @@
+"""Guided backpropagation (Springenberg et al. 2014), Guided Grad-CAM (Selvaraju et al. 2017) and plain
+input gradients (Simonyan et al. 2014) for the classifiers of the zoo.
+
+The guided rule: going backwards through a ReLU, the gradient passes only where the forward input was
+positive (ordinary backprop) *and* the incoming gradient is positive. We implement it with a forward
+hook on every `nn.ReLU` module that registers a tensor hook on that call's output; the tensor hook
+clamps the incoming gradient at 0 and the ReLU's own backward then applies the forward mask:
+
+    d(input) = [input > 0] * max(d(output), 0)
+
+Why this way (and not a replaced module or a `full_backward_hook`):
+- a forward hook fires on *every* call of a module, so a ReLU module reused several times in one
+  forward gets the rule on each use (each call's output is its own tensor with its own hook);
+- it works for `inplace=True` ReLUs: their output tensor is the overwritten input, and
+  `[input > 0] == [relu(input) > 0]`, so nothing needs the pre-ReLU values;
+  (`register_full_backward_hook` cannot be combined with in-place modules at all);
+- the forward values are untouched, the hooks on tensors die with the graph, and the module hooks
+  are removed in a `finally`, so the model is never left modified.
+
+Limits, by design of the zoo (docs/STYLE: every activation is its own `nn.ReLU` module):
+- `F.relu` / `torch.relu` calls inside `forward` cannot be hooked and get the plain gradient;
+- code that applies an in-place ReLU and then keeps using the *old* reference (`self.relu(x); return x`)
+  rather than the returned tensor would bypass the tensor hook; torchvision-style code never does.
+
+Gradients are taken with `torch.autograd.grad` with respect to the input only, and the parameters'
+`requires_grad` is switched off for the pass (restored afterwards): no weight gradient is computed or
+stored, and `param.grad` is never touched.
+
+Grad-CAM: the class score's *plain* gradient with respect to a late feature map A (N, K, h, w),
+alpha_k = mean over (h, w) of dScore/dA^k, cam = ReLU(sum_k alpha_k A^k), upsampled bilinearly to the
+input size and divided by its per-sample max (so it lies in [0, 1]). Guided Grad-CAM is the guided
+backprop map times that cam. By default A is "the last convolutional feature map": the input of the
+last module in execution order that receives a 4-D tensor with more than one spatial position (the
+global average pool of GoogLeNet/ResNet/VGG, the last conv of LeNet-5); `cam_layer` names a module
+whose output to use instead.
+
+Plain and guided gradients share one forward pass: the tensor hooks read a switch that is off for the
+plain backward pass and on for the guided one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.errors import InvalidArgument
+
+Method = Literal["guided_backprop", "guided_gradcam", "gradient"]
+METHODS: tuple[str, ...] = ("guided_backprop", "guided_gradcam", "gradient")
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What `explain` returns; numpy arrays only.
+
+    saliency: float32 (N, C, H, W), the raw signed map with respect to the *model input tensor*
+        (the normalized tensor, not pixels): guided backprop, guided Grad-CAM or the plain gradient.
+    classes: int64 (N,), the explained class of each sample.
+    probabilities: float32 (N,), softmax probability of that class.
+    predicted: int64 (N,), the model's top-1 class.
+    plain: float32 (N, C, H, W), the plain input gradient, when asked for (or when it is the method).
+    cam: float32 (N, H, W) in [0, 1], the upsampled Grad-CAM map (guided_gradcam only).
+    cam_layer: the module whose output (or, for the automatic choice, whose input) Grad-CAM used.
+    """
+
+    saliency: np.ndarray
+    classes: np.ndarray
+    probabilities: np.ndarray
+    predicted: np.ndarray
+    plain: np.ndarray | None = None
+    cam: np.ndarray | None = None
+    cam_layer: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model state helpers (shared with deepdream and style_transfer)
+
+
+@contextlib.contextmanager
+def frozen_model(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no parameter requires grad, and grad mode on; all restored exactly afterwards.
+
+    Restores each module's own `training` flag and each parameter's own `requires_grad`, so a model
+    that came in with mixed settings leaves with the same ones.
+    """
+    training = [(m, m.training) for m in model.modules()]
+    requires = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in requires:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in requires:
+            p.requires_grad_(flag)
+        for m, flag in training:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class _Switch:
+    """Shared on/off flag read by the tensor hooks at backward time."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+@contextlib.contextmanager
+def guided_relus(model: nn.Module, switch: _Switch) -> Iterator[int]:
+    """Within the block, every `nn.ReLU` call of `model` applies the guided rule while `switch.on`.
+
+    Yields the number of ReLU modules hooked. The module hooks are always removed on exit.
+    """
+
+    def clamp_incoming(grad: torch.Tensor) -> torch.Tensor | None:
+        return grad.clamp(min=0) if switch.on else None
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(clamp_incoming)  # type: ignore[no-untyped-call]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _feature_map_probe(model: nn.Module, cam_layer: str | None) -> Iterator[dict[str, Any]]:
+    """Capture Grad-CAM's feature map during a forward pass into the yielded dict ("A", "name")."""
+    found: dict[str, Any] = {}
+    handles = []
+    try:
+        if cam_layer is not None:
+            module = _get_module(model, cam_layer)
+
+            def out_hook(m: nn.Module, inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor) and output.dim() == 4:
+                    found["A"], found["name"] = output, cam_layer
+
+            handles.append(module.register_forward_hook(out_hook))
+        else:
+
+            def make_pre_hook(name: str) -> Callable[[nn.Module, Any], None]:
+                def pre_hook(m: nn.Module, inputs: Any) -> None:
+                    a = inputs[0] if inputs else None
+                    if (
+                        isinstance(a, torch.Tensor)
+                        and a.dim() == 4
+                        and a.shape[2] * a.shape[3] > 1
+                        and a.requires_grad
+                    ):
+                        found["A"], found["name"] = a, name
+
+                return pre_hook
+
+            for name, m in model.named_modules():
+                if name:  # the root's input is the image itself
+                    handles.append(m.register_forward_pre_hook(make_pre_hook(name)))
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _get_module(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        raise InvalidArgument(
+            f"model has no layer {name!r}; layers are dotted module paths such as "
+            + ", ".join(repr(n) for n in list(modules)[1:6]),
+            reason="unknown_layer",
+        )
+    module: nn.Module = modules[name]
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def explain(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: Sequence[int] | None = None,
+    *,
+    method: Method = "guided_backprop",
+    plain_gradient: bool = False,
+    cam_layer: str | None = None,
+) -> Explanation:
+    """Explain `model`'s class scores for a batch of preprocessed inputs.
+
+    x: (N, C, H, W) model input (already normalized, as the ONNX model takes it).
+    targets: one class per sample; None explains each sample's predicted (top-1) class.
+    method: "guided_backprop", "guided_gradcam" or "gradient" (plain input gradient).
+    plain_gradient: also return the plain gradient (costs one extra backward pass, no extra forward).
+    cam_layer: Grad-CAM feature map module (guided_gradcam only); None picks it automatically.
+
+    The score differentiated is the target class's logit (pre-softmax), as in all three papers. Samples
+    are independent (eval mode), so a batch gives the same maps as one call per sample.
+    Raises InvalidArgument for a bad method, target or layer.
+    """
+    if method not in METHODS:
+        raise InvalidArgument(f"unknown explain method {method!r}; use one of {', '.join(METHODS)}")
+    if x.dim() != 4:
+        raise InvalidArgument(f"input must be (N, C, H, W), got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if targets is not None and len(targets) != n:
+        raise InvalidArgument(f"got {len(targets)} targets for {n} inputs; give one per input or none")
+
+    need_guided = method != "gradient"
+    need_plain = method != "guided_backprop" or plain_gradient
+    need_cam = method == "guided_gradcam"
+
+    device = model_device(model)
+    inp = x.detach().to(device=device, dtype=model_dtype(model)).clone().requires_grad_(True)
+    switch = _Switch()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen_model(model))
+        if need_guided:
+            stack.enter_context(guided_relus(model, switch))
+        probe = stack.enter_context(_feature_map_probe(model, cam_layer)) if need_cam else {}
+        logits = model(inp)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+            raise InvalidArgument("explain needs a classifier returning (N, classes) logits")
+        num_classes = logits.shape[1]
+        predicted = logits.detach().argmax(dim=1)
+        if targets is None:
+            target_t = predicted
+        else:
+            bad = [t for t in targets if not 0 <= int(t) < num_classes]
+            if bad:
+                raise InvalidArgument(
+                    f"target class {bad[0]} is out of range; the model has {num_classes} classes "
+                    f"(0..{num_classes - 1})",
+                    reason="target_out_of_range",
+                )
+            target_t = torch.as_tensor([int(t) for t in targets], device=device, dtype=torch.long)
+        score = logits.gather(1, target_t[:, None]).sum()
+
+        plain = cam = None
+        cam_name = None
+        if need_plain:
+            switch.on = False
+            wrt = [inp]
+            if need_cam:
+                if "A" not in probe:
+                    raise InvalidArgument(
+                        "found no 4-D feature map for Grad-CAM"
+                        + (f" at layer {cam_layer!r}" if cam_layer else "")
+                    )
+                wrt.append(probe["A"])
+                cam_name = probe["name"]
+            grads = torch.autograd.grad(score, wrt, retain_graph=need_guided)
+            plain = grads[0].detach()
+            if need_cam:
+                cam = _grad_cam(probe["A"].detach(), grads[1].detach(), size=inp.shape[-2:])
+        guided = None
+        if need_guided:
+            switch.on = True
+            (guided,) = torch.autograd.grad(score, [inp])
+            guided = guided.detach()
+            switch.on = False
+
+        probabilities = torch.softmax(logits.detach().float(), dim=1).gather(1, target_t[:, None])[:, 0]
+
+    if method == "gradient":
+        assert plain is not None
+        saliency = plain
+    elif method == "guided_backprop":
+        assert guided is not None
+        saliency = guided
+    else:
+        assert guided is not None and cam is not None
+        saliency = guided * cam[:, None]
+
+    def to_np(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.float().cpu().numpy().astype(np.float32, copy=False)
+
+    sal = to_np(saliency)
+    assert sal is not None
+    return Explanation(
+        saliency=sal,
+        classes=target_t.cpu().numpy().astype(np.int64),
+        probabilities=probabilities.cpu().numpy().astype(np.float32),
+        predicted=predicted.cpu().numpy().astype(np.int64),
+        plain=to_np(plain) if (plain_gradient or method == "gradient") else None,
+        cam=to_np(cam),
+        cam_layer=cam_name,
+    )
+
+
+def _grad_cam(a: torch.Tensor, grad: torch.Tensor, *, size: torch.Size) -> torch.Tensor:
+    """Grad-CAM from feature map A and dScore/dA, both (N, K, h, w) -> (N, H, W) in [0, 1]."""
+    alpha = grad.float().mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((alpha * a.float()).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).max(dim=1).values.clamp(min=torch.finfo(cam.dtype).tiny)
+    return cam / peak[:, None, None]
+
+
+__all__ = ["METHODS", "Explanation", "Method", "explain", "frozen_model", "guided_relus"]
