@@ -302,7 +302,12 @@ async def run(settings: Settings, engine: Engine | None = None) -> int:
     failure = load.exception() if load.done() else None
     if failure is not None:
         stopping.cancel()
-        log.error("%s", failure, exc_info=failure.__cause__ if isinstance(failure, StartupError) else failure)
+        if isinstance(failure, StartupError):
+            # An operator's problem (empty repository, bad file): the message says it all.
+            log.error("%s", failure)
+            log.debug("startup failure details", exc_info=failure.__cause__)
+        else:
+            log.error("startup failed", exc_info=failure)
         await server.shutdown(grace_s=0)
         return 1
     if not load.done():
