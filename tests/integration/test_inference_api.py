@@ -74,7 +74,7 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
 
 
 def test_lenet5_classifies_held_out_rendered_digits(stub: pb_grpc.InferenceStub) -> None:
-    samples = held_out()[:50]
+    samples = held_out()  # all 360: a stable estimate, still well under a second of inference
     correct = 0
     for start in range(0, len(samples), MAX_IMAGES):
         chunk = samples[start : start + MAX_IMAGES]
@@ -286,7 +286,7 @@ def test_image_over_the_pixel_cap(server: ServerProcess, stub: pb_grpc.Inference
     error = rpc_error(
         stub.Classify, pb.ClassifyRequest(model="resnet18", image=pb.ImageInput(encoded=bomb)), timeout=30
     )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "20000x20000" in error.details()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "too many pixels" in error.details()
     after = server.sample(
         "cnnserve_rejections_total", method="Classify", model="resnet18", reason="too_many_pixels"
     )
@@ -320,7 +320,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_answers(server: Server
         response = stub.Classify(
             pb.ClassifyRequest(model="lenet5", image=digit_tensor(i), top_k=3), timeout=30
         )
-        single[i] = [(c.index, round(c.probability, 5)) for c in response.classes]
+        single[i] = response.classes
     before_sum = server.sample("cnnserve_batch_size_sum", model="lenet5")
     before_count = server.sample("cnnserve_batch_size_count", model="lenet5")
 
@@ -334,7 +334,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_answers(server: Server
         response = client.Classify(
             pb.ClassifyRequest(model="lenet5", image=digit_tensor(i), top_k=3), timeout=30
         )
-        return i, [(c.index, round(c.probability, 5)) for c in response.classes]
+        return i, response.classes
 
     try:
         with ThreadPoolExecutor(len(samples)) as pool:
@@ -342,7 +342,12 @@ def test_concurrent_clients_are_batched_and_get_their_own_answers(server: Server
     finally:
         for channel in channels:
             channel.close()
-    assert answers == single  # unmixed: everyone got the answer to their own image
+    # Unmixed: everyone got the answer to their own image (batched float math may differ in the
+    # last bits from the single-image run, hence the tolerance on probabilities).
+    assert sorted(answers) == sorted(single)
+    for i, classes in answers.items():
+        assert [c.index for c in classes] == [c.index for c in single[i]], i
+        assert [c.probability for c in classes] == pytest.approx([c.probability for c in single[i]], abs=1e-4)
     batches = server.sample("cnnserve_batch_size_count", model="lenet5") - before_count
     images = server.sample("cnnserve_batch_size_sum", model="lenet5") - before_sum
     assert images == len(samples)
@@ -443,6 +448,11 @@ def test_cnnserve_classify_command(server: ServerProcess, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 4 * len(samples)
+    stub = pb_grpc.InferenceStub(server.channel)
     for k, (path, i) in enumerate(zip(paths, samples, strict=True)):
+        expected = stub.Classify(
+            pb.ClassifyRequest(model="lenet5", image=pb.ImageInput(encoded=digit_png(i)), top_k=3), timeout=30
+        ).classes
         assert lines[4 * k] == f"{path}: lenet5 v1"
-        assert lines[4 * k + 1].split()[:2] == ["1.", str(digits.label(i))]
+        for rank, c in enumerate(expected, 1):
+            assert lines[4 * k + rank].split()[:3] == [f"{rank}.", c.label, f"{c.probability:.4f}"]

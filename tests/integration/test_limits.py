@@ -1,7 +1,7 @@
 """Admission limits on a real server: a full queue answers RESOURCE_EXHAUSTED at once, and a
 request whose deadline passes while it waits in the queue is answered DEADLINE_EXCEEDED and never
-computed. The server: resnet18 only, one image per batch, three images may wait, one ORT thread
-(so each inference takes long enough for a queue to build up on any machine)."""
+computed. The server: resnet18 only, one image per batch, QUEUE images may wait, one ORT thread
+(so the queue drains one inference at a time)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 
-QUEUE = 3
+QUEUE = 8
+BLOCKER = 6  # images of the request that keeps the queue busy (< QUEUE: the probe still fits)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyp
 
 
 def test_queue_full_is_resource_exhausted(server: ServerProcess) -> None:
-    flood = 12
+    flood = 32
     rejected_before = server.sample(
         "cnnserve_rejections_total", method="Classify", model="resnet18", reason="queue_full"
     )
@@ -85,28 +86,34 @@ def test_queue_full_is_resource_exhausted(server: ServerProcess) -> None:
 
 def test_deadline_in_the_queue_is_never_computed(server: ServerProcess) -> None:
     stub = pb_grpc.InferenceStub(server.channel)
-    inference_s = stub.Classify(
-        pb.ClassifyRequest(model="resnet18", image=image(0)), timeout=60
-    ).timings.inference_seconds
+    response = stub.Classify(pb.ClassifyRequest(model="resnet18", image=image(0)), timeout=60)
+    inference_s = response.timings.inference_seconds
     images_before = server.sample("cnnserve_images_total", model="resnet18")
     deadline_before = server.sample(
         "cnnserve_rejections_total", method="Classify", model="resnet18", reason="deadline"
     )
 
-    blockers = [threading.Thread(target=classify, args=(server, seed)) for seed in (1, 2, 3)]
-    for t in blockers:
-        t.start()
-    # Wait until the blockers are in: one running, two waiting.
-    assert wait_for(lambda: server.sample("cnnserve_inflight_requests", method="Classify") >= 3)
-    # Behind ~3 inferences, a deadline of one inference cannot be met: it expires in the queue.
-    code = classify(server, 4, timeout=max(0.05, inference_s))
-    for t in blockers:
-        t.join(60)
+    # A blocker of BLOCKER images, run one by one, leaves room for the probe in the queue.
+    blocker_result: list[object] = []
+
+    def blocker() -> None:
+        request = pb.ClassifyBatchRequest(model="resnet18", images=[image(s) for s in range(1, BLOCKER + 1)])
+        blocker_result.append(pb_grpc.InferenceStub(server.channel).ClassifyBatch(request, timeout=60))
+
+    thread = threading.Thread(target=blocker)
+    thread.start()
+    assert wait_for(lambda: server.sample("cnnserve_inflight_requests", method="ClassifyBatch") >= 1)
+    # Behind BLOCKER inferences, a deadline of one inference cannot be met: it expires queued.
+    code = classify(server, 99, timeout=max(0.02, inference_s))
+    thread.join(60)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    # Exactly the three blockers were computed; the expired request never reached the model.
-    assert wait_for(lambda: server.sample("cnnserve_images_total", model="resnet18") == images_before + 3)
+    assert len(blocker_result) == 1
+    # Exactly the blocker's images were computed; the expired request never reached the model.
+    assert wait_for(
+        lambda: server.sample("cnnserve_images_total", model="resnet18") == images_before + BLOCKER
+    )
     time.sleep(0.5)
-    assert server.sample("cnnserve_images_total", model="resnet18") == images_before + 3
+    assert server.sample("cnnserve_images_total", model="resnet18") == images_before + BLOCKER
     assert wait_for(
         lambda: (
             server.sample("cnnserve_rejections_total", method="Classify", model="resnet18", reason="deadline")
