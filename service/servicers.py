@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from service import errors, images
-from service.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
+from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from service.metrics import INFLIGHT, REJECTIONS, REQUEST_DURATION, REQUESTS
 from service.settings import Settings
 
@@ -469,19 +469,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         share batches) and answers each as soon as it is done. Exactly one response per item.
 
         Metrics count items (method="ClassifyStream"); the stream itself shows in the in-flight
-        gauge and, when it fails as a whole (not ready at the start), as one request with its code.
+        gauge and, when it fails as a whole (not ready at the start, a broken request stream), as
+        one request with its code.
         """
         INFLIGHT.labels("ClassifyStream").inc()
+        failure: Exception | None = None
         try:
-            try:
-                self._state.check_ready()
-            except ServiceError as exc:
-                code, message = Rpc("ClassifyStream").failed(exc)
-                await context.abort(code, message)
+            self._state.check_ready()
             async for response in self._stream(request_iterator, context):
                 yield response
+        except Exception as exc:  # noqa: BLE001 - whole-stream failures become a status too, never UNKNOWN
+            failure = exc
         finally:
             INFLIGHT.labels("ClassifyStream").dec()
+        if failure is not None:
+            code, message = Rpc("ClassifyStream").failed(failure)
+            await context.abort(code, message)
 
     async def _stream(
         self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext

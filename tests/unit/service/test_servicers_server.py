@@ -59,6 +59,10 @@ def test_not_ready_until_loaded_then_serving() -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.Classify(pb.ClassifyRequest(model="lenet5", image=tensor(1.0)), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "starting" in info.value.details()
+        item = pb.ClassifyStreamRequest(id="a", request=pb.ClassifyRequest(model="lenet5", image=tensor(1.0)))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.ClassifyStream(iter([item]), timeout=5))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         oip_stub = oip_grpc.GRPCInferenceServiceStub(h.channel)
         assert oip_stub.ServerLive(oip.ServerLiveRequest(), timeout=5).live
         assert not oip_stub.ServerReady(oip.ServerReadyRequest(), timeout=5).ready
@@ -250,3 +254,30 @@ def test_counters_move_for_each_failure_path() -> None:
         assert counter("cnnserve_inflight_requests", method="Classify") == 0
     finally:
         h.close()
+
+
+def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from service.server import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(Settings(log_format="json", log_level="INFO"))
+        logging.getLogger("service.server").info("listening grpc=%s metrics=%s", "127.0.0.1:1", "127.0.0.1:2")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("service.x").exception("failed")
+        logging.getLogger("service.x").debug("not shown at INFO")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 2
+    assert records[0]["message"] == "listening grpc=127.0.0.1:1 metrics=127.0.0.1:2"
+    assert records[0]["level"] == "INFO" and records[0]["logger"] == "service.server"
+    assert records[0]["ts"].endswith("Z")
+    assert "ValueError: boom" in records[1]["exc_info"]
