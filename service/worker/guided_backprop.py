@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import InvalidArgument
+from service.worker.tasks import EXPLAIN_METHODS as METHODS
 
 Method = Literal["guided_backprop", "guided_gradcam", "gradient"]
-METHODS: tuple[str, ...] = ("guided_backprop", "guided_gradcam", "gradient")
 
 
 @dataclass(frozen=True)
