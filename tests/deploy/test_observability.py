@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, K8S, ROOT, Metric, config_map, find, one, require_tool
+from deploy_helpers import DEPLOY, K8S, ROOT, Metric, config_map, require_tool
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
@@ -54,7 +54,9 @@ def promtool() -> str:
     return require_tool("promtool", "checks Prometheus configuration and rules (Debian package prometheus)")
 
 
-def run_promtool(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_promtool(
+    *args: str, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [promtool(), *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=120, check=False
     )
@@ -118,13 +120,21 @@ def check_query(expr: str, catalog: dict[str, Metric]) -> list[str]:
 
 
 def test_query_checker_catches_mistakes(metric_catalog: dict[str, Metric]) -> None:
-    assert check_query('sum by (method) (rate(cnnserve_requests_total{job="cnnserve"}[5m]))', metric_catalog) == []
+    assert (
+        check_query('sum by (method) (rate(cnnserve_requests_total{job="cnnserve"}[5m]))', metric_catalog)
+        == []
+    )
     assert check_query("rate(cnnserve_request_total{}[5m])", metric_catalog)  # misspelt name
     assert check_query('cnnserve_queue_depth{method="Classify"}', metric_catalog)  # label it lacks
     assert check_query("sum by (reason) (cnnserve_queue_depth{})", metric_catalog)
-    assert check_query("histogram_quantile(0.9, rate(cnnserve_request_duration_seconds{}[5m]))", metric_catalog)
+    assert check_query(
+        "histogram_quantile(0.9, rate(cnnserve_request_duration_seconds{}[5m]))", metric_catalog
+    )
     assert check_query("cnnserve_task_queued_cost / cnnserve_task_budget > 0.9", metric_catalog)  # bare names
-    assert check_query("max by (pod) (cnnserve_task_queued_cost) / cnnserve_task_cost_budget", metric_catalog) == []
+    assert (
+        check_query("max by (pod) (cnnserve_task_queued_cost) / cnnserve_task_cost_budget", metric_catalog)
+        == []
+    )
 
 
 # --- alert rules ----------------------------------------------------------------------------------------
@@ -145,15 +155,24 @@ def test_promtool_alert_unit_tests() -> None:
     result = run_promtool("test", "rules", ALERT_TESTS.name, cwd=PROMETHEUS_DIR)
     assert result.returncode == 0, result.stdout + result.stderr
     # The unit tests must exercise at least the error-rate and worker-restart alerts.
-    tested = {t["alertname"] for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for t in case["alert_rule_test"]}
-    assert {"CnnserveHighErrorRate", "CnnserveWorkerRestarts", "CnnserveQueueSaturated", "CnnserveNoReadyReplicas"} <= tested
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+        for t in case["alert_rule_test"]
+    }
+    assert {
+        "CnnserveHighErrorRate",
+        "CnnserveWorkerRestarts",
+        "CnnserveQueueSaturated",
+        "CnnserveNoReadyReplicas",
+    } <= tested
 
 
 def test_the_required_alerts_exist() -> None:
     names = {rule["alert"] for rule in alert_rules()}
     assert {
-        "CnnserveHighErrorRate", "CnnserveHighLatencyP99", "CnnserveQueueSaturated", "CnnserveQueueFullRejections",
-        "CnnserveWorkerRestarts", "CnnserveNoReadyReplicas",
+        "CnnserveHighErrorRate", "CnnserveHighLatencyP99", "CnnserveQueueSaturated",
+        "CnnserveQueueFullRejections", "CnnserveWorkerRestarts", "CnnserveNoReadyReplicas",
     } <= names  # fmt: skip
     exprs = {rule["alert"]: rule["expr"] for rule in alert_rules()}
     assert "histogram_quantile(0.99" in exprs["CnnserveHighLatencyP99"]
@@ -181,7 +200,9 @@ def test_every_alert_is_actionable() -> None:
         annotations = rule["annotations"]
         assert annotations["summary"].strip() and annotations["description"].strip(), name
         path, _, anchor = annotations["runbook_url"].partition("#")
-        assert path == "deploy/README.md" and anchor == name.lower(), f"{name}: runbook_url {annotations['runbook_url']}"
+        assert path == "deploy/README.md" and anchor == name.lower(), (
+            f"{name}: runbook_url {annotations['runbook_url']}"
+        )
         assert anchor in anchors, f"{name}: deploy/README.md has no runbook section '{name}'"
 
 
@@ -204,8 +225,12 @@ def test_queue_alert_threshold_is_80_percent_of_max_queue_size(render: Any) -> N
     threshold_size = int(match.group(1))
     for directory in (K8S / "base", K8S / "overlays" / "cpu", K8S / "overlays" / "gpu"):
         size = config_map(render(directory)).get("CNNSERVE_MAX_QUEUE_SIZE")
-        assert size is not None, f"{directory.name}: set CNNSERVE_MAX_QUEUE_SIZE explicitly (the alert depends on it)"
-        assert int(size) == threshold_size, f"{directory}: queue size {size}, alert written for {threshold_size}"
+        assert size is not None, (
+            f"{directory.name}: set CNNSERVE_MAX_QUEUE_SIZE explicitly (the alert depends on it)"
+        )
+        assert int(size) == threshold_size, (
+            f"{directory}: queue size {size}, alert written for {threshold_size}"
+        )
 
 
 def test_prometheusrule_is_rendered_from_alerts_yml() -> None:
@@ -258,7 +283,7 @@ def relabel(labels: dict[str, str], configs: list[dict[str, Any]]) -> dict[str, 
             return None
         if action == "replace" and match:
             replacement = config.get("replacement", "$1")
-            result = re.sub(r"\$\{?(\d+)\}?", lambda m: match.group(int(m.group(1))) or "", replacement)
+            result = match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", replacement))
             if result:
                 labels[config["target_label"]] = result
             else:
@@ -308,7 +333,10 @@ def test_scrape_config_finds_exactly_the_metrics_ports(render: Any) -> None:
         assert labels["namespace"] == "cnnserve" and labels["pod"].startswith(targets[0][0]), job_name
     # The same pods become unscrapeable once finished.
     _, _, meta = next(t for t in _pod_targets(objects) if t[0] == "cnnserve" and t[1] == "metrics")
-    assert relabel({**meta, "__meta_kubernetes_pod_phase": "Succeeded"}, jobs["cnnserve"]["relabel_configs"]) is None
+    assert (
+        relabel({**meta, "__meta_kubernetes_pod_phase": "Succeeded"}, jobs["cnnserve"]["relabel_configs"])
+        is None
+    )
 
 
 def test_prometheus_adapter_series_query_names_real_labels(metric_catalog: dict[str, Metric]) -> None:
@@ -344,7 +372,9 @@ def test_dashboard_is_importable() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["title"] and dashboard["uid"] and dashboard["schemaVersion"] >= 30
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
     panels = dashboard_panels()
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -382,7 +412,9 @@ def test_dashboard_covers_the_service(metric_catalog: dict[str, Metric]) -> None
 
 
 def test_dashboard_queries_use_real_metrics_and_labels(metric_catalog: dict[str, Metric]) -> None:
-    problems = [f"{title}: {p}" for title, expr in dashboard_queries() for p in check_query(expr, metric_catalog)]
+    problems = [
+        f"{title}: {p}" for title, expr in dashboard_queries() for p in check_query(expr, metric_catalog)
+    ]
     assert problems == []
 
 
@@ -430,7 +462,8 @@ class PrometheusServer:
         self.log = (workdir / "prometheus.log").open("w+")
         self.process = subprocess.Popen(
             [
-                binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                binary, f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
             ],
             cwd=workdir, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
@@ -465,7 +498,9 @@ class PrometheusServer:
             if predicate(result):
                 return result
             time.sleep(0.5)
-        raise AssertionError(f"{promql}: condition not met in {timeout}s; last result {result}\n{self.logs()}")
+        raise AssertionError(
+            f"{promql}: condition not met in {timeout}s; last result {result}\n{self.logs()}"
+        )
 
     def logs(self) -> str:
         self.log.flush()
@@ -540,7 +575,9 @@ def test_real_prometheus_scrapes_cnnserve(cnnserve: Any, tmp_path: Path) -> None
         "scrape_configs": [
             {
                 "job_name": "cnnserve",
-                "static_configs": [{"targets": [cnnserve.metrics_address], "labels": {"namespace": "cnnserve"}}],
+                "static_configs": [
+                    {"targets": [cnnserve.metrics_address], "labels": {"namespace": "cnnserve"}}
+                ],
             }
         ],
     }
@@ -583,19 +620,23 @@ def test_real_prometheus_scrapes_cnnserve(cnnserve: Any, tmp_path: Path) -> None
         assert len({s["metric"]["le"] for s in buckets}) >= 10
         # The dashboard's and the latency alert's query shape works on the scraped histogram.
         p99 = prometheus.wait_for(
-            'histogram_quantile(0.99, sum by (le) (rate(cnnserve_request_duration_seconds_bucket{job="cnnserve", '
-            'method="Classify"}[10s])))',
+            "histogram_quantile(0.99, sum by (le) (rate("
+            'cnnserve_request_duration_seconds_bucket{job="cnnserve", method="Classify"}[10s])))',
             lambda r: r and math.isfinite(float(r[0]["value"][1])),
         )
         assert 0 < float(p99[0]["value"][1]) < 10
-        prometheus.wait_for("cnnserve_execution_provider_info", lambda r: any(float(s["value"][1]) == 1 for s in r))
+        prometheus.wait_for(
+            "cnnserve_execution_provider_info", lambda r: any(float(s["value"][1]) == 1 for s in r)
+        )
 
         # Every shipped rule evaluated without error, and with a healthy target the availability page is
         # silent (proves the job label the rules expect is the one scraped).
         def rules_evaluated(_: Any) -> bool:
             groups = _http_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
             rules = [rule for group in groups for rule in group["rules"]]
-            return bool(rules) and all(r["health"] == "ok" and r["lastEvaluation"] > "0001" for r in rules)
+            return bool(rules) and all(
+                r["health"] == "ok" and not r["lastEvaluation"].startswith("0001-") for r in rules
+            )
 
         prometheus.wait_for("vector(1)", rules_evaluated)
         groups = _http_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
