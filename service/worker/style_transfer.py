@@ -1,0 +1,321 @@
+"""Neural style transfer (Gatys, Ecker & Bethge 2015) with VGG-19, optimising the pixels in [0, 1].
+
+Network: the `features` of our torchvision-layout VGG-19 (export.models.vgg), layers named the usual
+way from the module sequence (conv1_1 = features.0, relu1_1 = features.1, ..., pool5 = features.36).
+The forward pass runs only up to the deepest layer a loss needs (relu5_1 = features.29 by default):
+no classifier and nothing beyond. The model's ImageNet mean/std normalization is applied inside.
+
+Losses (the defaults; weights 1 / 1e6 / 0 are those of PyTorch's Gatys tutorial, and they go with
+these normalizations):
+- content: mean squared error between the feature maps at `content_layer` (relu4_2) of the image and
+  of the content image;
+- style: sum over `style_layers` (relu1_1, relu2_1, relu3_1, relu4_1, relu5_1, each weight 1) of the
+  mean squared error between Gram matrices, G = F F^T / (C*H*W) with F the (C, H*W) feature matrix.
+  Dividing by C*H*W (rather than the paper's 1/(4 N^2 M^2) on the summed error) makes a layer's Gram
+  independent of the image size, so style images of another size than the content compare directly.
+  The features are taken *after* the ReLU, as Gatys et al. did (their Caffe ReLUs were in place, so
+  "conv1_1" there is relu1_1 here); conv layers can be named explicitly instead;
+- tv: mean squared difference between vertically and horizontally neighbouring pixels (summed).
+total = content_weight * content + style_weight * style + tv_weight * tv.
+
+Several style images: their Gram targets are blended, A_l = sum_i b_i G_l(style_i) / sum_i b_i; a
+style with blend weight 0 is not even computed (so blend (1, 0) is exactly the first style alone).
+
+Optimisation: L-BFGS (torch.optim.LBFGS, no line search, lr 1) by default, or Adam. `iterations`
+counts objective evaluations (each a forward + backward), the unit of both the cost estimate and the
+iteration cap. The image is clamped to [0, 1] before every evaluation; L-BFGS with clamping is not
+monotone, so the returned image is the best evaluated one by total loss (every evaluated image is a
+valid, clamped image whose loss we know exactly).
+
+original_colors: luminance-only transfer as post-processing (Gatys et al. 2016, "Preserving color in
+neural artistic style transfer"): the result's Y (YIQ) is combined with the content's I and Q.
+
+Only the input gradient is computed: the parameters are frozen for the job (and restored), so no
+weight gradient is ever computed or stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.errors import Cancelled, InvalidArgument
+from service.worker.guided_backprop import frozen_model, model_device
+from service.worker.tasks import StyleParams, fit_side, style_size
+
+
+@dataclass(frozen=True)
+class StyleProgress:
+    step: int  # 1-based objective evaluation
+    total_steps: int
+    losses: Mapping[str, float]  # content, style, tv, total (weighted), best (lowest total so far)
+    preview: np.ndarray | None  # float32 (h, w, 3), the evaluated image
+
+
+@dataclass(frozen=True)
+class StyleOutput:
+    image: np.ndarray  # float32 (h, w, 3) in [0, 1] at the working size
+    losses: Mapping[str, float]  # of the returned image (before original_colors), weighted
+    initial_losses: Mapping[str, float]  # of the starting image
+    iterations: int  # objective evaluations run
+    best_iteration: int  # 1-based evaluation that produced the image
+    history: tuple[float, ...]  # total loss at each evaluation
+
+
+def vgg_layer_names(features: nn.Sequential) -> dict[str, int]:
+    """conv{b}_{i} / relu{b}_{i} / pool{b} -> index in `features`, from the module sequence."""
+    names: dict[str, int] = {}
+    block, conv = 1, 0
+    for index, module in enumerate(features):
+        if isinstance(module, nn.Conv2d):
+            conv += 1
+            names[f"conv{block}_{conv}"] = index
+        elif isinstance(module, nn.ReLU):
+            names[f"relu{block}_{conv}"] = index
+        elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
+            names[f"pool{block}"] = index
+            block, conv = block + 1, 0
+    return names
+
+
+# YIQ (NTSC 1953), rows: Y, I, Q.
+_RGB_TO_YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]],
+    dtype=torch.float64,
+)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def rgb_to_yiq(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> YIQ."""
+    return torch.einsum("ij,njhw->nihw", _RGB_TO_YIQ.to(x), x)
+
+
+def yiq_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,njhw->nihw", _YIQ_TO_RGB.to(x), x)
+
+
+def keep_original_colors(styled: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """The styled image's luminance with the content's chroma (I, Q), clipped to [0, 1]."""
+    s, c = rgb_to_yiq(styled), rgb_to_yiq(content)
+    return yiq_to_rgb(torch.cat([s[:, :1], c[:, 1:]], dim=1)).clamp(0.0, 1.0)
+
+
+def gram(f: torch.Tensor) -> torch.Tensor:
+    """(1, C, H, W) -> (C, C) Gram matrix normalized by C*H*W."""
+    _, c, h, w = f.shape
+    m = f.reshape(c, h * w)
+    return (m @ m.t()) / (c * h * w)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    return (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).mean()
+
+
+class _Features:
+    """Runs VGG `features` up to the deepest needed index and returns the needed activations."""
+
+    def __init__(
+        self, model: nn.Module, params: StyleParams, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        features = getattr(model, "features", None)
+        if not isinstance(features, nn.Sequential):
+            raise InvalidArgument("stylize needs a VGG-style model with a `features` nn.Sequential")
+        names = vgg_layer_names(features)
+        wanted = [params.content_layer, *params.style_layers]
+        for name in wanted:
+            if name not in names:
+                raise InvalidArgument(
+                    f"VGG-19 has no layer {name!r}; use conv<b>_<i>, relu<b>_<i> or pool<b> names, "
+                    "such as " + ", ".join(repr(n) for n in list(names)[:6]),
+                    reason="unknown_layer",
+                )
+        self.content_index = names[params.content_layer]
+        self.style_indices = [names[n] for n in params.style_layers]
+        self.needed = {self.content_index, *self.style_indices}
+        self.last = max(self.needed)
+        self.trunk = [features[i] for i in range(self.last + 1)]
+        device = model_device(model)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> dict[int, torch.Tensor]:
+        x = (pixels - self.mean) / self.std
+        out: dict[int, torch.Tensor] = {}
+        for index, module in enumerate(self.trunk):
+            x = module(x)
+            if index in self.needed:
+                following = self.trunk[index + 1] if index + 1 < len(self.trunk) else None
+                # an in-place module after this one would overwrite the captured activation
+                out[index] = x.clone() if getattr(following, "inplace", False) else x
+        return out
+
+
+def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise InvalidArgument(f"stylize images must be (H, W, 3) RGB arrays, got shape {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None].to(device)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
+
+
+def _to_numpy(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x[0].detach().float().permute(1, 2, 0).cpu().numpy(), dtype=np.float32)
+
+
+def stylize(
+    model: nn.Module,
+    content: np.ndarray,
+    styles: Sequence[np.ndarray],
+    params: StyleParams,
+    *,
+    blend: Sequence[float] | None = None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    progress: Callable[[StyleProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> StyleOutput:
+    """Render `content` (float32 (H, W, 3) in [0, 1]) in the blended style of `styles`.
+
+    blend: one weight >= 0 per style image (normalized to sum 1); None weighs them equally.
+    progress: called after every objective evaluation; should_stop: checked before every evaluation,
+    raising service.errors.Cancelled. Returns the best evaluated image at the working size
+    (params.max_side).
+    """
+    if not styles:
+        raise InvalidArgument("stylize needs at least one style image")
+    weights = [1.0] * len(styles) if blend is None else [float(b) for b in blend]
+    if len(weights) != len(styles) or any(not np.isfinite(b) or b < 0 for b in weights) or sum(weights) <= 0:
+        raise InvalidArgument("stylize: give one blend weight >= 0 per style image, with a positive sum")
+    total_weight = sum(weights)
+    layer_weights = params.style_layer_weights or (1.0,) * len(params.style_layers)
+    device = model_device(model)
+
+    with frozen_model(model):
+        feats = _Features(model, params, mean, std)
+        content_full = _to_tensor(content, device)
+        work = fit_side(content_full.shape[-2], content_full.shape[-1], params.max_side)
+        content_t = _resize(content_full, work)
+
+        with torch.no_grad():
+            content_target = feats(content_t)[feats.content_index].detach()
+            style_targets = [torch.zeros(()) for _ in feats.style_indices]
+            for image, b in zip(styles, weights, strict=True):
+                if b == 0:
+                    continue
+                s = _to_tensor(image, device)
+                s = _resize(s, style_size(work, (s.shape[-2], s.shape[-1]), params.style_scale))
+                out = feats(s)
+                for k, index in enumerate(feats.style_indices):
+                    style_targets[k] = style_targets[k] + (b / total_weight) * gram(out[index])
+
+        if params.init == "content":
+            img = content_t.detach().clone()
+        else:
+            generator = torch.Generator().manual_seed(params.seed)
+            img = torch.rand(content_t.shape, generator=generator).to(device)
+        img.requires_grad_(True)
+
+        cap = params.iterations
+        state = {"evals": 0, "best": float("inf"), "best_eval": 0}
+        best_img = img.detach().clone()
+        best_losses: dict[str, float] = {}
+        initial: dict[str, float] = {}
+        history: list[float] = []
+
+        def closure() -> torch.Tensor:
+            if should_stop is not None and should_stop():
+                raise Cancelled(
+                    f"stylize stopped after {state['evals']} of {cap} iterations", reason="stopped"
+                )
+            with torch.no_grad():
+                img.clamp_(0.0, 1.0)
+            if img.grad is not None:
+                img.grad.zero_()
+            out = feats(img)
+            content_loss = F.mse_loss(out[feats.content_index], content_target)
+            style_loss = img.new_zeros(())
+            for k, index in enumerate(feats.style_indices):
+                style_loss = style_loss + layer_weights[k] * F.mse_loss(gram(out[index]), style_targets[k])
+            tv_loss = total_variation(img) if params.tv_weight > 0 else img.new_zeros(())
+            loss = (
+                params.content_weight * content_loss
+                + params.style_weight * style_loss
+                + params.tv_weight * tv_loss
+            )
+            loss.backward(inputs=[img])  # type: ignore[no-untyped-call]
+
+            state["evals"] += 1
+            value = float(loss.detach())
+            losses = {
+                "content": params.content_weight * float(content_loss.detach()),
+                "style": params.style_weight * float(style_loss.detach()),
+                "tv": params.tv_weight * float(tv_loss.detach()),
+                "total": value,
+            }
+            if not initial:
+                initial.update(losses)
+            history.append(value)
+            if value < state["best"]:
+                state["best"], state["best_eval"] = value, state["evals"]
+                best_img.copy_(img.detach())
+                best_losses.clear()
+                best_losses.update(losses)
+            if progress is not None:
+                want_preview = params.preview_every > 0 and state["evals"] % params.preview_every == 0
+                progress(
+                    StyleProgress(
+                        step=int(state["evals"]),
+                        total_steps=cap,
+                        losses={**losses, "best": float(state["best"])},
+                        preview=_to_numpy(img) if want_preview else None,
+                    )
+                )
+            return loss
+
+        if params.optimizer == "lbfgs":
+            # One step call runs the whole optimisation: max_eval bounds the closure evaluations.
+            lbfgs = torch.optim.LBFGS(
+                [img], lr=params.lr, max_iter=cap, max_eval=cap, history_size=params.lbfgs_history
+            )
+            lbfgs.step(closure)  # type: ignore[no-untyped-call]
+        else:
+            adam = torch.optim.Adam([img], lr=params.lr)
+            for _ in range(cap):
+                closure()
+                adam.step()
+
+        result = best_img
+        if params.original_colors:
+            result = keep_original_colors(best_img, content_t)
+        image = _to_numpy(result)
+    return StyleOutput(
+        image=image,
+        losses=dict(best_losses),
+        initial_losses=dict(initial),
+        iterations=int(state["evals"]),
+        best_iteration=int(state["best_eval"]),
+        history=tuple(history),
+    )
+
+
+__all__ = [
+    "StyleOutput",
+    "StyleProgress",
+    "gram",
+    "keep_original_colors",
+    "rgb_to_yiq",
+    "stylize",
+    "vgg_layer_names",
+    "yiq_to_rgb",
+]
