@@ -342,6 +342,9 @@ def shutdown_problems(objects: list[dict[str, Any]]) -> list[str]:
             problems.append(
                 f"{name}: preStop sleep {pre_stop}s is too short for endpoint removal to propagate"
             )
+        # server.stop(grace_period_s) cancels what still runs after the grace (docs/API.md, Lifecycle).
+        if setting(values, "grace_period_s") < setting(values, "max_task_duration_s"):
+            problems.append(f"{name}: grace_period_s < max_task_duration_s, a drain cancels running jobs")
         # A GOAWAY at max connection age must not cut off the longest gradient job.
         if setting(values, "max_connection_age_grace_s") < setting(values, "max_task_duration_s"):
             problems.append(f"{name}: max_connection_age_grace_s < max_task_duration_s")
@@ -376,9 +379,11 @@ def test_grace_check_falls_back_to_settings_defaults(render: Any) -> None:
     values = effective_settings(objects, tier_container(one(objects, "Deployment", "cnnserve")))
     assert setting(values, "max_task_duration_s") == Settings.model_fields["max_task_duration_s"].default
     assert setting(values, "grace_period_s") == Settings.model_fields["grace_period_s"].default
-    # Settings' default connection-age grace (30 s) is shorter than its default job duration (300 s):
-    # the manifests must override it, and the check must notice when they do not.
-    assert any("max_connection_age_grace_s" in p for p in shutdown_problems(objects))
+    # Settings' default drain and connection-age grace (30 s each) are shorter than its default job
+    # duration (300 s): the manifests must override them, and the check must notice when they do not.
+    problems = shutdown_problems(objects)
+    assert any("max_connection_age_grace_s" in p for p in problems)
+    assert any("grace_period_s < max_task_duration_s" in p for p in problems)
 
 
 @pytest.mark.parametrize("directory", APPLIED, ids=_id)
