@@ -57,7 +57,8 @@ def percentile(samples: Sequence[float], q: float) -> float:
 def open_session(model_path: Path | str, settings: Settings | None = None) -> ModelSession:
     """A ModelSession for `model_path`, configured like the service's. Input name, dtype and shape
     come from the metadata.json beside the model when there is one, else from the ONNX file."""
-    settings = settings or Settings()
+    no_overrides: dict[str, Any] = {}  # defaults and CNNSERVE_* variables, like the server
+    settings = settings or Settings(**no_overrides)
     path = Path(model_path)
     kwargs: dict[str, Any] = {}
     meta_path = path.parent / "metadata.json"
