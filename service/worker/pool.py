@@ -25,7 +25,9 @@ pending future when one worker dies):
   if the same task crashes a worker again it is answered INTERNAL, and from then on refused with
   INTERNAL at once, without touching a worker. Retrying inside the pool would double the blast radius
   of a poison input and hide crashes from the client's own retry budget.
-- Metrics are recorded here, in the serving process (service.metrics, "gradient jobs").
+- Metrics are recorded here, in the serving process (service.metrics, "gradient jobs"), labelled
+  task=`task.kind` (else the class name) and model=`task.model`. Rejections are the exception:
+  the servicer counts each refused call once under its RPC method, from the error's `reason`.
 
 Deadlines are absolute `time.monotonic()` values in the serving process. The worker gets the seconds
 left at the moment the job is sent and measures them with its own monotonic clock: Python does not
@@ -38,6 +40,7 @@ the job's stop flag.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import hashlib
 import logging
@@ -295,6 +298,8 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
             raise RuntimeError(f"WorkerPool.start() called in state {self._state!r}")
         self._loop = asyncio.get_running_loop()
         self._state = "starting"
+        # Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO).
+        atexit.register(self._kill_at_exit)
         started = time.monotonic()
         try:
             for slot in range(self._n):
@@ -306,6 +311,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
             await self._stop_workers(graceful=False)
             self._state = "closed"
             self._closed.set()
+            atexit.unregister(self._kill_at_exit)
             if isinstance(exc, TimeoutError):
                 raise WorkerStartError(
                     f"{self._name} workers were not ready within {self._start_timeout_s:g} s "
@@ -367,7 +373,8 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         if self._alive == 0:
             raise Unavailable(f"no {self._name} worker is ready (restarting); retry shortly")
         if self._admitted_cost + cost > self._budget:
-            metrics.REJECTIONS.labels(method=label, model=model, reason="cost_budget").inc()
+            # Not counted in cnnserve_rejections_total here: the servicer counts every refused call
+            # once, under its RPC method, with this error's reason (servicers.Rpc.failed).
             wait_s = self._estimate_wait_s(cost)
             wait = "unknown (no job has finished yet)" if wait_s is None else f"about {wait_s:.1f} s"
             error = ResourceExhausted(
@@ -449,7 +456,24 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         await self._stop_workers(graceful=True)
         self._state = "closed"
         self._closed.set()
+        atexit.unregister(self._kill_at_exit)
         log.info("%s worker pool closed", self._name)
+
+    def _kill_at_exit(self) -> None:
+        """Interpreter exit without close() (a crash of the server's main code): kill the workers.
+
+        multiprocessing's own exit hook would SIGTERM daemonic children and then join them, but
+        workers ignore SIGTERM (the parent owns signals) and wait in recv() on a pipe the still
+        living parent holds open: without this, the exit would hang forever.
+        """
+        workers = [w for w in self._slots if w is not None]
+        for w in workers:
+            self._kill(w)
+        for w in workers:
+            try:
+                w.process.join(REAP_TIMEOUT_S)
+            except (ValueError, AssertionError, AttributeError):
+                pass  # already reaped and closed by its reader thread
 
     # --- admission, dispatch and bookkeeping (event loop only) --------------------------------------
 
