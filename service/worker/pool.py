@@ -899,6 +899,16 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
             self._respawn_failures[slot] += 1
             low, high = RESPAWN_BACKOFF_S
             delay = min(high, low * 2 ** (self._respawn_failures[slot] - 1))
+            log.error(
+                "replacement %s worker %d (pid %s) died before it was ready (%s, attempt %d); "
+                "retrying in %.1f s",
+                self._name,
+                slot,
+                worker.pid,
+                worker.init_error.splitlines()[0] if worker.init_error else "see its stderr",
+                self._respawn_failures[slot],
+                delay,
+            )
         self._respawn_timers[slot] = self._loop.call_later(delay, self._respawn, slot)
 
     def _respawn(self, slot: int) -> None:

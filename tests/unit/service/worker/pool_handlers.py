@@ -34,6 +34,13 @@ def init_fail() -> State:
     raise FileNotFoundError("no weights at /models/missing/weights.pt")
 
 
+def init_unless(marker: str) -> State:
+    """Fails while `marker` exists (use with functools.partial): lets a test break replacements."""
+    if os.path.exists(marker):
+        raise RuntimeError(f"refusing to start while {marker} exists")
+    return init_state()
+
+
 def init_hang() -> State:
     time.sleep(120)
     return init_state()

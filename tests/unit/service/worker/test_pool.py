@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -434,6 +435,39 @@ def test_input_that_crashes_workers_twice_is_internal_and_not_retried() -> None:
             assert pool.admitted_cost == 0.0
 
     run(scenario)
+
+
+def test_failing_replacements_back_off_and_the_pool_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        marker = tmp_path / "broken"
+        restarts = sample("cnnserve_worker_restarts_total")
+        initializer = functools.partial(h.init_unless, str(marker))
+        async with started_pool(initializer=initializer) as pool:
+            pids = pool.worker_pids
+            marker.touch()  # from now on a fresh worker fails its initializer
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            await eventually(lambda: pool.alive_workers == 0, 3.0, "both deaths noticed")
+            await eventually(
+                lambda: "died before it was ready" in caplog.text, 5.0, "a replacement failed to initialize"
+            )
+            # Health would say NOT_SERVING; a call is refused at once instead of waiting for its deadline.
+            t0 = time.perf_counter()
+            with pytest.raises(Unavailable, match="no gradient worker is ready"):
+                await pool.submit(h.SleepTask(), cost=1.0, deadline=None)
+            assert time.perf_counter() - t0 < 0.05
+            assert "refusing to start while" in caplog.text  # the child's initializer error is logged
+
+            marker.unlink()
+            await eventually(lambda: pool.alive_workers == 2, 15.0, "replacements ready once fixed")
+            assert not set(pids) & set(pool.worker_pids)
+            assert (await pool.submit(h.ProgressTask(n=2), cost=1.0, deadline=None)) == 2
+            assert sample("cnnserve_worker_restarts_total") >= restarts + 4  # 2 failed + 2 good, at least
+
+    with caplog.at_level(logging.ERROR, logger="service.worker.pool"):
+        run(scenario)
 
 
 def test_workers_ignore_sigint_and_sigterm() -> None:
