@@ -1,0 +1,513 @@
+"""The classification engine: the models chosen by the settings, each with its ONNX Runtime session
+and dynamic batcher, and the decode -> preprocess -> batch -> softmax path the servicers call.
+
+Loading is defensive: every file of a version is checked against the sha256 in its metadata.json
+before ONNX Runtime sees it, and a version that fails any check is logged (naming the file and the
+reason) and left out, so one bad model never takes the others down. Only when nothing is left does
+`load()` fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from export import repository
+from export.preprocessing import Preprocessing
+from service import metrics
+from service.classify.batcher import DynamicBatcher
+from service.classify.providers import ProviderChoice, select_provider
+from service.classify.session import ModelLoadError, ModelSession
+from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from service.images import check_tensor, decode_image, image_to_tensor
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# Softmax of more values than this runs on the thread pool instead of the event loop.
+_INLINE_SOFTMAX_VALUES = 65_536
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model version being served. `metadata` is its full metadata.json."""
+
+    name: str
+    version: int
+    architecture: str
+    input_shape: tuple[int, int, int]
+    input_dtype: np.dtype
+    num_classes: int
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    trained: bool
+    trained_on: str | None
+    parameters: int
+    flops: int
+    provider: str
+    capabilities: dict[str, bool] = field(compare=False)
+    metadata: dict[str, Any] = field(compare=False, repr=False)
+    # The version directory (model.onnx, weights.pt, metadata.json): the gradient workers load
+    # weights.pt of exactly the versions served here.
+    path: Path | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a request's time went. decode_s and preprocess_s add up every image's work (images
+    are decoded in parallel, so wall time can be less); queue_s is time in the batcher not spent
+    in its own ONNX Runtime runs; inference_s is the ONNX Runtime time of the batch(es) it rode in."""
+
+    decode_s: float
+    preprocess_s: float
+    queue_s: float
+    inference_s: float
+
+
+@dataclass
+class _Served:
+    model: LoadedModel
+    session: ModelSession
+    batcher: DynamicBatcher
+
+
+# --- model selection ---------------------------------------------------------------------------
+
+_ITEM = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]*)(?::(?P<versions>all|[1-9][0-9]*(?:\+[1-9][0-9]*)*))?$"
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which versions of one model to serve."""
+
+    latest: bool = False
+    all: bool = False
+    versions: frozenset[int] = frozenset()
+
+    def __or__(self, other: Selection) -> Selection:
+        return Selection(self.latest or other.latest, self.all or other.all, self.versions | other.versions)
+
+
+def parse_model_selection(spec: str) -> dict[str, Selection] | None:
+    """`settings.models` -> {name: Selection}; None means every model at its latest version.
+
+    "" -> None; "a,b:2,c:1+3,d:all" (a name may repeat: the selections add up). Raises ValueError
+    naming a malformed item.
+    """
+    if not spec.strip():
+        return None
+    selection: dict[str, Selection] = {}
+    for raw in spec.split(","):
+        item = raw.strip()
+        match = _ITEM.match(item)
+        if match is None:
+            raise ValueError(
+                f"invalid model selection {item!r} in models={spec!r}: use NAME, NAME:VERSION, "
+                "NAME:V1+V2 or NAME:all"
+            )
+        versions = match["versions"]
+        if versions is None:
+            wanted = Selection(latest=True)
+        elif versions == "all":
+            wanted = Selection(all=True)
+        else:
+            wanted = Selection(versions=frozenset(int(v) for v in versions.split("+")))
+        selection[match["name"]] = selection.get(match["name"], Selection()) | wanted
+    return selection
+
+
+def _choose(
+    available: dict[str, dict[int, repository.ModelVersion]], selection: dict[str, Selection] | None
+) -> list[repository.ModelVersion]:
+    """The versions to load. A name or version that is not in the repository is a configuration
+    error (raised, so a typo fails the start instead of silently serving less)."""
+    if selection is None:
+        return [versions[max(versions)] for _, versions in sorted(available.items())]
+    chosen: list[repository.ModelVersion] = []
+    for name, wanted in sorted(selection.items()):
+        versions = available.get(name)
+        if not versions:
+            known = ", ".join(sorted(available)) or "none"
+            raise ModelLoadError(f"model {name!r} is not in the repository (it has: {known})")
+        missing = sorted(wanted.versions - versions.keys())
+        if missing:
+            have = ", ".join(map(str, sorted(versions)))
+            raise ModelLoadError(f"model {name!r} has no version {missing[0]} (it has: {have})")
+        numbers = set(versions) if wanted.all else set(wanted.versions)
+        if wanted.latest:
+            numbers.add(max(versions))
+        chosen.extend(versions[v] for v in sorted(numbers))
+    return chosen
+
+
+# --- the engine --------------------------------------------------------------------------------
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)  # stable: the largest exponent is 0
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z.astype(np.float32)
+
+
+class ClassificationEngine:
+    """See docs/SERVICE_INTERFACES.md. Lifecycle: load() (blocking: run it off the event loop),
+    then `await start()` in the serving loop, `await stop()` to drain."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._served: dict[tuple[str, int], _Served] = {}
+        self._latest: dict[str, int] = {}
+        self._provider: ProviderChoice | None = None
+        threads = settings.preprocess_threads or max(2, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
+        self._loaded = False
+        self._started = False
+        self._stopping = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Scan the repository, verify and load the selected versions, warm every batch size up.
+
+        Raises ModelLoadError (a RuntimeError) if the selection is invalid or nothing loads, and
+        providers.ProviderUnavailable when device=cuda cannot be honoured.
+        """
+        if self._loaded:
+            raise RuntimeError("ClassificationEngine.load() was already called")
+        settings = self._settings
+        try:
+            selection = parse_model_selection(settings.models)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if Image.MAX_IMAGE_PIXELS is not None and settings.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            log.warning(
+                "max_image_pixels=%d is above Pillow's decompression-bomb limit: images are capped at %d",
+                settings.max_image_pixels,
+                Image.MAX_IMAGE_PIXELS,
+            )
+
+        self._provider = provider = select_provider(settings)
+        log.info("execution provider: %s (%s)", provider.name, provider.reason)
+
+        root = Path(settings.repository)
+        available: dict[str, dict[int, repository.ModelVersion]] = {}
+        for version in repository.scan(root):
+            available.setdefault(version.name, {})[version.version] = version
+        if not available:
+            raise ModelLoadError(f"no models found in the repository {root}")
+        chosen = _choose(available, selection)
+
+        failures: list[str] = []
+        for version in chosen:
+            label = f"{version.name}:{version.version}"
+            try:
+                served = self._load_version(version, provider)
+            except Exception as exc:  # noqa: BLE001 - one broken model must not stop the others
+                failures.append(f"{label}: {exc}")
+                log.error("not serving %s: %s", label, exc)
+                continue
+            self._served[(served.model.name, served.model.version)] = served
+        if not self._served:
+            raise ModelLoadError(
+                f"no model could be loaded from {root}: " + "; ".join(failures or ["nothing selected"])
+            )
+        for name in {key[0] for key in self._served}:
+            self._latest[name] = max(v for n, v in self._served if n == name)
+        for served in self._served.values():
+            m = served.model
+            metrics.MODEL_INFO.labels(
+                model=m.name, version=str(m.version), provider=m.provider, trained=str(m.trained).lower()
+            ).set(1)
+            metrics.PROVIDER_INFO.labels(provider=m.provider).set(1)
+        self._loaded = True
+
+    def _load_version(self, version: repository.ModelVersion, provider: ProviderChoice) -> _Served:
+        settings = self._settings
+        started = time.perf_counter()
+        # Raises naming the file whose size or sha256 differs from metadata.json.
+        repository.verify_files(version)
+        meta = version.metadata
+        model = _loaded_model(meta, provider="", path=Path(version.path))
+        session = ModelSession(
+            Path(version.path) / "model.onnx",
+            settings=settings,
+            provider=provider,
+            input_name=str(meta["input"].get("name", "input")),
+            output_name=str(meta["output"].get("name", "logits")),
+            input_dtype=model.input_dtype,
+            input_shape=model.input_shape,
+            require_provider=settings.device == "cuda",
+        )
+        if session.num_classes is not None and session.num_classes != model.num_classes:
+            raise ModelLoadError(
+                f"model.onnx outputs {session.num_classes} classes, metadata.json says {model.num_classes}"
+            )
+        max_batch = settings.max_batch_size
+        if session.batch_limit is not None:
+            max_batch = min(max_batch, session.batch_limit)
+        warmup_s = session.warmup(range(1, max_batch + 1))
+        model = replace(model, provider=session.provider)
+        batcher = DynamicBatcher(
+            session.run,
+            name=model.name,
+            max_batch_size=max_batch,
+            max_queue_delay_s=settings.max_queue_delay_s,
+            max_queue_size=settings.max_queue_size,
+            provider=session.provider,
+            item_shape=model.input_shape,
+        )
+        log.info(
+            "loaded %s:%d on %s in %.2f s (warm-up of batch sizes 1..%d: %.2f s)",
+            model.name,
+            model.version,
+            session.provider,
+            time.perf_counter() - started,
+            max_batch,
+            warmup_s,
+        )
+        return _Served(model, session, batcher)
+
+    async def start(self) -> None:
+        """Start every model's batcher; the engine is ready afterwards."""
+        if not self._loaded:
+            raise RuntimeError("ClassificationEngine.start() before load()")
+        for served in self._served.values():
+            await served.batcher.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish the queued ones, stop the threads."""
+        self._stopping = True
+        await asyncio.gather(*(s.batcher.close() for s in self._served.values()))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded and self._started and not self._stopping
+
+    @property
+    def provider(self) -> ProviderChoice | None:
+        return self._provider
+
+    # --- lookup ----------------------------------------------------------------------------------
+
+    def models(self) -> list[LoadedModel]:
+        return [self._served[key].model for key in sorted(self._served)]
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """The loaded model `name` at `version` (None: the latest loaded). Raises NotFound."""
+        if name not in self._latest:
+            known = ", ".join(sorted(self._latest)) or "none"
+            raise NotFound(f"model {name!r} is not loaded; loaded models: {known}", reason="not_found")
+        served = self._served.get((name, self._latest[name] if version is None else version))
+        if served is None:
+            have = ", ".join(str(v) for n, v in sorted(self._served) if n == name)
+            raise NotFound(
+                f"model {name!r} has no loaded version {version}; loaded: {have}", reason="not_found"
+            )
+        return served.model
+
+    def _serving(self, model: LoadedModel) -> _Served:
+        if self._stopping:
+            raise Unavailable("the server is shutting down", reason="unavailable")
+        if not self.ready:
+            raise Unavailable("models are still loading", reason="unavailable")
+        served = self._served.get((model.name, model.version))
+        if served is None:
+            raise NotFound(f"model {model.name}:{model.version} is not loaded", reason="not_found")
+        return served
+
+    # --- requests --------------------------------------------------------------------------------
+
+    async def classify_images(
+        self, model: LoadedModel, images: list[bytes], deadline: float | None
+    ) -> tuple[np.ndarray, Timings]:
+        """Probabilities [n, K] for n encoded images (decoded and preprocessed in parallel)."""
+        served = self._serving(model)
+        n = len(images)
+        if n == 0:
+            raise InvalidArgument("no images in the request", reason="empty_image")
+        self._check_count(n)
+        _check_deadline(deadline, "before decoding")
+        batch = np.empty((n, *model.input_shape), dtype=np.float32)
+        labels = {"model": model.name}
+        decode_hist = metrics.DECODE_DURATION.labels(**labels)
+        preprocess_hist = metrics.PREPROCESS_DURATION.labels(**labels)
+        max_pixels = self._settings.max_image_pixels
+
+        def prepare(i: int) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            try:
+                image = decode_image(images[i], max_pixels=max_pixels)
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    f"image {i}: {exc.message}" if n > 1 else exc.message, reason=exc.reason
+                ) from None
+            t1 = time.perf_counter()
+            batch[i] = image_to_tensor(image, model.preprocessing)
+            t2 = time.perf_counter()
+            decode_hist.observe(t1 - t0)
+            preprocess_hist.observe(t2 - t1)
+            return t1 - t0, t2 - t1
+
+        parts = await self._on_pool([functools.partial(prepare, i) for i in range(n)], deadline)
+        decode_s = sum(d for d, _ in parts)
+        preprocess_s = sum(p for _, p in parts)
+        logits, queue_s, inference_s = await self._submit(served, batch, deadline)
+        probabilities = await self._softmax(logits)
+        metrics.IMAGES.labels(model=model.name).inc(n)
+        return probabilities, Timings(decode_s, preprocess_s, queue_s, inference_s)
+
+    async def classify_tensors(
+        self, model: LoadedModel, batch: np.ndarray, deadline: float | None
+    ) -> tuple[np.ndarray, Timings]:
+        """Probabilities [n, K] for a raw (n, C, H, W) or (C, H, W) tensor, already preprocessed."""
+        logits, timings = await self.infer(model, batch, deadline)
+        return await self._softmax(logits), timings
+
+    async def infer(
+        self, model: LoadedModel, batch: np.ndarray, deadline: float | None
+    ) -> tuple[np.ndarray, Timings]:
+        """float32 logits [n, K] for a raw tensor (the Open Inference Protocol's output)."""
+        served = self._serving(model)
+        _check_deadline(deadline, "before inference")
+        started = time.perf_counter()
+        (x,) = await self._on_pool([functools.partial(self._validated, model, batch)], deadline)
+        check_s = time.perf_counter() - started
+        logits, queue_s, inference_s = await self._submit(served, x, deadline)
+        metrics.IMAGES.labels(model=model.name).inc(len(x))
+        return logits, Timings(0.0, check_s, queue_s, inference_s)
+
+    def _check_count(self, n: int) -> None:
+        cap = self._settings.max_images_per_request
+        if n > cap:
+            raise InvalidArgument(
+                f"{n} images in one request; max_images_per_request is {cap}", reason="too_many_images"
+            )
+
+    def _validated(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0] if batch.ndim == len(model.input_shape) + 1 else 1
+        self._check_count(n)
+        # float32 is always accepted (clients' natural type); an fp16 model also takes float16.
+        accepted = list(dict.fromkeys([np.dtype(np.float32), np.dtype(model.input_dtype)]))
+        x = check_tensor(batch, shape=model.input_shape, dtype=accepted)
+        if x.dtype != model.input_dtype:
+            with np.errstate(over="ignore"):
+                x = x.astype(model.input_dtype)
+            # float32 values beyond float16's range became inf: refuse rather than compute garbage.
+            x = check_tensor(x, shape=model.input_shape, dtype=model.input_dtype)
+        return x
+
+    async def _submit(
+        self, served: _Served, x: np.ndarray, deadline: float | None
+    ) -> tuple[np.ndarray, float, float]:
+        logits, timings = await served.batcher.submit_timed(x, deadline)
+        return logits, timings.queue_s, timings.inference_s
+
+    async def _softmax(self, logits: np.ndarray) -> np.ndarray:
+        if logits.size <= _INLINE_SOFTMAX_VALUES:
+            return _softmax(logits)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, _softmax, logits)
+
+    async def _on_pool(self, jobs: Iterable[Callable[[], T]], deadline: float | None) -> list[T]:
+        """Run jobs on the preprocessing pool concurrently and return their results in order. The
+        first error is raised (DeadlineExceeded if the deadline passes first) and the jobs not yet
+        started are cancelled."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self._pool, job) for job in jobs]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            _, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+            for future in futures:
+                if future.done():
+                    if future.cancelled():  # the pool was shut down under us
+                        raise Unavailable("the server is shutting down", reason="unavailable")
+                    if future.exception() is not None:
+                        raise future.exception()  # type: ignore[misc]
+            if pending:
+                raise DeadlineExceeded(
+                    "deadline exceeded while decoding and preprocessing", reason="deadline"
+                )
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: no "exception was never retrieved" noise
+
+
+def _check_deadline(deadline: float | None, when: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(f"deadline exceeded {when}", reason="deadline")
+
+
+def _loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = None) -> LoadedModel:
+    """metadata.json -> LoadedModel, checking what the service relies on."""
+    try:
+        inp, out = meta["input"], meta["output"]
+        shape = tuple(int(d) for d in inp["shape"])
+        dtype = np.dtype(str(inp.get("dtype", "float32")))
+        num_classes = int(meta["num_classes"])
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        labels = tuple(str(label) for label in (meta.get("labels") or ()))
+        name, version = str(meta["name"]), int(meta["version"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"metadata.json is missing or has an invalid field: {exc!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ModelLoadError(f"metadata.json input shape {list(shape)} is not [C, H, W]")
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ModelLoadError(f"metadata.json input dtype {dtype.name} is not float32 or float16")
+    if list(out.get("shape", [num_classes])) != [num_classes]:
+        raise ModelLoadError(
+            f"metadata.json output shape {out.get('shape')} is not [num_classes={num_classes}]"
+        )
+    if labels and len(labels) != num_classes:
+        raise ModelLoadError(f"metadata.json has {len(labels)} labels for {num_classes} classes")
+    if (preprocessing.channels, preprocessing.crop, preprocessing.crop) != shape:
+        raise ModelLoadError(
+            f"preprocessing ({preprocessing.color_mode}, crop {preprocessing.crop}) does not produce "
+            f"the input shape {list(shape)}"
+        )
+    capabilities = {str(k): bool(v) for k, v in (meta.get("capabilities") or {"classify": True}).items()}
+    return LoadedModel(
+        name=name,
+        version=version,
+        architecture=str(meta.get("architecture", name)),
+        input_shape=(shape[0], shape[1], shape[2]),
+        input_dtype=dtype,
+        num_classes=num_classes,
+        labels=labels,
+        preprocessing=preprocessing,
+        trained=bool(meta.get("trained", False)),
+        trained_on=meta.get("trained_on"),
+        parameters=int(meta.get("parameters") or 0),
+        flops=int(meta.get("flops") or 0),
+        provider=provider,
+        capabilities=capabilities,
+        metadata=meta,
+        path=path,
+    )
+
+
+__all__ = ["ClassificationEngine", "LoadedModel", "Selection", "Timings", "parse_model_selection"]
