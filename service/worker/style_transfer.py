@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.errors import Cancelled, InvalidArgument
+from service.errors import Cancelled, Internal, InvalidArgument
 from service.worker.guided_backprop import frozen_model, model_device
 from service.worker.tasks import StyleParams, fit_side, style_size
 
@@ -65,6 +65,10 @@ class StyleOutput:
     iterations: int  # objective evaluations run
     best_iteration: int  # 1-based evaluation that produced the image
     history: tuple[float, ...]  # total loss at each evaluation
+
+
+class _Diverged(Exception):
+    """The loss became NaN or Inf; the optimisation stops with the best image so far."""
 
 
 def vgg_layer_names(features: nn.Sequential) -> dict[str, int]:
@@ -266,6 +270,8 @@ def stylize(
             if not initial:
                 initial.update(losses)
             history.append(value)
+            if not np.isfinite(value):
+                raise _Diverged
             if value < state["best"]:
                 state["best"], state["best_eval"] = value, state["evals"]
                 best_img.copy_(img.detach())
@@ -283,17 +289,32 @@ def stylize(
                 )
             return loss
 
-        if params.optimizer == "lbfgs":
-            # One step call runs the whole optimisation: max_eval bounds the closure evaluations.
-            lbfgs = torch.optim.LBFGS(
-                [img], lr=params.lr, max_iter=cap, max_eval=cap, history_size=params.lbfgs_history
-            )
-            lbfgs.step(closure)  # type: ignore[no-untyped-call]
-        else:
-            adam = torch.optim.Adam([img], lr=params.lr)
-            for _ in range(cap):
-                closure()
-                adam.step()
+        try:
+            if params.optimizer == "lbfgs":
+                # One step call runs the whole optimisation: max_eval bounds the closure evaluations.
+                # The tolerances are 0 because torch's defaults are absolute: the mean-normalized
+                # losses have per-pixel gradients that shrink with the image area, and at a few hundred
+                # pixels a side L-BFGS would "converge" after one evaluation. The evaluation cap is
+                # the stop; an exactly zero gradient (nothing to do) still ends it at once.
+                lbfgs = torch.optim.LBFGS(
+                    [img],
+                    lr=params.lr,
+                    max_iter=cap,
+                    max_eval=cap,
+                    tolerance_grad=0.0,
+                    tolerance_change=0.0,
+                    history_size=params.lbfgs_history,
+                )
+                lbfgs.step(closure)  # type: ignore[no-untyped-call]
+            else:
+                adam = torch.optim.Adam([img], lr=params.lr)
+                for _ in range(cap):
+                    closure()
+                    adam.step()
+        except _Diverged:
+            pass  # a non-finite loss: keep the best finite image so far
+        if not best_losses:
+            raise Internal("style transfer produced no finite loss")
 
         result = best_img
         if params.original_colors:

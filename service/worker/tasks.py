@@ -126,7 +126,8 @@ class DreamParams:
     tile_size: compute the gradient in tiles of at most this side (0: never tile).
     max_side: downscale the input so its longer side is at most this first (0: no downscaling); the
         result is brought back to the input size.
-    seed: seeds the jitter and tile shifts; equal seeds give equal results.
+    seed: seeds the jitter and tile shifts; equal seeds give equal results on the same machine (on
+        CUDA, only as far as cuDNN's kernels are deterministic).
     preview_every: send a preview image with the progress update every N steps (0: never).
     """
 
@@ -498,6 +499,10 @@ def validate_task(task: Task, limits: Limits) -> None:
             task.method in EXPLAIN_METHODS,
             f"unknown explain method {task.method!r}; use one of {', '.join(EXPLAIN_METHODS)}",
         )
+        _require(
+            task.render in (None, "signed", "magnitude"),
+            f"unknown saliency rendering {task.render!r}; use 'signed', 'magnitude' or none",
+        )
     elif isinstance(task, DreamTask):
         h, w, _ = _image_hw(task.image, "dream image")
         _check_side(h, w, limits, "dream image")
@@ -671,10 +676,7 @@ def _load_version(directory: Path, device: Any) -> TorchModel:
     preprocessing = (
         Preprocessing.from_dict(meta["preprocessing"]) if "preprocessing" in meta else spec.preprocessing
     )
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
-    if architecture != "googlenet" and preprocessing.channels != spec.input_shape[0]:
-        kwargs["in_channels"] = preprocessing.channels
-    module = build(architecture, **kwargs)
+    module = build(architecture, num_classes=num_classes)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     module.load_state_dict(state, strict=True)
     module = module.float().to(device).eval()

@@ -93,6 +93,20 @@ def test_lbfgs_cuts_the_style_loss_by_80_percent_in_100_evaluations(vgg: nn.Modu
     assert out.history[out.best_iteration - 1] == pytest.approx(out.losses["total"])
 
 
+def test_lbfgs_runs_every_evaluation_even_when_the_gradients_are_small(vgg: nn.Module) -> None:
+    """Regression: torch's absolute default tolerances stopped L-BFGS after one evaluation when the
+    content and style are alike at 256 px (per-pixel gradients below 1e-7 with mean-normalized losses)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:256, 0:256] / 256
+    smooth = np.stack([x, y, 0.5 + 0.5 * np.sin(8 * x * y)], axis=2)
+    content, style = (
+        np.clip(smooth + 0.05 * rng.standard_normal(smooth.shape), 0, 1).astype(np.float32) for _ in "ab"
+    )
+    out = run(vgg, content, [style], iterations=3)
+    assert out.iterations == 3
+    assert out.losses["style"] < out.initial_losses["style"]
+
+
 def test_the_returned_image_really_has_the_reported_loss(vgg: nn.Module) -> None:
     content, style = scene(64), texture(64)
     out = run(vgg, content, [style], iterations=30)

@@ -230,6 +230,8 @@ def test_explain_validation(state: WorkerState) -> None:
         handle(state, ExplainTask("digits", 1, np.zeros((32, 32), np.uint8)), Ctx())
     with pytest.raises(InvalidArgument, match="unknown explain method 'lime'"):
         handle(state, ExplainTask("digits", 1, digits(1), method="lime"), Ctx())
+    with pytest.raises(InvalidArgument, match="unknown saliency rendering 'heatmap'"):
+        handle(state, ExplainTask("digits", 1, digits(1), render="heatmap"), Ctx())  # type: ignore[arg-type]
     with pytest.raises(NotFound):
         handle(state, ExplainTask("missing", 0, digits(1)), Ctx())
 
