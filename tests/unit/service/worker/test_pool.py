@@ -451,7 +451,7 @@ def test_failing_replacements_back_off_and_the_pool_recovers(
                 os.kill(pid, signal.SIGKILL)
             await eventually(lambda: pool.alive_workers == 0, 3.0, "both deaths noticed")
             await eventually(
-                lambda: "died before it was ready" in caplog.text, 5.0, "a replacement failed to initialize"
+                lambda: caplog.text.count("died before it was ready") >= 2, 10.0, "both replacements failed"
             )
             # Health would say NOT_SERVING; a call is refused at once instead of waiting for its deadline.
             t0 = time.perf_counter()
@@ -464,7 +464,7 @@ def test_failing_replacements_back_off_and_the_pool_recovers(
             await eventually(lambda: pool.alive_workers == 2, 15.0, "replacements ready once fixed")
             assert not set(pids) & set(pool.worker_pids)
             assert (await pool.submit(h.ProgressTask(n=2), cost=1.0, deadline=None)) == 2
-            assert sample("cnnserve_worker_restarts_total") >= restarts + 4  # 2 failed + 2 good, at least
+            assert sample("cnnserve_worker_restarts_total") >= restarts + 4  # >= 2 failed + 2 good
 
     with caplog.at_level(logging.ERROR, logger="service.worker.pool"):
         run(scenario)
