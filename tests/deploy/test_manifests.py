@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -647,3 +649,29 @@ def test_readme_states_the_validated_kubernetes_version() -> None:
     readme = (DEPLOY / "README.md").read_text()
     assert f"Kubernetes {KUBERNETES_VERSION}" in readme
     assert (ROOT / "deploy" / "k8s" / "base" / "cnnserve.env").exists()
+
+
+def test_wait_for_models_init_container_waits_for_a_complete_version(render: Any, tmp_path: Path) -> None:
+    """Run the init container's script as the pod would: it must block on an empty repository and on
+    a version still being built (.tmp-*), and finish once a version directory has its metadata.json."""
+    scripts = set()
+    for directory in APPLIED:
+        for name in TIERS:
+            spec = one(render(directory), "Deployment", name)["spec"]["template"]["spec"]
+            (init,) = [c for c in spec["initContainers"] if c["name"] == "wait-for-models"]
+            assert init["command"][:2] == ["python", "-c"]
+            scripts.add(init["command"][2])
+    env = {"CNNSERVE_REPOSITORY": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    (tmp_path / "resnet50" / ".tmp-1-x1y2").mkdir(parents=True)
+    (tmp_path / "resnet50" / ".tmp-1-x1y2" / "metadata.json").write_text("{}")
+    for script in scripts:
+        with pytest.raises(subprocess.TimeoutExpired) as waited:
+            subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=2)
+        assert b"waiting for a model version" in (waited.value.stdout or b"")
+    (tmp_path / "resnet50" / "1").mkdir()
+    (tmp_path / "resnet50" / "1" / "metadata.json").write_text("{}")
+    for script in scripts:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
