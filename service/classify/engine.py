@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from export import repository
+from export.errors import RepositoryError
 from export.preprocessing import Preprocessing
 from service import metrics
 from service.classify.batcher import DynamicBatcher
@@ -210,7 +211,12 @@ class ClassificationEngine:
 
         root = Path(settings.repository)
         available: dict[str, dict[int, repository.ModelVersion]] = {}
-        for version in repository.scan(root):
+        try:
+            # Versions whose metadata.json is invalid are skipped (and logged) by scan itself.
+            versions = repository.scan(root)
+        except RepositoryError as exc:
+            raise ModelLoadError(str(exc)) from None
+        for version in versions:
             available.setdefault(version.name, {})[version.version] = version
         if not available:
             raise ModelLoadError(f"no models found in the repository {root}")

@@ -23,11 +23,6 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from export.preprocessing import Preprocessing, to_tensor
-
-# The engine reads the repository only through export.repository (written alongside this module);
-# until that module exists, the engine cannot run and these tests skip.
-pytest.importorskip("export.repository")
-
 from service import metrics
 from service.classify import engine as engine_mod
 from service.classify.engine import ClassificationEngine, Selection, parse_model_selection
@@ -241,10 +236,43 @@ def test_load_fails_when_no_model_is_left(repo: dict[str, Any], caplog: pytest.L
     assert "weights.pt" in caplog.text
 
 
-def test_empty_repository(tmp_path: Path) -> None:
+def test_empty_or_missing_repository(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no models"):
         ClassificationEngine(settings_for(tmp_path / "empty")).load()
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ClassificationEngine(settings_for(tmp_path / "missing")).load()
+
+
+def test_a_version_with_invalid_metadata_is_skipped(repo: dict[str, Any]) -> None:
+    (repo["root"] / "rgb" / "2" / "metadata.json").write_text("{not json")
+    engine = ClassificationEngine(settings_for(repo["root"], models="rgb"))
+    engine.load()
+    assert [(m.name, m.version) for m in engine.models()] == [("rgb", 1)]
+
+
+def test_refused_external_data_skips_the_version(
+    repo: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A model.onnx pointing at ../../etc/passwd, with metadata hashes that match it: integrity checks
+    # pass, the external-data check still refuses it before ONNX Runtime opens the file.
+    folder = repo["root"] / "rgb" / "2"
+    model = onnx.load(str(folder / "model.onnx"))
+    tensor = next(t for t in model.graph.initializer if t.name == "W")
+    onnx.external_data_helper.set_external_data(tensor, location="../../etc/passwd")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["files"]["model.onnx"] = {
+        "sha256": sha256(folder / "model.onnx"),
+        "bytes": (folder / "model.onnx").stat().st_size,
+    }
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    engine = ClassificationEngine(settings_for(repo["root"], models="rgb:all"))
+    engine.load()
+    assert [(m.name, m.version) for m in engine.models()] == [("rgb", 1)]
+    assert "etc/passwd" in caplog.text
 
 
 def test_warmup_covers_every_batch_size_and_metrics_are_set(
