@@ -1,0 +1,514 @@
+"""The versioned model repository (layout and metadata.json: docs/ARCHITECTURE.md).
+
+```
+DIR/<model>/<version>/  model.onnx  weights.pt  metadata.json
+```
+
+Writing: `VersionWriter` builds a version in `DIR/<model>/.tmp-<version>-<random>/` and `commit`
+renames it into place, so a reader sees a complete version or none, and a failure (or a kill) leaves
+at most a `.tmp-*` directory that every reader ignores. `rename(2)` refuses to replace a non-empty
+directory and every committed version holds metadata.json, so a version is never overwritten, even
+by two exporters racing for the same number (the loser gets `VersionExists`, or takes the next number
+when it did not ask for a specific one).
+
+Reading (the service uses only these): `scan`, `load_metadata`, `verify_files`, `latest`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from export.checkpoints import sha256_file
+from export.errors import IntegrityError, MetadataError, RepositoryError, VersionExists
+from export.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+METADATA = "metadata.json"
+ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.pt"
+REQUIRED_FILES = (ONNX_FILE, WEIGHTS_FILE)
+TMP_PREFIX = ".tmp-"
+DTYPES = ("float32", "float16")
+# Model names are path components and appear in URLs, metric labels and `name:version` selections.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # a plain file name: no "/", no ".."
+_COMMIT_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One committed version directory and its (validated) metadata.json."""
+
+    name: str
+    version: int
+    path: Path  # DIR/<name>/<version>
+    metadata: dict[str, Any] = field(compare=False, hash=False, repr=False)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, self.version)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path / METADATA
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata["architecture"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = (int(d) for d in self.metadata["input"]["shape"])
+        return (c, h, w)
+
+    @property
+    def dtype(self) -> str:
+        """ "float32" or "float16": the ONNX model's input and output element type."""
+        return str(self.metadata["input"]["dtype"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.metadata["num_classes"])
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.metadata["labels"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.metadata["preprocessing"])
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        return {str(k): bool(v) for k, v in self.metadata["capabilities"].items()}
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.metadata["trained"])
+
+    @property
+    def fp16(self) -> bool:
+        return bool(self.metadata["fp16"])
+
+    @property
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `export.models.build(architecture, ...)` that rebuild the module
+        weights.pt belongs to (e.g. GoogLeNet's transform_input); {} when absent."""
+        return dict(self.metadata.get("build_kwargs") or {})
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _require(meta: Mapping[str, Any], key: str, ok: bool, what: str, where: str) -> None:
+    if not ok:
+        shown = json.dumps(meta.get(key)) if key in meta else "missing"
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        raise MetadataError(f"{where}: field {key!r} must be {what}, got {shown}")
+
+
+def validate_metadata(meta: Any, where: str = METADATA) -> dict[str, Any]:
+    """Check `meta` against schema version 1; returns it, or raises MetadataError naming the field.
+
+    Optional fields: `training` (object or null: how the weights were trained), `evaluation`
+    (object or null: accuracy of model.onnx on a held-out set), `build_kwargs` (object).
+    """
+    if not isinstance(meta, dict):
+        raise MetadataError(f"{where}: not a JSON object")
+
+    def req(key: str, ok: Callable[[Any], bool], what: str) -> None:
+        _require(meta, key, key in meta and ok(meta.get(key)), what, where)
+
+    req("schema_version", lambda v: _is_int(v), "an integer")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise MetadataError(
+            f"{where}: schema_version {meta['schema_version']} is not supported "
+            f"(this reader knows {SCHEMA_VERSION})"
+        )
+    req("name", lambda v: isinstance(v, str) and bool(NAME_RE.match(v)), "a model name")
+    req("version", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    req("architecture", lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+    req("num_classes", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    num_classes = meta["num_classes"]
+    for key, shape_ok, shape_what in (
+        ("input", lambda s: len(s) == 3, "[C, H, W]"),
+        ("output", lambda s: s == [num_classes], f"[num_classes] = [{num_classes}]"),
+    ):
+        req(key, lambda v: isinstance(v, dict), "an object")
+        sub = meta[key]
+        _require(
+            sub, "name", isinstance(sub.get("name"), str) and bool(sub["name"]), "a string", f"{where}: {key}"
+        )
+        _require(
+            sub,
+            "shape",
+            isinstance(sub.get("shape"), list)
+            and all(_is_int(d) and d >= 1 for d in sub["shape"])
+            and shape_ok(sub["shape"]),
+            shape_what,
+            f"{where}: {key}",
+        )
+        _require(sub, "dtype", sub.get("dtype") in DTYPES, " or ".join(DTYPES), f"{where}: {key}")
+    if meta["input"]["dtype"] != meta["output"]["dtype"]:
+        raise MetadataError(f"{where}: input dtype {meta['input']['dtype']} differs from output dtype")
+    req("preprocessing", lambda v: isinstance(v, dict), "an object")
+    try:
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MetadataError(f"{where}: field 'preprocessing' is invalid: {e}") from None
+    if [pre.channels, pre.crop, pre.crop] != meta["input"]["shape"]:
+        raise MetadataError(
+            f"{where}: preprocessing gives {[pre.channels, pre.crop, pre.crop]} but input shape is "
+            f"{meta['input']['shape']}"
+        )
+    req(
+        "labels",
+        lambda v: isinstance(v, list) and len(v) == num_classes and all(isinstance(x, str) for x in v),
+        f"a list of {num_classes} strings",
+    )
+    req("trained", lambda v: isinstance(v, bool), "true or false")
+    req("trained_on", lambda v: v is None or (isinstance(v, str) and bool(v)), "a string or null")
+    req("parameters", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    req("flops", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    req("fp16", lambda v: isinstance(v, bool), "true or false")
+    if meta["fp16"] != (meta["input"]["dtype"] == "float16"):
+        raise MetadataError(
+            f"{where}: fp16 is {json.dumps(meta['fp16'])} but the input dtype is {meta['input']['dtype']}"
+        )
+    req(
+        "source_checkpoint_sha256",
+        lambda v: v is None or (isinstance(v, str) and bool(_SHA256_RE.match(v))),
+        "a sha256 hex digest or null",
+    )
+    req("files", lambda v: isinstance(v, dict), "an object")
+    for required in REQUIRED_FILES:
+        if required not in meta["files"]:
+            raise MetadataError(f"{where}: 'files' does not list {required}")
+    for fname, entry in meta["files"].items():
+        if not _FILE_RE.match(fname) or fname == METADATA:
+            raise MetadataError(
+                f"{where}: 'files' lists {fname!r}, which is not a plain file name in the version"
+            )
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and bool(_SHA256_RE.match(entry["sha256"]))
+            and _is_int(entry.get("bytes"))
+            and entry["bytes"] >= 0
+        )
+        if not ok:
+            raise MetadataError(f'{where}: files[{fname!r}] must be {{"sha256": <64 hex>, "bytes": <int>}}')
+    req("opset", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    req("exporters", lambda v: isinstance(v, dict), "an object")
+    req("exported_at", lambda v: isinstance(v, str) and bool(v), "a timestamp string")
+    req("verification", lambda v: isinstance(v, dict), "an object")
+    ver = meta["verification"]
+    for key, ok, what in (
+        ("batch", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        ("max_abs_diff", _is_number, "a number"),
+        ("relative_diff", _is_number, "a number"),
+        ("top1_equal", lambda v: isinstance(v, bool), "true or false"),
+    ):
+        _require(ver, key, key in ver and ok(ver[key]), what, f"{where}: verification")
+    req(
+        "capabilities",
+        lambda v: isinstance(v, dict) and all(isinstance(x, bool) for x in v.values()) and "classify" in v,
+        "an object of booleans with 'classify'",
+    )
+    for key in ("training", "evaluation"):
+        if key in meta:
+            req(key, lambda v: v is None or isinstance(v, dict), "an object or null")
+    if "build_kwargs" in meta:
+        req("build_kwargs", lambda v: isinstance(v, dict), "an object")
+    return meta
+
+
+def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a metadata.json (`path` is the file or its version directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METADATA
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MetadataError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MetadataError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MetadataError(
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    return validate_metadata(meta, str(path))
+
+
+def _read_version(directory: Path) -> ModelVersion:
+    meta = load_metadata(directory / METADATA)
+    name, version = directory.parent.name, int(directory.name)
+    if meta["name"] != name or meta["version"] != version:
+        raise MetadataError(
+            f"{directory / METADATA} says {meta['name']}:{meta['version']} but lies in {name}/{version}"
+        )
+    return ModelVersion(name=name, version=version, path=directory, metadata=meta)
+
+
+def _require_root(root: Path) -> None:
+    if not root.exists():
+        raise RepositoryError(f"repository {root} does not exist")
+    if not root.is_dir():
+        raise RepositoryError(f"repository {root} is not a directory")
+
+
+def _version_dirs(model_dir: Path) -> list[Path]:
+    try:
+        entries = list(model_dir.iterdir())
+    except OSError as e:
+        raise RepositoryError(f"cannot list {model_dir}: {e.strerror or e}") from None
+    return [p for p in entries if _VERSION_RE.match(p.name) and p.is_dir()]
+
+
+def scan(root: str | os.PathLike[str], *, strict: bool = False) -> list[ModelVersion]:
+    """Every committed version under `root`, sorted by (name, version).
+
+    `.tmp-*` build directories, hidden entries and names that are not model names or positive
+    integers are ignored. A version whose metadata.json is missing or invalid is skipped with a
+    logged warning naming the file, so one broken version does not hide the others; `strict=True`
+    raises MetadataError instead. File hashes are not checked here: see `verify_files`.
+    Raises RepositoryError if `root` is missing or not a directory.
+    """
+    root = Path(root)
+    _require_root(root)
+    found: list[ModelVersion] = []
+    for model_dir in sorted(root.iterdir()):
+        if not NAME_RE.match(model_dir.name) or not model_dir.is_dir():
+            continue
+        for directory in sorted(_version_dirs(model_dir), key=lambda p: int(p.name)):
+            try:
+                found.append(_read_version(directory))
+            except RepositoryError as e:
+                if strict:
+                    raise
+                log.warning("skipping %s: %s", directory, e)
+    return found
+
+
+def verify_files(version: ModelVersion) -> None:
+    """Check every file metadata.json lists: present, same size, same sha256.
+
+    Raises IntegrityError naming the first bad file and what is wrong with it.
+    """
+    for fname, entry in version.metadata["files"].items():
+        path = version.path / fname
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise IntegrityError(f"{path} is missing (listed in {version.metadata_path})") from None
+        except OSError as e:
+            raise IntegrityError(f"{path} cannot be read: {e.strerror or e}") from None
+        if size != entry["bytes"]:
+            raise IntegrityError(f"{path} has {size} bytes, metadata.json says {entry['bytes']}")
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            raise IntegrityError(f"{path} cannot be read: {e.strerror or e}") from None
+        if digest != entry["sha256"]:
+            raise IntegrityError(
+                f"{path} sha256 {digest[:16]}... differs from metadata.json's {entry['sha256'][:16]}..."
+            )
+
+
+def latest(versions: Iterable[ModelVersion], name: str) -> ModelVersion | None:
+    """The highest version of model `name` among `versions`, or None if there is none."""
+    mine = [v for v in versions if v.name == name]
+    return max(mine, key=lambda v: v.version) if mine else None
+
+
+def existing_versions(root: str | os.PathLike[str], name: str) -> list[int]:
+    """Version numbers taken in DIR/<name>: every integer directory, valid metadata or not."""
+    model_dir = Path(root) / name
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in _version_dirs(model_dir))
+
+
+def next_version(root: str | os.PathLike[str], name: str) -> int:
+    """1 + the highest version number taken (a broken version's number is never reused)."""
+    return max(existing_versions(root, name), default=0) + 1
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise RepositoryError(
+            f"model name {name!r} is not allowed: use letters, digits, '_', '.', '-', starting with a "
+            "letter or digit (at most 100 characters)"
+        )
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+class VersionWriter:
+    """Builds one version of model `name` under `root`; use as a context manager.
+
+    Write files into `writer.path` (the `.tmp-*` directory), then `commit(metadata)`. Leaving the
+    `with` block without a commit (an exception, a failed verification) removes the directory.
+    `version=None` takes `next_version` at commit time; an explicit version that exists raises
+    VersionExists here already, before any work is spent.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], name: str, version: int | None = None) -> None:
+        self.root = Path(root)
+        self.name = check_name(name)
+        if version is not None and not (_is_int(version) and 1 <= version < 10**18):
+            raise RepositoryError(f"version must be a positive integer, got {version!r}")
+        self.requested = version
+        self.committed: ModelVersion | None = None
+        model_dir = self.root / name
+        # Directories made here are removed again by abort() if still empty: a failed export leaves
+        # the repository as it found it.
+        self._created: list[Path] = []
+        try:
+            if self.root.exists() and not self.root.is_dir():
+                raise RepositoryError(f"repository {self.root} is not a directory")
+            for directory in (*reversed(model_dir.parents), model_dir):
+                if not directory.exists():
+                    directory.mkdir(exist_ok=True)
+                    self._created.append(directory)
+            if not model_dir.is_dir():
+                raise RepositoryError(f"{model_dir} exists and is not a directory")
+            if version is not None and (model_dir / str(version)).exists():
+                raise VersionExists(f"{name} version {version} already exists in {self.root}")
+            label = version if version is not None else next_version(self.root, name)
+            self.path = model_dir / f"{TMP_PREFIX}{label}-{secrets.token_hex(4)}"
+            self.path.mkdir()
+        except RepositoryError:
+            self._remove_created()
+            raise
+        except OSError as e:
+            self._remove_created()
+            raise RepositoryError(f"repository {self.root} is not writable: {e.strerror or e}") from None
+
+    def __enter__(self) -> VersionWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.committed is None:
+            self.abort()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for directory in reversed(self._created):
+            try:
+                directory.rmdir()  # only if empty: another exporter may be using it by now
+            except OSError:
+                break
+        self._created = []
+
+    def commit(self, metadata: dict[str, Any]) -> ModelVersion:
+        """Hash the files, write metadata.json, validate it, rename into place. Returns the version.
+
+        `metadata` gets `name`, `version` and `files` filled in here.
+        """
+        if self.committed is not None:
+            raise RepositoryError(f"{self.name} version {self.committed.version} is already committed")
+        try:
+            files = {}
+            for p in sorted(self.path.iterdir()):
+                if p.name == METADATA:
+                    continue
+                if not p.is_file() or not _FILE_RE.match(p.name):
+                    raise RepositoryError(f"{p} is not a plain file; a version holds plain files only")
+                _fsync_file(p)
+                files[p.name] = file_entry(p)
+            for _ in range(_COMMIT_ATTEMPTS):
+                version = self.requested if self.requested is not None else next_version(self.root, self.name)
+                meta = dict(metadata, name=self.name, version=version, files=files)
+                validate_metadata(meta, f"metadata for {self.name}:{version}")
+                meta_path = self.path / METADATA
+                meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+                _fsync_file(meta_path)
+                target = self.root / self.name / str(version)
+                try:
+                    # Fails (ENOTEMPTY/EEXIST) if the target is a committed version: never overwritten.
+                    os.rename(self.path, target)
+                except OSError as e:
+                    if not target.exists() or e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    if self.requested is not None:
+                        raise VersionExists(
+                            f"{self.name} version {version} already exists in {self.root}"
+                        ) from None
+                    log.info(
+                        "%s version %d was taken concurrently; trying the next number", self.name, version
+                    )
+                    continue
+                _fsync_dir(target.parent)
+                self.path = target
+                self.committed = ModelVersion(name=self.name, version=version, path=target, metadata=meta)
+                return self.committed
+            raise RepositoryError(
+                f"could not claim a version number for {self.name} after {_COMMIT_ATTEMPTS} tries"
+            )
+        except RepositoryError:
+            raise
+        except OSError as e:
+            raise RepositoryError(
+                f"cannot write {self.name} to repository {self.root}: {e.strerror or e}"
+            ) from None
