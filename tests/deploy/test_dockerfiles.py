@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,3 +336,45 @@ def test_healthcheck_script_fails_when_nothing_listens() -> None:
         port = sock.getsockname()[1]
     result = _run_healthcheck(port)
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+
+
+def test_the_copied_sources_build_a_complete_wheel(tmp_path: Path) -> None:
+    """Build the project from exactly what the builder stage copies to /src (as `pip install /src`
+    does in the image): the wheel must carry the data files and generated stubs the service needs."""
+    patterns = _dockerignore_patterns()
+    src = tmp_path / "src"
+    builder = parse(DEPLOY / "Dockerfile.cpu").stages[0]
+    for instruction in builder.all("COPY"):
+        words = [w for w in instruction.args.split() if not w.startswith("--")]
+        *sources, destination = words
+        if not destination.startswith("/src/"):
+            continue
+        for source in sources:
+            path = ROOT / source
+            target = src / destination.removeprefix("/src/")
+            if path.is_dir():
+                shutil.copytree(
+                    path, target, ignore=lambda d, names: [n for n in names if _ignored(
+                        (Path(d) / n).relative_to(ROOT).as_posix(), patterns
+                    )],
+                )  # fmt: skip
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target / path.name)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+         "-w", str(tmp_path / "wheel"), str(src)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "wheel").glob("cnnserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in ("service/cli.py", "service/server.py", "export/models/resnet.py", "export/demo.py"):
+        assert required in names, f"{required} missing from the wheel"
+    assert any(n.startswith("service/_proto/") and n.endswith("_pb2.py") for n in names), (
+        "generated stubs missing"
+    )
+    data = [p.relative_to(ROOT).as_posix() for p in (ROOT / "export" / "data").rglob("*") if p.is_file()]
+    assert data and set(data) <= names, f"package data missing from the wheel: {sorted(set(data) - names)}"
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "cnnserve = service.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
