@@ -89,19 +89,28 @@ class ExportResult:
     verification: Verification
 
 
+# Loggers whose warnings are the exporter talking to itself: "torchvision is not installed. Skipping
+# torchvision::nms" (we use no torchvision ops), and for opset 17 "setting the exporter to opset 18 ...
+# automatic version conversion will be performed" (we check the opset of the result ourselves).
+_CHATTY_LOGGERS = (
+    "torch.onnx._internal.exporter._registration",
+    "torch.onnx._internal.exporter._compat",
+    "onnxscript.version_converter",
+)
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's chatter that is no concern of ours (and would trip -W error).
 
-    - "torchvision is not installed. Skipping torchvision::nms" (logging, once per op): we use no
-      torchvision ops;
-    - FutureWarning "isinstance(treespec, LeafSpec) is deprecated": raised inside torch.export's own
-      pytree code in torch 2.13, nothing a caller can change;
-    - progress lines on stdout.
+    Besides _CHATTY_LOGGERS: the FutureWarning "isinstance(treespec, LeafSpec) is deprecated",
+    raised inside torch.export's own pytree code in torch 2.13 (nothing a caller can change), and
+    progress lines on stdout.
     """
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.filterwarnings(
@@ -109,7 +118,8 @@ def _quiet_exporter() -> Iterator[None]:
             )
             yield
     finally:
-        registration.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _inline_external_data(path: Path) -> None:
@@ -179,20 +189,26 @@ def _half_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).half().eval()
 
 
-def check(path: Path) -> None:
+def check(path: Path, opset: int | None = None) -> None:
     """onnx.checker with full_check (strict shape inference) plus our interface contract."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = " ".join(str(e).split())[:300]
         raise VerificationError(f"{path.name} fails onnx.checker: {first}") from None
-    graph = onnx.load(str(path), load_external_data=False).graph
+    model_proto = onnx.load(str(path), load_external_data=False)
+    graph = model_proto.graph
     inputs = [i.name for i in graph.input if i.name not in {init.name for init in graph.initializer}]
     outputs = [o.name for o in graph.output]
     if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
         raise VerificationError(
             f"{path.name} has inputs {inputs} and outputs {outputs}; "
             f"expected [{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
+        )
+    opsets = {o.domain or "ai.onnx": o.version for o in model_proto.opset_import}
+    if opset is not None and opsets.get("ai.onnx") != opset:
+        raise VerificationError(
+            f"the exporter produced opset {opsets.get('ai.onnx')}, not the requested {opset}"
         )
     dim0 = graph.input[0].type.tensor_type.shape.dim[0]
     if not dim0.dim_param:
@@ -406,7 +422,7 @@ def export_to_repository(
 
         onnx_path = writer.path / ONNX_FILE
         export_onnx(model, spec.input_shape, onnx_path, opset=opset, fp16=fp16)
-        check(onnx_path)
+        check(onnx_path, opset)
         verification = verify(onnx_path, model, spec.input_shape, fp16=fp16)
         evaluation = _digits_accuracy(onnx_path, fp16) if trained and spec.dataset == "digits" else None
 
