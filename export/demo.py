@@ -105,12 +105,12 @@ def demo(
             f"models listed twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}"
         )
     root = Path(repository)
+    if root.exists() and not root.is_dir():
+        raise RepositoryError(f"repository {root} is not a directory")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RepositoryError(f"repository {root} is not writable: {e.strerror or e}") from None
-    if not root.is_dir():
-        raise RepositoryError(f"repository {root} is not a directory")
     existing = scan(root)
 
     outcomes = []
