@@ -14,11 +14,38 @@ class Capability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAPABILITY_EXPLAIN: _ClassVar[Capability]
     CAPABILITY_DREAM: _ClassVar[Capability]
     CAPABILITY_STYLIZE: _ClassVar[Capability]
+
+class ExplainMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPLAIN_METHOD_UNSPECIFIED: _ClassVar[ExplainMethod]
+    EXPLAIN_METHOD_GUIDED_BACKPROP: _ClassVar[ExplainMethod]
+    EXPLAIN_METHOD_GUIDED_GRADCAM: _ClassVar[ExplainMethod]
+
+class StyleOptimizer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STYLE_OPTIMIZER_UNSPECIFIED: _ClassVar[StyleOptimizer]
+    STYLE_OPTIMIZER_LBFGS: _ClassVar[StyleOptimizer]
+    STYLE_OPTIMIZER_ADAM: _ClassVar[StyleOptimizer]
+
+class StyleInit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STYLE_INIT_UNSPECIFIED: _ClassVar[StyleInit]
+    STYLE_INIT_CONTENT: _ClassVar[StyleInit]
+    STYLE_INIT_NOISE: _ClassVar[StyleInit]
 CAPABILITY_UNSPECIFIED: Capability
 CAPABILITY_CLASSIFY: Capability
 CAPABILITY_EXPLAIN: Capability
 CAPABILITY_DREAM: Capability
 CAPABILITY_STYLIZE: Capability
+EXPLAIN_METHOD_UNSPECIFIED: ExplainMethod
+EXPLAIN_METHOD_GUIDED_BACKPROP: ExplainMethod
+EXPLAIN_METHOD_GUIDED_GRADCAM: ExplainMethod
+STYLE_OPTIMIZER_UNSPECIFIED: StyleOptimizer
+STYLE_OPTIMIZER_LBFGS: StyleOptimizer
+STYLE_OPTIMIZER_ADAM: StyleOptimizer
+STYLE_INIT_UNSPECIFIED: StyleInit
+STYLE_INIT_CONTENT: StyleInit
+STYLE_INIT_NOISE: StyleInit
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -223,3 +250,230 @@ class ModelInfo(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[Capability]
     ready: bool
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., trained: _Optional[bool] = ..., trained_on: _Optional[str] = ..., parameters: _Optional[int] = ..., flops: _Optional[int] = ..., execution_provider: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("model", "version", "images", "target_classes", "method", "include_plain_gradient")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PLAIN_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    target_classes: _containers.RepeatedScalarFieldContainer[int]
+    method: ExplainMethod
+    include_plain_gradient: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., target_classes: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., include_plain_gradient: _Optional[bool] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("saliency", "png", "explained", "predicted", "plain_gradient")
+    SALIENCY_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    EXPLAINED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    saliency: Tensor
+    png: bytes
+    explained: ClassScore
+    predicted: ClassScore
+    plain_gradient: Tensor
+    def __init__(self, saliency: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., explained: _Optional[_Union[ClassScore, _Mapping]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., plain_gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("model", "version", "method", "explanations", "seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    method: ExplainMethod
+    explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
+    seconds: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class DreamLayer(_message.Message):
+    __slots__ = ("layer", "weight", "channels")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    weight: float
+    channels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[str] = ..., weight: _Optional[float] = ..., channels: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DreamRequest(_message.Message):
+    __slots__ = ("model", "version", "image", "layers", "octaves", "octave_scale", "steps", "step_size", "jitter", "tile_size", "max_side", "seed", "preview_every")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    OCTAVES_FIELD_NUMBER: _ClassVar[int]
+    OCTAVE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    JITTER_FIELD_NUMBER: _ClassVar[int]
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    image: ImageInput
+    layers: _containers.RepeatedCompositeFieldContainer[DreamLayer]
+    octaves: int
+    octave_scale: float
+    steps: int
+    step_size: float
+    jitter: int
+    tile_size: int
+    max_side: int
+    seed: int
+    preview_every: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[DreamLayer, _Mapping]]] = ..., octaves: _Optional[int] = ..., octave_scale: _Optional[float] = ..., steps: _Optional[int] = ..., step_size: _Optional[float] = ..., jitter: _Optional[int] = ..., tile_size: _Optional[int] = ..., max_side: _Optional[int] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
+
+class GradientProgress(_message.Message):
+    __slots__ = ("step", "total_steps", "octave", "losses", "preview_png")
+    class LossesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OCTAVE_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_PNG_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    octave: int
+    losses: _containers.ScalarMap[str, float]
+    preview_png: bytes
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., octave: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., preview_png: _Optional[bytes] = ...) -> None: ...
+
+class DreamResult(_message.Message):
+    __slots__ = ("model", "version", "png", "width", "height", "steps", "objective_before", "objective_after", "layers", "seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    png: bytes
+    width: int
+    height: int
+    steps: int
+    objective_before: float
+    objective_after: float
+    layers: _containers.RepeatedCompositeFieldContainer[DreamLayer]
+    seconds: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., objective_before: _Optional[float] = ..., objective_after: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[DreamLayer, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class DreamResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: GradientProgress
+    result: DreamResult
+    def __init__(self, progress: _Optional[_Union[GradientProgress, _Mapping]] = ..., result: _Optional[_Union[DreamResult, _Mapping]] = ...) -> None: ...
+
+class StyleImage(_message.Message):
+    __slots__ = ("image", "weight")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    image: ImageInput
+    weight: float
+    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class StylizeRequest(_message.Message):
+    __slots__ = ("model", "version", "content", "styles", "content_weight", "style_weight", "tv_weight", "iterations", "optimizer", "learning_rate", "style_scale", "original_colors", "max_side", "init", "seed", "preview_every")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    STYLES_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STYLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TV_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    STYLE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_COLORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    content: ImageInput
+    styles: _containers.RepeatedCompositeFieldContainer[StyleImage]
+    content_weight: float
+    style_weight: float
+    tv_weight: float
+    iterations: int
+    optimizer: StyleOptimizer
+    learning_rate: float
+    style_scale: float
+    original_colors: bool
+    max_side: int
+    init: StyleInit
+    seed: int
+    preview_every: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., content: _Optional[_Union[ImageInput, _Mapping]] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., iterations: _Optional[int] = ..., optimizer: _Optional[_Union[StyleOptimizer, str]] = ..., learning_rate: _Optional[float] = ..., style_scale: _Optional[float] = ..., original_colors: _Optional[bool] = ..., max_side: _Optional[int] = ..., init: _Optional[_Union[StyleInit, str]] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
+
+class StylizeResult(_message.Message):
+    __slots__ = ("model", "version", "png", "width", "height", "iterations", "best_iteration", "losses", "initial_losses", "seconds")
+    class LossesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class InitialLossesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    BEST_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    png: bytes
+    width: int
+    height: int
+    iterations: int
+    best_iteration: int
+    losses: _containers.ScalarMap[str, float]
+    initial_losses: _containers.ScalarMap[str, float]
+    seconds: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., initial_losses: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class StylizeResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: GradientProgress
+    result: StylizeResult
+    def __init__(self, progress: _Optional[_Union[GradientProgress, _Mapping]] = ..., result: _Optional[_Union[StylizeResult, _Mapping]] = ...) -> None: ...

@@ -59,6 +59,31 @@ class InferenceStub:
                 request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/cnnserve.v1.Inference/Explain',
+                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.FromString,
+                _registered_method=True)
+        self.Dream = channel.unary_stream(
+                '/cnnserve.v1.Inference/Dream',
+                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
+                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResponse.FromString,
+                _registered_method=True)
+        self.DreamUnary = channel.unary_unary(
+                '/cnnserve.v1.Inference/DreamUnary',
+                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
+                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResult.FromString,
+                _registered_method=True)
+        self.Stylize = channel.unary_stream(
+                '/cnnserve.v1.Inference/Stylize',
+                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
+                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.FromString,
+                _registered_method=True)
+        self.StylizeUnary = channel.unary_unary(
+                '/cnnserve.v1.Inference/StylizeUnary',
+                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
+                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResult.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -103,6 +128,48 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """--- Gradient RPCs (PyTorch worker processes; UNAVAILABLE "gradient workers disabled" when the
+        server runs with workers=0). Each is offered per model: see ModelInfo.capabilities. Caps
+        (max_task_iterations, max_task_image_side, max_task_batch, max_task_cost) are answered with
+        INVALID_ARGUMENT naming the cap; a full cost budget with RESOURCE_EXHAUSTED. Cancelling the
+        call (or its deadline passing) stops the job in its worker.
+
+        Guided backprop (or Guided Grad-CAM) saliency of 1..max_task_batch images w.r.t. the model input.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Dream(self, request, context):
+        """DeepDream on one encoded image: progress messages while it runs (a preview PNG every
+        preview_every steps), then exactly one final message with the full-resolution PNG.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DreamUnary(self, request, context):
+        """Dream without progress: only the final image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stylize(self, request, context):
+        """Neural style transfer (Gatys et al.; VGG-19 models): progress, then the final image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StylizeUnary(self, request, context):
+        """Stylize without progress: only the final image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +197,31 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.FromString,
                     response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.FromString,
+                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.SerializeToString,
+            ),
+            'Dream': grpc.unary_stream_rpc_method_handler(
+                    servicer.Dream,
+                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.FromString,
+                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResponse.SerializeToString,
+            ),
+            'DreamUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.DreamUnary,
+                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.FromString,
+                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResult.SerializeToString,
+            ),
+            'Stylize': grpc.unary_stream_rpc_method_handler(
+                    servicer.Stylize,
+                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.FromString,
+                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.SerializeToString,
+            ),
+            'StylizeUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StylizeUnary,
+                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.FromString,
+                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +359,141 @@ class Inference:
             '/cnnserve.v1.Inference/GetModel',
             service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
             service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.Inference/Explain',
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.SerializeToString,
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cnnserve.v1.Inference/Dream',
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DreamUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.Inference/DreamUnary',
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stylize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cnnserve.v1.Inference/Stylize',
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StylizeUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.Inference/StylizeUnary',
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
+            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResult.FromString,
             options,
             channel_credentials,
             insecure,
