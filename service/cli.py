@@ -184,6 +184,15 @@ COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
 ]
 
 
+def _register_score(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from service.score import register_score
+
+    register_score(subparsers)
+
+
+COMMANDS.append(_register_score)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description="CNN inference service: ONNX Runtime classification over gRPC."
