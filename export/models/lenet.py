@@ -41,7 +41,8 @@ class LeNet5(nn.Module):
         # N x 120 x 1 x 1
         x = torch.flatten(x, 1)
         # N x 120
-        return self.classifier(x)
+        logits: torch.Tensor = self.classifier(x)
+        return logits
 
 
 def lenet5(*, num_classes: int = 10, in_channels: int = 1) -> LeNet5:
