@@ -45,6 +45,10 @@ log = logging.getLogger("service.server")
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 OIP_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Health service name of the gradient RPCs (Explain, Dream, Stylize): SERVING only while at least
+# one gradient worker is alive (polled every GRADIENT_HEALTH_POLL_S).
+GRADIENTS_SERVICE = f"{INFERENCE_SERVICE}/gradients"
+GRADIENT_HEALTH_POLL_S = 0.5
 T = TypeVar("T")
 
 
@@ -163,7 +167,9 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
 class Server:
     """The gRPC server, its health/reflection services and the metrics endpoint, around an engine."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None, pool: Any = None) -> None:
+        """pool: a WorkerPool-like object to use for the gradient RPCs instead of building one
+        from the settings (tests); it is started by `load` and closed by `shutdown` all the same."""
         if engine is None:
             from service.classify.engine import ClassificationEngine
 
@@ -177,6 +183,8 @@ class Server:
         self.grpc_port = 0
         self.metrics_port = 0
         self._engine_started = False
+        self.pool: Any = pool
+        self._pool_task: asyncio.Task[None] | None = None
 
     # --- readiness ------------------------------------------------------------------------------
 
@@ -210,7 +218,7 @@ class Server:
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, OIP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )
-        for name in ("", INFERENCE_SERVICE, OIP_SERVICE):
+        for name in ("", INFERENCE_SERVICE, OIP_SERVICE, GRADIENTS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = _address(settings.host, settings.grpc_port)
         try:
@@ -250,6 +258,51 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         models = ", ".join(f"{m.name}:{m.version} ({m.provider})" for m in self.engine.models())
         log.info("ready in %.2fs: serving %s", time.perf_counter() - started, models)
+        if self.settings.workers > 0 or self.pool is not None:
+            self._pool_task = asyncio.create_task(self._run_gradient_pool(), name="cnnserve-gradients")
+
+    def _make_pool(self) -> Any:
+        """The gradient WorkerPool for the model versions the engine loaded (same weights.pt)."""
+        import functools
+
+        from service.worker import tasks
+        from service.worker.pool import WorkerPool
+
+        dirs = [m.path for m in self.engine.models() if getattr(m, "path", None) is not None]
+        config = tasks.worker_config(self.settings, dirs)
+        return WorkerPool(
+            workers=self.settings.workers,
+            initializer=functools.partial(tasks.load_models, config),
+            handler=tasks.handle,
+            cost_budget=self.settings.max_task_cost,
+            stop_grace_s=max(1.0, min(10.0, self.settings.grace_period_s)),
+        )
+
+    async def _run_gradient_pool(self) -> None:
+        """Start the worker pool (the classification RPCs are already serving), then keep the
+        gradients health status in step with pool.alive_workers until shutdown."""
+        pool = self.pool if self.pool is not None else self._make_pool()
+        self.pool = pool
+        self.state.gradients = pool
+        try:
+            started = time.perf_counter()
+            await pool.start()
+            log.info(
+                "gradient workers ready in %.2fs: %d worker(s)", time.perf_counter() - started, pool.alive_workers
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - classification keeps serving; gradient RPCs answer UNAVAILABLE
+            log.exception("the gradient workers failed to start; gradient RPCs are UNAVAILABLE")
+            return
+        serving: bool | None = None
+        while not self.state.draining:
+            alive = pool.alive_workers > 0
+            if alive != serving:
+                serving = alive
+                status = health_pb2.HealthCheckResponse.SERVING if alive else health_pb2.HealthCheckResponse.NOT_SERVING
+                await self.health.set(GRADIENTS_SERVICE, status)
+            await asyncio.sleep(GRADIENT_HEALTH_POLL_S)
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING at once, refuse new calls, let accepted ones finish, stop the engine."""
@@ -260,6 +313,17 @@ class Server:
         log.info("shutting down: health NOT_SERVING, up to %.1fs for accepted calls to finish", grace)
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
+        if self._pool_task is not None:
+            self._pool_task.cancel()
+            try:
+                await self._pool_task
+            except BaseException:  # noqa: BLE001 - cancelled or failed: the pool is closed below either way
+                pass
+        if self.pool is not None:
+            try:
+                await self.pool.close(grace_s=0)
+            except Exception:  # noqa: BLE001
+                log.exception("closing the gradient workers failed")
         if self._engine_started:
             try:
                 await self.engine.stop()  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ import numpy as np
 
 from service import errors, images
 from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from service.gradients import GradientRpcs, served_capabilities
 from service.metrics import INFLIGHT, REJECTIONS, REQUEST_DURATION, REQUESTS
 from service.settings import Settings
 
@@ -44,9 +45,9 @@ TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
     "fp16": np.dtype("<f2"),
 }
 
-# What this server serves per model, as ModelInfo.capabilities. The gradient RPCs add theirs here
-# (via Servicer(served_capabilities=...)) when they exist; a model's metadata.json alone never
-# advertises an RPC the server does not implement.
+# What this server serves per model, as ModelInfo.capabilities. The gradient RPCs add theirs when
+# the server runs a worker pool (service.gradients.served_capabilities); a model's metadata.json
+# alone never advertises an RPC the server does not serve.
 CAPABILITY_ENUM = {
     "classify": pb.CAPABILITY_CLASSIFY,
     "explain": pb.CAPABILITY_EXPLAIN,
@@ -87,6 +88,8 @@ class ServingState:
         self.engine = engine
         self.settings = settings
         self.draining = False
+        # The gradient worker pool (service.worker.pool.WorkerPool); None when workers=0.
+        self.gradients: Any = None
 
     @property
     def ready(self) -> bool:
@@ -343,8 +346,8 @@ async def first_error_gather(*aws: Awaitable[T]) -> list[T]:
                 task.cancel()
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
-    """cnnserve.v1.Inference."""
+class InferenceServicer(GradientRpcs, pb_grpc.InferenceServicer):
+    """cnnserve.v1.Inference (the gradient RPCs: service.gradients)."""
 
     def __init__(
         self, state: ServingState, *, served_capabilities: frozenset[str] = SERVED_CAPABILITIES
@@ -537,7 +540,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             versions=versions,
             ready=self._state.ready,
             include_labels=include_labels,
-            served=self._served,
+            served=served_capabilities(self._served, self._state.gradients),
         )
 
     async def ListModels(

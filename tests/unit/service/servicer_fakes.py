@@ -140,7 +140,9 @@ class Harness:
     """The real service.server.Server around a FakeEngine, on 127.0.0.1 with ephemeral ports, its
     event loop in a background thread; tests talk to it over a real channel."""
 
-    def __init__(self, engine: FakeEngine | None = None, *, load: bool = True, **overrides: Any) -> None:
+    def __init__(
+        self, engine: FakeEngine | None = None, *, load: bool = True, pool: Any = None, **overrides: Any
+    ) -> None:
         import grpc
 
         from service.server import Server
@@ -152,13 +154,15 @@ class Harness:
             "grpc_port": 0,
             "metrics_port": 0,
             "grace_period_s": 5.0,
+            # No real PyTorch workers in servicer tests: pass `pool=FakePool()` for the gradient RPCs.
+            "workers": 0,
             **overrides,
         }
         self.settings = Settings(**settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="harness-loop", daemon=True)
         self._thread.start()
-        self.server = Server(self.settings, self.engine)
+        self.server = Server(self.settings, self.engine, pool=pool)
         self.run(self.server.start())
         if load:
             self.run(self.server.load())
