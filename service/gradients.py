@@ -14,7 +14,6 @@ coroutine; the `submit` awaiting inside it is cancelled with it and the pool sto
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,8 +40,15 @@ EXPLAIN_METHODS = {
     pb.EXPLAIN_METHOD_GUIDED_BACKPROP: "guided_backprop",
     pb.EXPLAIN_METHOD_GUIDED_GRADCAM: "guided_gradcam",
 }
-EXPLAIN_METHOD_ENUM = {"guided_backprop": pb.EXPLAIN_METHOD_GUIDED_BACKPROP, "guided_gradcam": pb.EXPLAIN_METHOD_GUIDED_GRADCAM}
-OPTIMIZERS = {pb.STYLE_OPTIMIZER_UNSPECIFIED: "lbfgs", pb.STYLE_OPTIMIZER_LBFGS: "lbfgs", pb.STYLE_OPTIMIZER_ADAM: "adam"}
+EXPLAIN_METHOD_ENUM = {
+    "guided_backprop": pb.EXPLAIN_METHOD_GUIDED_BACKPROP,
+    "guided_gradcam": pb.EXPLAIN_METHOD_GUIDED_GRADCAM,
+}
+OPTIMIZERS = {
+    pb.STYLE_OPTIMIZER_UNSPECIFIED: "lbfgs",
+    pb.STYLE_OPTIMIZER_LBFGS: "lbfgs",
+    pb.STYLE_OPTIMIZER_ADAM: "adam",
+}
 INITS = {pb.STYLE_INIT_UNSPECIFIED: "content", pb.STYLE_INIT_CONTENT: "content", pb.STYLE_INIT_NOISE: "noise"}
 
 
@@ -53,7 +59,12 @@ class Pool(Protocol):
     def alive_workers(self) -> int: ...
 
     async def submit(
-        self, task: Any, *, cost: float, deadline: float | None, on_progress: Callable[[Any], None] | None = None
+        self,
+        task: Any,
+        *,
+        cost: float,
+        deadline: float | None,
+        on_progress: Callable[[Any], None] | None = None,
     ) -> Any: ...
 
 
@@ -120,7 +131,8 @@ def explain_targets(request: pb.ExplainRequest, model: LoadedModel, n: int) -> t
     for t in targets:
         if not 0 <= t < model.num_classes:
             raise InvalidArgument(
-                f"target class {t} is out of range: {model.name} has {model.num_classes} classes (0..{model.num_classes - 1})",
+                f"target class {t} is out of range: {model.name} has {model.num_classes} classes "
+                f"(0..{model.num_classes - 1})",
                 reason="target_out_of_range",
             )
     return tuple(int(t) for t in targets)
@@ -263,7 +275,8 @@ class GradientRpcs:
         rpc.model = model.name
         if not model.capabilities.get(kind, False):
             raise InvalidArgument(
-                f"model {model.name!r} version {model.version} ({model.architecture}) does not support {kind}",
+                f"model {model.name!r} version {model.version} ({model.architecture}) "
+                f"does not support {kind}",
                 reason="unsupported",
             )
         return pool, model
@@ -285,7 +298,9 @@ class GradientRpcs:
 
     # Explain -----------------------------------------------------------------------------------
 
-    async def _explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext, rpc: Rpc) -> pb.ExplainResponse:
+    async def _explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext, rpc: Rpc
+    ) -> pb.ExplainResponse:
         pool, model = self._prepare(request.model, request.version, "explain", rpc)
         method = _enum(request.method, EXPLAIN_METHODS, "explain method")
         if not request.images:
@@ -311,7 +326,9 @@ class GradientRpcs:
         result = await self._run(pool, task, context)
         return explain_response(result, model, method)
 
-    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+    async def Explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExplainResponse:
         from service.servicers import unary
 
         return await unary("Explain", context, lambda rpc: self._explain(request, context, rpc))
@@ -338,14 +355,16 @@ class GradientRpcs:
         limit = self._state.settings.max_task_batch
         if len(request.styles) > limit:
             raise InvalidArgument(
-                f"{len(request.styles)} style images; the limit is max_task_batch={limit}", reason="too_many_images"
+                f"{len(request.styles)} style images; the limit is max_task_batch={limit}",
+                reason="too_many_images",
             )
         max_pixels = self._state.settings.max_image_pixels
 
         def decode_all() -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
             content = decode_rgb(request.content, model, "content image", max_pixels)
             styles = tuple(
-                decode_rgb(s.image, model, f"style image {i}", max_pixels) for i, s in enumerate(request.styles)
+                decode_rgb(s.image, model, f"style image {i}", max_pixels)
+                for i, s in enumerate(request.styles)
             )
             return content, styles
 
@@ -353,7 +372,12 @@ class GradientRpcs:
         weights = tuple(float(s.weight) for s in request.styles)
         blend = weights if any(w != 0 for w in weights) else None
         task = tasks.StylizeTask(
-            model=model.name, version=model.version, content=content, styles=styles, style_blend=blend, params=params
+            model=model.name,
+            version=model.version,
+            content=content,
+            styles=styles,
+            style_blend=blend,
+            params=params,
         )
         return pool, task
 
@@ -366,7 +390,9 @@ class GradientRpcs:
 
         return await unary("DreamUnary", context, work)
 
-    async def StylizeUnary(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext) -> pb.StylizeResult:
+    async def StylizeUnary(
+        self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StylizeResult:
         from service.servicers import unary
 
         async def work(rpc: Rpc) -> pb.StylizeResult:
@@ -375,7 +401,9 @@ class GradientRpcs:
 
         return await unary("StylizeUnary", context, work)
 
-    async def Dream(self, request: pb.DreamRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DreamResponse]:
+    async def Dream(
+        self, request: pb.DreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DreamResponse]:
         async for message in self._streaming(
             "Dream",
             context,

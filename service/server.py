@@ -288,7 +288,9 @@ class Server:
             started = time.perf_counter()
             await pool.start()
             log.info(
-                "gradient workers ready in %.2fs: %d worker(s)", time.perf_counter() - started, pool.alive_workers
+                "gradient workers ready in %.2fs: %d worker(s)",
+                time.perf_counter() - started,
+                pool.alive_workers,
             )
         except asyncio.CancelledError:
             raise
@@ -300,7 +302,11 @@ class Server:
             alive = pool.alive_workers > 0
             if alive != serving:
                 serving = alive
-                status = health_pb2.HealthCheckResponse.SERVING if alive else health_pb2.HealthCheckResponse.NOT_SERVING
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if alive
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
                 await self.health.set(GRADIENTS_SERVICE, status)
             await asyncio.sleep(GRADIENT_HEALTH_POLL_S)
 

@@ -1,0 +1,186 @@
+"""The gradient RPCs end to end: a real `python -m service serve` with one PyTorch worker over the
+demo repository (lenet5 trained, resnet18 random weights). Small images and few steps keep it fast.
+
+Stylize needs a VGG-19, which the demo repository does not have (exporting one is far too slow
+here): its happy path is covered at unit level with a fake pool; here only its refusals."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from server_process import ServerProcess, module_server
+
+from service._proto.cnnserve.v1 import inference_pb2 as pb
+from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
+from service.server import GRADIENTS_SERVICE
+
+pytestmark = pytest.mark.integration
+
+MAX_ITERATIONS = 20
+
+
+@pytest.fixture(scope="module")
+def gradient_server(demo_repository: Path) -> Iterator[ServerProcess]:
+    yield from module_server(
+        demo_repository,
+        "--workers", "1",
+        "--max-task-iterations", str(MAX_ITERATIONS),
+        "--torch-threads", "1",
+    )  # fmt: skip
+
+
+def _health(server: ServerProcess, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+@pytest.fixture(scope="module")
+def stub(gradient_server: ServerProcess) -> pb_grpc.InferenceStub:
+    deadline = time.monotonic() + 120
+    while _health(gradient_server, GRADIENTS_SERVICE) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, f"gradient workers not SERVING:\n{gradient_server.log}"
+        assert gradient_server.process.poll() is None, gradient_server.log
+        time.sleep(0.2)
+    return pb_grpc.InferenceStub(gradient_server.channel)
+
+
+def _png(side: int = 64, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _open(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def _error(call, request) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(request, timeout=60)
+        if not isinstance(result, Message):  # a server-streaming call: read it to the end
+            list(result)
+    return info.value
+
+
+def _still_serving(server: ServerProcess) -> None:
+    assert _health(server, "") == health_pb2.HealthCheckResponse.SERVING
+    assert _health(server, GRADIENTS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_capabilities_follow_metadata(stub: pb_grpc.InferenceStub) -> None:
+    lenet = stub.GetModel(pb.GetModelRequest(name="lenet5"), timeout=10)
+    resnet = stub.GetModel(pb.GetModelRequest(name="resnet18"), timeout=10)
+    assert pb.CAPABILITY_DREAM not in lenet.capabilities and pb.CAPABILITY_STYLIZE not in lenet.capabilities
+    assert pb.CAPABILITY_EXPLAIN not in lenet.capabilities  # tanh throughout: no guided backprop
+    assert {pb.CAPABILITY_CLASSIFY, pb.CAPABILITY_EXPLAIN, pb.CAPABILITY_DREAM} <= set(resnet.capabilities)
+    assert pb.CAPABILITY_STYLIZE not in resnet.capabilities
+
+
+def test_explain_resnet18(stub: pb_grpc.InferenceStub, gradient_server: ServerProcess) -> None:
+    response = stub.Explain(
+        pb.ExplainRequest(
+            model="resnet18",
+            images=[pb.ImageInput(encoded=_png(64))],
+            target_classes=[7],
+            include_plain_gradient=True,
+        ),
+        timeout=60,
+    )
+    assert response.model == "resnet18" and response.version == 1
+    assert response.method == pb.EXPLAIN_METHOD_GUIDED_BACKPROP
+    (e,) = response.explanations
+    assert list(e.saliency.shape) == [3, 224, 224] and e.saliency.dtype == "float32"
+    saliency = np.frombuffer(e.saliency.data, dtype="<f4").reshape(3, 224, 224)
+    assert np.isfinite(saliency).all() and np.abs(saliency).max() > 0
+    assert list(e.plain_gradient.shape) == [3, 224, 224]
+    assert e.explained.index == 7 and 0.0 <= e.explained.probability <= 1.0
+    assert _open(e.png).size == (224, 224)
+    _still_serving(gradient_server)
+
+
+def test_dream_streams_progress_then_final_png(stub: pb_grpc.InferenceStub) -> None:
+    request = pb.DreamRequest(
+        model="resnet18", image=pb.ImageInput(encoded=_png(64)), steps=2, octaves=1, preview_every=1, jitter=4
+    )
+    messages = list(stub.Dream(request, timeout=60))
+    progress = [m.progress for m in messages if m.HasField("progress")]
+    results = [m.result for m in messages if m.HasField("result")]
+    assert len(results) == 1 and messages[-1].HasField("result")
+    assert [p.step for p in progress] == [1, 2] and all(p.total_steps == 2 for p in progress)
+    assert "objective" in progress[0].losses and progress[0].octave == 1
+    assert _open(progress[0].preview_png).size[0] > 0
+    result = results[0]
+    assert (result.width, result.height) == (64, 64) and _open(result.png).size == (64, 64)
+    assert result.steps == 2 and result.layers[0].layer == "layer3"
+
+
+def test_dream_unary(stub: pb_grpc.InferenceStub) -> None:
+    result = stub.DreamUnary(
+        pb.DreamRequest(
+            model="resnet18",
+            image=pb.ImageInput(encoded=_png(48, seed=1)),
+            layers=[pb.DreamLayer(layer="layer2", weight=1.0, channels=[0, 1])],
+            steps=1,
+            octaves=1,
+        ),
+        timeout=60,
+    )
+    assert isinstance(result, pb.DreamResult) and _open(result.png).size == (48, 48)
+
+
+def test_bad_requests_are_invalid_argument(
+    stub: pb_grpc.InferenceStub, gradient_server: ServerProcess
+) -> None:
+    image = pb.ImageInput(encoded=_png(64))
+    unknown_layer = _error(
+        stub.DreamUnary,
+        pb.DreamRequest(
+            model="resnet18", image=image, layers=[pb.DreamLayer(layer="no.such")], steps=1, octaves=1
+        ),
+    )
+    assert unknown_layer.code() == grpc.StatusCode.INVALID_ARGUMENT and "no.such" in unknown_layer.details()
+
+    target = _error(stub.Explain, pb.ExplainRequest(model="resnet18", images=[image], target_classes=[1000]))
+    assert target.code() == grpc.StatusCode.INVALID_ARGUMENT and "1000" in target.details()
+
+    too_many = _error(
+        stub.DreamUnary, pb.DreamRequest(model="resnet18", image=image, steps=MAX_ITERATIONS + 1, octaves=1)
+    )
+    assert too_many.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_task_iterations" in too_many.details()
+
+    not_image = _error(
+        stub.Dream, pb.DreamRequest(model="resnet18", image=pb.ImageInput(encoded=b"not an image"), steps=1)
+    )
+    assert not_image.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    unsupported = _error(stub.DreamUnary, pb.DreamRequest(model="lenet5", image=image, steps=1, octaves=1))
+    assert unsupported.code() == grpc.StatusCode.INVALID_ARGUMENT and "dream" in unsupported.details()
+
+    missing = _error(stub.Explain, pb.ExplainRequest(model="nope", images=[image]))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+    _still_serving(gradient_server)
+
+
+def test_stylize_refusals(stub: pb_grpc.InferenceStub, gradient_server: ServerProcess) -> None:
+    image = pb.ImageInput(encoded=_png(64))
+    styles = [pb.StyleImage(image=image)]
+    missing = _error(stub.Stylize, pb.StylizeRequest(model="vgg19", content=image, styles=styles))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+    not_vgg = _error(stub.StylizeUnary, pb.StylizeRequest(model="resnet18", content=image, styles=styles))
+    assert not_vgg.code() == grpc.StatusCode.INVALID_ARGUMENT and "stylize" in not_vgg.details()
+    _still_serving(gradient_server)
