@@ -14,7 +14,7 @@ coroutine; the `submit` awaiting inside it is cancelled with it and the pool sto
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
@@ -71,7 +71,7 @@ class Pool(Protocol):
 # --- protobuf -> task ---------------------------------------------------------------------------
 
 
-def _enum(value: int, table: dict[int, str], what: str) -> str:
+def _enum(value: int, table: Mapping[Any, str], what: str) -> str:
     try:
         return table[value]
     except KeyError:
@@ -92,8 +92,9 @@ def decode_rgb(item: pb.ImageInput, model: LoadedModel, name: str, max_pixels: i
         image = images.decode_image(item.encoded, max_pixels=max_pixels)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{name}: {exc.message}", reason=exc.reason) from None
-    mode = "L" if model.preprocessing.color_mode == "L" else "RGB"
-    return pil_to_array(image, mode)
+    if model.preprocessing.color_mode == "L":
+        return pil_to_array(image, "L")
+    return pil_to_array(image, "RGB")
 
 
 def explain_inputs(items: Sequence[pb.ImageInput], model: LoadedModel, max_pixels: int) -> np.ndarray:

@@ -268,7 +268,7 @@ class Server:
         from service.worker import tasks
         from service.worker.pool import WorkerPool
 
-        dirs = [m.path for m in self.engine.models() if getattr(m, "path", None) is not None]
+        dirs = [path for m in self.engine.models() if (path := getattr(m, "path", None)) is not None]
         config = tasks.worker_config(self.settings, dirs)
         return WorkerPool(
             workers=self.settings.workers,

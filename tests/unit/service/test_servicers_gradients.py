@@ -257,16 +257,58 @@ def test_refusals_before_submit(stub: pb_grpc.InferenceStub, pool: FakePool, har
     image = pb.ImageInput(encoded=png(40))
     cases = [
         (stub.Explain, pb.ExplainRequest(model="nope", images=[image]), grpc.StatusCode.NOT_FOUND, "nope"),
-        (stub.Explain, pb.ExplainRequest(model="vgg19", images=[image], target_classes=[10]), grpc.StatusCode.INVALID_ARGUMENT, "target class 10"),
-        (stub.Explain, pb.ExplainRequest(model="lenet5", images=[image]), grpc.StatusCode.INVALID_ARGUMENT, "explain"),
+        (
+            stub.Explain,
+            pb.ExplainRequest(model="vgg19", images=[image], target_classes=[10]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "target class 10",
+        ),
+        (
+            stub.Explain,
+            pb.ExplainRequest(model="lenet5", images=[image]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "explain",
+        ),
         (stub.Explain, pb.ExplainRequest(model="vgg19"), grpc.StatusCode.INVALID_ARGUMENT, "images"),
-        (stub.Dream, pb.DreamRequest(model="vgg19", image=image, steps=51, octaves=1), grpc.StatusCode.INVALID_ARGUMENT, "max_task_iterations=50"),
-        (stub.Dream, pb.DreamRequest(model="vgg19", image=pb.ImageInput(encoded=b"GIF89a..")), grpc.StatusCode.INVALID_ARGUMENT, "format"),
-        (stub.DreamUnary, pb.DreamRequest(model="vgg19", image=pb.ImageInput(encoded=png(16))), grpc.StatusCode.INVALID_ARGUMENT, "at least 32"),
-        (stub.Stylize, pb.StylizeRequest(model="vgg19", content=image, styles=[pb.StyleImage(image=image)], iterations=51), grpc.StatusCode.INVALID_ARGUMENT, "max_task_iterations=50"),
-        (stub.StylizeUnary, pb.StylizeRequest(model="vgg19", content=image), grpc.StatusCode.INVALID_ARGUMENT, "styles"),
-        (stub.Stylize, pb.StylizeRequest(model="lenet5", content=image, styles=[pb.StyleImage(image=image)]), grpc.StatusCode.INVALID_ARGUMENT, "stylize"),
-    ]  # fmt: skip
+        (
+            stub.Dream,
+            pb.DreamRequest(model="vgg19", image=image, steps=51, octaves=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_task_iterations=50",
+        ),
+        (
+            stub.Dream,
+            pb.DreamRequest(model="vgg19", image=pb.ImageInput(encoded=b"GIF89a..")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "format",
+        ),
+        (
+            stub.DreamUnary,
+            pb.DreamRequest(model="vgg19", image=pb.ImageInput(encoded=png(16))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "at least 32",
+        ),
+        (
+            stub.Stylize,
+            pb.StylizeRequest(
+                model="vgg19", content=image, styles=[pb.StyleImage(image=image)], iterations=51
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_task_iterations=50",
+        ),
+        (
+            stub.StylizeUnary,
+            pb.StylizeRequest(model="vgg19", content=image),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "styles",
+        ),
+        (
+            stub.Stylize,
+            pb.StylizeRequest(model="lenet5", content=image, styles=[pb.StyleImage(image=image)]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "stylize",
+        ),
+    ]
     for call, request, code, text in cases:
         err = error(call, request)
         assert err.code() == code and text in err.details(), (request, err.details())
