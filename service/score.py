@@ -289,11 +289,11 @@ def _duration(seconds: float) -> str:
 class Progress:
     """A bar redrawn on a TTY (at most 10 times a second), else one line every `interval_s`."""
 
-    def __init__(self, total: int, *, quiet: bool, interval_s: float, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, *, quiet: bool, interval_s: float, stream: TextIO | None = None) -> None:
         self.total = total
-        self.stream = stream
+        self.stream = sys.stderr if stream is None else stream
         self.quiet = quiet
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.interval_s = 0.1 if self.tty else interval_s
         self.start = time.monotonic()
         self._last = self.start
