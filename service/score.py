@@ -105,7 +105,7 @@ def collect_paths(inputs: Iterable[str], list_files: Iterable[str] = ()) -> list
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """"i/N" -> (i, N), 0 <= i < N."""
+    """ "i/N" -> (i, N), 0 <= i < N."""
     try:
         index_text, count_text = text.split("/")
         index, count = int(index_text), int(count_text)
@@ -507,7 +507,9 @@ class Scorer:
                     continue  # a late answer for an attempt already given up
                 if payload.WhichOneof("outcome") == "result":
                     r = payload.result
-                    self._finish(item, make_row(item.path, model=r.model, version=r.version, classes=r.classes))
+                    self._finish(
+                        item, make_row(item.path, model=r.model, version=r.version, classes=r.classes)
+                    )
                     continue
                 code = _status_code(payload.error.code)
                 if code in RETRYABLE and item.attempts < self.max_attempts:
@@ -639,7 +641,9 @@ def register_score(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         epilog=(__doc__ or "").split("\n\n", 3)[3],
     )
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="directory, glob, image file or @LIST")
-    parser.add_argument("--list", action="append", default=[], metavar="FILE", help="file of paths, one a line")
+    parser.add_argument(
+        "--list", action="append", default=[], metavar="FILE", help="file of paths, one a line"
+    )
     parser.add_argument("--model", required=True, help="model name (see ListModels)")
     parser.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
     parser.add_argument("--top-k", type=int, default=0, help="classes per image (default: the server's, 5)")

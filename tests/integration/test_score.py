@@ -55,7 +55,10 @@ def assert_correct(rows: list[dict], labels: dict[str, int]) -> None:  # type: i
 
 
 def test_scores_a_directory_to_jsonl_and_csv(
-    server: ServerProcess, images: tuple[Path, dict[str, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: ServerProcess,
+    images: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     root, labels = images
     out = tmp_path / "scores.jsonl"
@@ -75,7 +78,10 @@ def test_scores_a_directory_to_jsonl_and_csv(
 
 
 def test_resume_after_an_interruption_neither_loses_nor_duplicates(
-    server: ServerProcess, images: tuple[Path, dict[str, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: ServerProcess,
+    images: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     root, labels = images
     for name in ("scores.jsonl", "scores.csv"):
@@ -99,7 +105,10 @@ def test_resume_after_an_interruption_neither_loses_nor_duplicates(
 
 
 def test_a_corrupt_image_gets_an_error_row_and_exit_status_1(
-    server: ServerProcess, images: tuple[Path, dict[str, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: ServerProcess,
+    images: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     root, labels = images
     corrupt = tmp_path / "corrupt.png"
@@ -153,7 +162,10 @@ def busy_server(demo_repository: Path) -> Iterator[ServerProcess]:
 
 
 def test_retries_resource_exhausted_until_everything_is_scored(
-    busy_server: ServerProcess, images: tuple[Path, dict[str, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    busy_server: ServerProcess,
+    images: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     _, labels = images
     stop = threading.Event()
@@ -199,4 +211,3 @@ def test_retries_resource_exhausted_until_everything_is_scored(
     )
     assert rejected > 0, "the queue never filled: nothing was retried"
     assert " retries" in err
-
