@@ -22,7 +22,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,8 @@ class Report:
         ]
         for r in self.rows:
             ok = "" if r.ok is None else ("yes" if r.ok else "**no**")
-            lines.append(f"| {r.section} | {r.metric} | {r.value} | {r.baseline} | {r.ratio} | {r.target} | {ok} |")
+            cells = (r.section, r.metric, r.value, r.baseline, r.ratio, r.target, ok)
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
@@ -96,7 +97,7 @@ def machine_lines() -> list[str]:
             versions.append(f"{mod} missing")
     load = os.getloadavg()
     return [
-        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
+        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}",
         f"- uname: `{' '.join(platform.uname())}`",
         f"- nproc: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable); CPU: {cpu}",
         f"- python {platform.python_version()}; {'; '.join(versions)}",
@@ -343,7 +344,8 @@ def part_resnet(args: argparse.Namespace, paths: dict[str, Path], report: Report
         h1 = server.batch_histogram("resnet50")
         p50, p99, p999 = (pct(c1.latencies_s, q) for q in (50, 99, 99.9))
         target = latency.p50_s + LATENCY_OVERHEAD_TARGET_S
-        report.add("resnet50 served c=1", "latency p50 (JPEG 224)", ms(p50), f"raw b1 p50 {ms(latency.p50_s)}",
+        report.add("resnet50 served c=1", "latency p50 (JPEG 224)", ms(p50),
+                   f"raw b1 p50 {ms(latency.p50_s)}",
                    f"{p50 / latency.p50_s:.2f}x (+{(p50 - latency.p50_s) * 1e3:.1f} ms)",
                    f"<= raw + 3 ms ({ms(target)})", p50 <= target)  # fmt: skip
         report.add("resnet50 served c=1", "latency p99 / p99.9", f"{ms(p99)} / {ms(p999)}",
@@ -379,7 +381,9 @@ def part_resnet(args: argparse.Namespace, paths: dict[str, Path], report: Report
         server.stop()
 
 
-def part_style(args: argparse.Namespace, server: Server, request: Any, p99_alone: float, report: Report) -> None:
+def part_style(
+    args: argparse.Namespace, server: Server, request: Any, p99_alone: float, report: Report
+) -> None:
     """Classification c=1 latency while a style-transfer job (own process, torch) shares the CPU."""
     from bench.load import run_load
 
@@ -464,7 +468,8 @@ def part_gradients(args: argparse.Namespace, report: Report) -> None:
             results.append(r)
             unit = "run" if r.name == "dream" else ("batch" if r.name == "guided" else "step")
             report.add(f"gradients {r.name}", f"{size} px, s per {unit}", f"{r.ours_s:.3f} s",
-                       f"raw torch {r.raw_s:.3f} s", f"{r.ratio:.2f}", f"<= {TARGET_RATIO}", r.ok)  # fmt: skip
+                       f"raw torch {r.raw_s:.3f} s", f"{r.ratio:.2f}", f"<= {TARGET_RATIO}",
+                       r.ok)  # fmt: skip
     report.raw["gradients"] = [r.__dict__ for r in results]
 
 
@@ -491,9 +496,11 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
         "",
         "## How it was measured",
         "",
-        "- Models: `artifacts/bench_repository` (lenet5 trained on the UCI digits, resnet50 with seeded random"
-        " weights; speed does not depend on the weights). Server: `python -m service serve` subprocess with"
-        " default settings (dynamic batching max 16, 2 ms queue delay, ORT threads = cores) and `--workers 0`.",
+        "- Models: `artifacts/bench_repository` (lenet5 trained on the UCI digits, resnet50 with seeded"
+        " random weights; speed does not depend on the weights). Server: `python -m service serve`"
+        " subprocess with default settings (dynamic batching max 16, 2 ms queue delay, ORT threads ="
+        " cores) and"
+        " `--workers 0`.",
         "- Served load: one asyncio grpc.aio client ("
         + (f"{args.client_procs} spawned processes" if args.client_procs > 1 else "in the bench process")
         + f") with N tasks issuing requests back to back (c=N), {args.seconds:.0f} s windows after a warm-up"
@@ -502,7 +509,8 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
         "  Requests: a 224x224 JPEG (q90) for resnet50 (decoded and preprocessed by the server), a 32x32"
         " PNG for lenet5. The echo server answers a fixed 5-class response to the same request.",
         "- Raw ORT: `bench.raw_ort` session built exactly as the service builds it, back-to-back runs at"
-        f" batch 1/8/16 ({args.raw_seconds:.0f} s each) and {args.latency_iterations} batch-1 latency samples.",
+        f" batch 1/8/16 ({args.raw_seconds:.0f} s each) and {args.latency_iterations} batch-1 latency"
+        " samples (p99 of 100 samples is close to the max).",
         "- Gradients: `bench.gradients` (ours vs a minimal PyTorch loop, interleaved), target ratio <= 1.2.",
         "",
         "## Noise",
@@ -526,12 +534,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--seconds", type=float, default=None, help="per served measurement (default 12; quick 4)")
     p.add_argument("--raw-seconds", type=float, default=None, help="per raw batch size (default 5; quick 2)")
-    p.add_argument("--latency-iterations", type=int, default=None, help="raw batch-1 samples (default 100; quick 30)")
+    p.add_argument(
+        "--latency-iterations", type=int, default=None, help="raw batch-1 samples (default 100; quick 30)"
+    )
     p.add_argument("--client-procs", type=int, default=1, help="client processes for concurrency > 1")
     p.add_argument("--lenet-concurrency", type=int, default=16)
     p.add_argument("--stream-window", type=int, default=64)
     p.add_argument("--style-size", type=int, default=256)
-    p.add_argument("--grad-sizes", default=None, help="comma-separated image sides (default 256; 512 adds ~4x the time)")
+    p.add_argument(
+        "--grad-sizes", default=None, help="comma-separated image sides (default 256; 512: ~4x the time)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--json", type=Path, help="also write the raw numbers as JSON here")
