@@ -179,7 +179,7 @@ class Existing:
 
 def _parse_lines(text: str, fmt: str, name: str) -> list[tuple[str, str, str]]:
     """(path, error, raw line) of each complete row."""
-    rows = []
+    rows: list[tuple[str, str, str]] = []
     lines = text.splitlines(keepends=True)
     if fmt == "csv":
         if not lines:
@@ -261,7 +261,11 @@ class RowWriter:
         self._synced = time.monotonic()
 
     def write(self, row: dict[str, Any]) -> None:
+        """Buffered: the scorer calls flush() whenever it has no answer waiting, i.e. at once
+        unless answers arrive faster than they are written."""
         self._file.write(format_row(row, self.fmt))
+
+    def flush(self) -> None:
         self._file.flush()
         if not self._stdout and time.monotonic() - self._synced >= FSYNC_INTERVAL_S:
             self.sync()
@@ -362,7 +366,7 @@ class Summary:
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
     """Delay before attempt `attempt + 1` (attempt >= 1): exponential, capped, jittered."""
-    return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.0)
+    return float(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.0))
 
 
 class _Stream:
@@ -425,7 +429,6 @@ class Scorer:
             self.summary.failed += 1
         else:
             self.summary.scored += 1
-        self.progress.update(self.summary.scored + self.summary.failed, self.summary.failed)
 
     def run(self, paths: Sequence[str]) -> Summary:
         start = time.monotonic()
@@ -438,6 +441,7 @@ class Scorer:
         reconnect_failures = 0  # consecutive stream failures without an answer in between
         reconnect_at = 0.0
         counter = 0
+        next_deadline_check = 0.0
         self.progress.update(0, 0, force=True)
 
         def requeue_inflight() -> None:
@@ -487,24 +491,27 @@ class Scorer:
                     )
                 )
             # Wait for an answer, the next due retry, a per-image deadline or a progress tick.
-            wake = now + 1.0
-            if delayed:
-                wake = min(wake, delayed[0][0])
-            if self.deadline_s is not None and inflight:
-                wake = min(wake, min(i.sent_at for i in inflight.values()) + self.deadline_s)
             if not inflight and not pending and not delayed:
                 break
             try:
-                kind, gen, payload = events.get(timeout=max(0.0, wake - time.monotonic()))
+                kind, gen, payload = events.get_nowait()
             except queue.Empty:
-                kind, gen, payload = "tick", generation, None
+                self.writer.flush()  # nothing waiting: make what was written durable-ish now
+                self.progress.update(self.summary.scored + self.summary.failed, self.summary.failed)
+                wake = now + (0.25 if self.deadline_s is not None else 1.0)
+                if delayed:
+                    wake = min(wake, delayed[0][0])
+                try:
+                    kind, gen, payload = events.get(timeout=max(0.0, wake - time.monotonic()))
+                except queue.Empty:
+                    kind, gen, payload = "tick", generation, None
             if gen != generation:
                 continue  # an event of a stream already given up
             if kind == "response":
                 reconnect_failures = 0
-                item = inflight.pop(payload.id, None)
-                if item is None:
+                if payload.id not in inflight:
                     continue  # a late answer for an attempt already given up
+                item = inflight.pop(payload.id)
                 if payload.WhichOneof("outcome") == "result":
                     r = payload.result
                     self._finish(
@@ -540,9 +547,10 @@ class Scorer:
                     break
                 self.summary.reconnects += 1
                 reconnect_at = time.monotonic() + backoff_s(reconnect_failures, self.rng)
-            # Per-image deadlines.
-            if self.deadline_s is not None:
+            # Per-image deadlines, checked a few times a second.
+            if self.deadline_s is not None and time.monotonic() >= next_deadline_check:
                 now = time.monotonic()
+                next_deadline_check = now + 0.25
                 for key, item in list(inflight.items()):
                     if now - item.sent_at >= self.deadline_s:
                         del inflight[key]
