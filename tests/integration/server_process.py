@@ -39,6 +39,10 @@ class ServerProcess:
     """A `python -m service serve` subprocess and what a test needs to talk to it."""
 
     def __init__(self, repository: Path, *extra_args: str) -> None:
+        # Classification tests need no PyTorch worker: spawning one costs seconds of CPU on a 2-core
+        # CI machine. Tests of the gradient RPCs pass --workers N explicitly.
+        if not any(a == "--workers" or a.startswith("--workers=") for a in extra_args):
+            extra_args = ("--workers", "0", *extra_args)
         self.args = [
             sys.executable, "-m", "service", "serve",
             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
