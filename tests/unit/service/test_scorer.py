@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -197,3 +201,47 @@ def test_an_unreachable_server_gives_up_with_status_2(
     assert status == 2
     assert "UNAVAILABLE" in capsys.readouterr().err
     assert out.read_text() == ""
+
+
+class SlowInference(pb_grpc.InferenceServicer):
+    def ClassifyStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        for item in request_iterator:
+            time.sleep(0.02)
+            result = pb.ClassifyResponse(
+                model="m", version=1, classes=[pb.ClassScore(index=1, probability=1)]
+            )
+            yield pb.ClassifyStreamResponse(id=item.id, result=result)
+
+
+def test_sigterm_keeps_every_written_row_and_a_rerun_finishes(tmp_path: Path) -> None:
+    """A real `cnnserve score` process stopped with SIGTERM mid-run: exit 143, only whole rows;
+    the rerun scores the rest."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_InferenceServicer_to_server(SlowInference(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        for i in range(200):
+            touch(tmp_path / "in" / f"{i:03d}.png")
+        out = tmp_path / "out.csv"
+        argv = ["score", str(tmp_path / "in"), "--address", address, "--model", "m", "--output", str(out)]
+        root = Path(__file__).resolve().parents[3]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", *argv, "--quiet"], cwd=root, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while (not out.exists() or out.read_text().count("\n") < 10) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 128 + signal.SIGTERM, err
+        text = out.read_text()
+        assert text.endswith("\n") and 10 <= text.count("\n") < 201
+        assert main([*argv, "--quiet"]) == 0
+        rows = out.read_text().splitlines()
+        assert rows[0] == score.csv_header().strip()
+        assert sorted(r.split(",")[0] for r in rows[1:]) == sorted(
+            str(p) for p in (tmp_path / "in").iterdir()
+        )
+    finally:
+        server.stop(None)
