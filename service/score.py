@@ -387,14 +387,14 @@ class _Stream:
     """One ClassifyStream call: requests fed through a queue, responses read by a thread into the
     scorer's event queue, tagged with this stream's generation."""
 
-    def __init__(self, stub: Any, generation: int, events: queue.Queue[tuple[Any, ...]]) -> None:
-        self.requests: queue.Queue[Any] = queue.Queue()
+    def __init__(self, stub: Any, generation: int, events: queue.SimpleQueue[tuple[Any, ...]]) -> None:
+        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.call = stub.ClassifyStream(iter(self.requests.get, None))
         self.generation = generation
         self._thread = threading.Thread(target=self._read, args=(events,), daemon=True, name="score-recv")
         self._thread.start()
 
-    def _read(self, events: queue.Queue[tuple[Any, ...]]) -> None:
+    def _read(self, events: queue.SimpleQueue[tuple[Any, ...]]) -> None:
         try:
             for response in self.call:
                 events.put(("response", self.generation, response))
@@ -449,7 +449,7 @@ class Scorer:
         pending: deque[Item] = deque(Item(p) for p in paths)
         delayed: list[tuple[float, int, Item]] = []  # (due, tiebreak, item)
         inflight: dict[str, Item] = {}
-        events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         generation = 0
         stream: _Stream | None = None
         reconnect_failures = 0  # consecutive stream failures without an answer in between
