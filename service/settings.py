@@ -19,7 +19,9 @@ class Settings(BaseSettings):
 
     # --- network ---------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind to (only this one).")
-    grpc_port: int = Field(8500, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start).")
+    grpc_port: int = Field(
+        8500, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start)."
+    )
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus metrics HTTP port (0 picks one).")
 
     # --- models ----------------------------------------------------------------------------------
@@ -34,7 +36,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Execution provider: auto uses CUDA only when a GPU is really usable."
     )
-    cuda_device_id: int = Field(0, ge=0, description="CUDA device id for ONNX Runtime and the gradient workers.")
+    cuda_device_id: int = Field(
+        0, ge=0, description="CUDA device id for ONNX Runtime and the gradient workers."
+    )
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
         "HEURISTIC", description="cuDNN convolution algorithm search for the CUDA provider."
     )
@@ -77,7 +81,9 @@ class Settings(BaseSettings):
     max_task_cost: float = Field(
         2.0e9, gt=0, description="Gradient admission budget in cost units (pixels x steps) admitted at once."
     )
-    max_task_iterations: int = Field(1000, ge=1, description="Most optimisation steps one gradient job may ask for.")
+    max_task_iterations: int = Field(
+        1000, ge=1, description="Most optimisation steps one gradient job may ask for."
+    )
     max_task_image_side: int = Field(1024, ge=16, description="Longest image side a gradient job may use.")
     max_task_duration_s: float = Field(
         300.0, gt=0, description="Longest a gradient job may run; it is stopped after this."
