@@ -21,8 +21,8 @@ from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 
-QUEUE = 8
-BLOCKER = 6  # images of the request that keeps the queue busy (< QUEUE: the probe still fits)
+QUEUE = 16
+BLOCKER = 12  # images of the request that keeps the queue busy (< QUEUE: the probe still fits)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,9 @@ def test_deadline_in_the_queue_is_never_computed(server: ServerProcess) -> None:
     thread.start()
     assert wait_for(lambda: server.sample("cnnserve_inflight_requests", method="ClassifyBatch") >= 1)
     # Behind BLOCKER inferences, a deadline of one inference cannot be met: it expires queued.
-    code = classify(server, 99, timeout=max(0.02, inference_s))
+    # Three inferences' time: long enough to reach the server on a loaded CI machine, far shorter
+    # than the blocker's remaining work.
+    code = classify(server, 99, timeout=max(0.1, 3 * inference_s))
     thread.join(60)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(blocker_result) == 1
