@@ -332,3 +332,23 @@ def test_list_and_get_model(stub: pb_grpc.InferenceStub) -> None:
     assert labelled.version == 1 and labelled.labels[3] == "digit 3"
     code, _ = code_of(stub.GetModel, pb.GetModelRequest(name="nope"), timeout=10)
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("remaining", "reason"),
+    [(None, "cancelled"), (5.0, "cancelled"), (0.1, "deadline"), (0.0, "deadline"), (-0.2, "deadline")],
+)
+def test_a_cancellation_at_the_deadline_counts_as_the_deadline(remaining: float | None, reason: str) -> None:
+    """A client's own deadline cancels the stream a header transit before the server's copy of it
+    expires: that cancellation is a deadline expiry, an earlier one is a cancellation."""
+    from service.servicers import Rpc
+
+    class Ctx:
+        def time_remaining(self) -> float | None:
+            return remaining
+
+    before = counter("cnnserve_rejections_total", method="Probe", model="m", reason=reason)
+    rpc = Rpc("Probe")
+    rpc.model = "m"
+    rpc.cancelled(Ctx())  # type: ignore[arg-type]
+    assert counter("cnnserve_rejections_total", method="Probe", model="m", reason=reason) == before + 1
