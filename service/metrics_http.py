@@ -1,8 +1,11 @@
 """The metrics HTTP endpoint: `GET /metrics` (Prometheus exposition) and `GET /healthz`, nothing else.
 
 prometheus_client.start_http_server answers every path with the metrics; this server answers only
-the two documented paths (404 elsewhere, 405 for other methods on them), binds only the configured
-host, and runs in daemon threads so a slow scraper never touches the event loop.
+`GET` on the two documented paths and 404 to everything else: any other path, and any other method
+(HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT, made-up ones) on any path, the two
+included. One answer for everything that is not ours means a scanner learns nothing about what
+else might exist (no 405/Allow, no 501). It binds only the configured host and runs in daemon
+threads so a slow scraper never touches the event loop.
 
 `/healthz` is the readiness answer for HTTP probes: 200 "ok" while the server is ready (models
 warmed up, not shutting down), 503 with the reason otherwise. Liveness is better probed over gRPC
@@ -17,6 +20,7 @@ import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -26,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # (ready?, reason shown when not ready)
 ReadinessProbe = Callable[[], tuple[bool, str]]
-ALLOWED_PATHS = ("/metrics", "/healthz")
+NOT_FOUND_BODY = b"not found: only GET /metrics and GET /healthz\n"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -54,29 +58,32 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n".encode())
         else:
-            self._send(HTTPStatus.NOT_FOUND, b"not found: only GET /metrics and GET /healthz\n")
+            self._not_found()
 
-    def _not_allowed(self) -> None:
-        path = urlsplit(self.path).path
-        if path in ALLOWED_PATHS:
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed: use GET\n", allow="GET")
-        else:
-            self._send(HTTPStatus.NOT_FOUND, b"not found: only GET /metrics and GET /healthz\n")
+    def _not_found(self) -> None:
+        if self.command != "GET":
+            # Its body (if any) is left unread: close rather than parse it as the next request.
+            self.close_connection = True
+        self._send(HTTPStatus.NOT_FOUND, NOT_FOUND_BODY)
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed  # noqa: N815
+    def __getattr__(self, name: str) -> Any:
+        # BaseHTTPRequestHandler dispatches method X to do_X and answers 501 when there is none:
+        # every method but GET (the standard ones and made-up ones alike) gets the same 404.
+        if name.startswith("do_"):
+            return self._not_found
+        raise AttributeError(name)
 
     def _send(
         self,
         status: HTTPStatus,
         body: bytes,
         content_type: str = "text/plain; charset=utf-8",
-        allow: str | None = None,
     ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        if allow:
-            self.send_header("Allow", allow)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
