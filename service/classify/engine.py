@@ -262,6 +262,8 @@ class ClassificationEngine:
             input_dtype=model.input_dtype,
             input_shape=model.input_shape,
             require_provider=settings.device == "cuda",
+            # External data must be a file metadata.json lists, i.e. one verify_files just hashed.
+            listed_files=frozenset(meta["files"]),
         )
         if session.num_classes is not None and session.num_classes != model.num_classes:
             raise ModelLoadError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -89,11 +89,13 @@ def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield from _node_tensors(node)
 
 
-def check_external_data(model_path: Path) -> list[Path]:
+def check_external_data(model_path: Path, listed_files: Collection[str] | None = None) -> list[Path]:
     """Refuse a model whose external data could read files outside its own folder.
 
     Every tensor stored as external data must name a relative `location` with no `..`, no
-    symlink on the way, resolving to an existing file inside the model's folder. Runs on the
+    symlink on the way, resolving to an existing file inside the model's folder. With
+    `listed_files` (the names metadata.json lists, each with its sha256), the file must also be one
+    of them, so every byte ONNX Runtime reads has been checked against a hash. Runs on the
     ModelProto loaded *without* its external data, before any session exists. Returns the external
     files (empty for the usual self-contained model). Raises ModelLoadError.
     """
@@ -109,7 +111,13 @@ def check_external_data(model_path: Path) -> list[Path]:
             continue
         location = entries.get("location", "")
         if location not in files:
-            files[location] = _safe_external_path(model_path, folder, tensor.name, location)
+            path = _safe_external_path(model_path, folder, tensor.name, location)
+            if listed_files is not None and path.relative_to(folder).as_posix() not in listed_files:
+                raise ModelLoadError(
+                    f"{model_path}: refusing to load: tensor {tensor.name!r} keeps its data in "
+                    f"{location!r}, which metadata.json does not list (no sha256 to check it against)"
+                )
+            files[location] = path
     return list(files.values())
 
 
@@ -176,9 +184,11 @@ class ModelSession:
         input_dtype: np.dtype | type = np.float32,
         input_shape: tuple[int, ...] | None = None,
         require_provider: bool = False,
+        listed_files: Collection[str] | None = None,
     ) -> None:
         """`input_shape` is the per-image (C, H, W) from metadata.json; `require_provider` makes a
-        fallback from the chosen provider an error instead of a warning (device=cuda)."""
+        fallback from the chosen provider an error instead of a warning (device=cuda);
+        `listed_files`: see check_external_data."""
         self.path = Path(model_path)
         self.input_name = input_name
         self.output_name = output_name
@@ -186,7 +196,7 @@ class ModelSession:
         if self.input_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
             raise self._error(f"unsupported input dtype {self.input_dtype} (float32 or float16)")
 
-        self.external_files = check_external_data(self.path)
+        self.external_files = check_external_data(self.path, listed_files)
         started = time.perf_counter()
         try:
             self._session = ort.InferenceSession(
