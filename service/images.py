@@ -124,7 +124,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own cap (the warning arrives as an exception where warnings are errors).
         raise InvalidArgument(
-            f"image declares too many pixels (more than {limit:,} allowed): {exc}", reason="too_many_pixels"
+            f"image declares too many pixels (more than {limit:,} allowed: max_image_pixels): {exc}",
+            reason="too_many_pixels",
         ) from None
     except Exception as exc:  # noqa: BLE001 - see below: a header the opener cannot parse is corrupt
         raise InvalidArgument(
@@ -141,14 +142,17 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise InvalidArgument(f"corrupt {fmt} image: size {width}x{height}", reason="corrupt_image")
     if width * height > limit:
         raise InvalidArgument(
-            f"image is {width}x{height} = {width * height:,} pixels; at most {limit:,} are allowed",
+            f"image is {width}x{height} = {width * height:,} pixels; at most {limit:,} are allowed "
+            "(max_image_pixels)",
             reason="too_many_pixels",
         )
     try:
         # load() decodes everything now: a truncated file raises instead of yielding grey pixels.
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidArgument(f"image declares too many pixels: {exc}", reason="too_many_pixels") from None
+        raise InvalidArgument(
+            f"image declares too many pixels (max_image_pixels): {exc}", reason="too_many_pixels"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure on client bytes means a bad file
         # Pillow's decoders signal bad data with OSError, SyntaxError, ValueError, struct.error,
         # IndexError... depending on the codec; all of them mean the client sent a broken file.

@@ -102,13 +102,23 @@ class ServingState:
         if not self.engine.ready:
             raise Unavailable("server is starting: models are still loading", reason="not_ready")
 
-    def deadline(self, context: grpc.aio.ServicerContext) -> float:
-        """The call's deadline as an absolute time.monotonic(), capped at max_deadline_s.
+    def deadline(self, context: grpc.aio.ServicerContext, *, cap_longer: bool = False) -> float:
+        """The call's deadline as an absolute time.monotonic().
 
-        Raises DeadlineExceeded when it has already passed.
+        A call without a deadline gets max_deadline_s. A deadline longer than max_deadline_s is a
+        request over a cap: InvalidArgument naming it (the client asked for more time than this
+        server grants; it learns so at once instead of being cut off later). `cap_longer=True`
+        caps it instead: for the items of a ClassifyStream, whose deadline bounds the whole
+        stream, not one item. Raises DeadlineExceeded when the deadline has already passed.
         """
         cap = self.settings.max_deadline_s
         remaining = context.time_remaining()
+        if remaining is not None and remaining > cap and not cap_longer:
+            raise InvalidArgument(
+                f"the call's deadline is {remaining:.0f} s away; max_deadline_s is {cap:g} s "
+                "(send a shorter deadline, or none to get max_deadline_s)",
+                reason="deadline_too_long",
+            )
         if remaining is None or remaining > cap:
             remaining = cap
         if remaining <= 0:
@@ -412,7 +422,7 @@ class InferenceServicer(GradientRpcs, pb_grpc.InferenceServicer):
         top_k = resolve_top_k(request.top_k, model, state.settings.max_top_k)
         if not request.HasField("image"):
             raise InvalidArgument("image is required", reason="empty_image")
-        deadline = state.deadline(context)
+        deadline = state.deadline(context, cap_longer=rpc.method == "ClassifyStream")
         probabilities, timings = await self._classify_inputs(model, [request.image], deadline)
         return pb.ClassifyResponse(
             model=model.name,

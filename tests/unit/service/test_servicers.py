@@ -288,7 +288,7 @@ def test_deadline_exceeded_is_counted(stub: pb_grpc.InferenceStub, harness: Harn
     )
 
 
-def test_deadline_is_passed_to_the_engine_capped(harness: Harness) -> None:
+def test_deadline_is_passed_to_the_engine_capped_or_refused(harness: Harness) -> None:
     import time
 
     from service.servicers import ServingState
@@ -303,9 +303,13 @@ def test_deadline_is_passed_to_the_engine_capped(harness: Harness) -> None:
     state = ServingState(harness.engine, harness.settings.model_copy(update={"max_deadline_s": 2.0}))
     now = time.monotonic()
     assert state.deadline(Ctx(None)) == pytest.approx(now + 2.0, abs=0.5)
-    assert state.deadline(Ctx(1000.0)) == pytest.approx(now + 2.0, abs=0.5)
     assert state.deadline(Ctx(0.5)) == pytest.approx(now + 0.5, abs=0.2)
-    from service.errors import DeadlineExceeded
+    from service.errors import DeadlineExceeded, InvalidArgument
+
+    # Longer than max_deadline_s: refused naming the cap; capped only for ClassifyStream items.
+    with pytest.raises(InvalidArgument, match="max_deadline_s is 2 s"):
+        state.deadline(Ctx(1000.0))
+    assert state.deadline(Ctx(1000.0), cap_longer=True) == pytest.approx(now + 2.0, abs=0.5)
 
     with pytest.raises(DeadlineExceeded):
         state.deadline(Ctx(0.0))
