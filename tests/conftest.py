@@ -3,11 +3,16 @@
 `model_repository` is what `python -m export demo --models lenet5,resnet18` builds: lenet5 v1
 trained on the digits (25 epochs, seed 0, about 10 s) and resnet18 v1 with seeded random weights.
 Treat it as read-only; `model_repository_copy` gives a test its own copy to modify.
+`vgg19_repository` holds VGG-19 (the style network), built once and cached across sessions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,3 +37,54 @@ def model_repository_copy(model_repository: Path, tmp_path: Path) -> Path:
 def lenet5_checkpoint(model_repository: Path) -> Path:
     """The trained LeNet-5's state_dict (weights.pt of model_repository's lenet5 v1)."""
     return model_repository / "lenet5" / "1" / "weights.pt"
+
+
+# VGG-19's repository is built once and cached across sessions under the system temp dir: exporting it
+# costs about 1 min and 2.6 GB of memory on a 2-core machine, and it takes 1.1 GB of disk (model.onnx
+# plus weights.pt). The cache key covers everything that shapes the files (the export package's
+# sources and the torch/onnx versions), so a changed exporter builds a fresh one and removes the
+# stale ones.
+VGG19_CACHE = Path(tempfile.gettempdir()) / "cnnserve-test-cache"
+
+
+def _vgg19_key() -> str:
+    import onnx
+    import torch
+
+    digest = hashlib.sha256(f"torch {torch.__version__} onnx {onnx.__version__}".encode())
+    export_dir = Path(__file__).resolve().parents[1] / "export"
+    for path in sorted(export_dir.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".txt"):
+            digest.update(str(path.relative_to(export_dir)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def vgg19_repository() -> Path:
+    """A repository holding only vgg19 v1, seeded random weights, exactly as `python -m export demo
+    --models vgg19` builds it. Read-only: it is shared with later sessions (see VGG19_CACHE)."""
+    import fcntl
+
+    VGG19_CACHE.mkdir(parents=True, exist_ok=True)
+    key = _vgg19_key()
+    final = VGG19_CACHE / f"vgg19-{key}"
+    with open(VGG19_CACHE / "vgg19.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then reuse its result
+        if not (final / ".complete").exists():
+            for stale in VGG19_CACHE.glob("vgg19-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            building = VGG19_CACHE / f"vgg19-{key}.building"
+            # a subprocess, so the export's ~2.6 GB peak is given back before the tests run
+            result = subprocess.run(
+                [sys.executable, "-m", "export", "demo", "--models", "vgg19", "--repository", str(building)],
+                cwd=Path(__file__).resolve().parents[1],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"exporting vgg19 failed ({result.returncode}):\n{result.stderr[-4000:]}")
+            (building / ".complete").touch()
+            building.rename(final)  # atomic: a half-built repository is never found under `final`
+    return final
