@@ -11,7 +11,15 @@ decaying peak of how many requests were outstanding at once, and stops waiting a
 are queued. A single client (concurrency 1) therefore never waits: its latency is the model's.
 
 Every request holds n >= 1 images; one larger than `max_batch_size` is spread over several batches
-and reassembled. The queue is bounded in images. A request whose deadline passes while it waits is
+and reassembled.
+
+Admission is exact and synchronous. A model version holds at most `capacity` = Q + N images, where
+Q = `max_queue_size` (images waiting) and N = `max_batch_size` (the images of the one batch ONNX
+Runtime computes at a time): an image counts from the moment its request is admitted until the
+request is answered (or abandoned and none of its rows is in the running batch any more). A request
+whose images do not fit is refused at once with RESOURCE_EXHAUSTED (reason queue_full). The count
+does not depend on when the batcher task happens to take a batch, so N + Q + k one-image requests
+arriving while nothing finishes yield exactly k refusals. A request whose deadline passes while it waits is
 answered DEADLINE_EXCEEDED at once (a timer, not the next batch boundary) and is never computed; a
 cancelled caller's request leaves the queue; `close()` refuses new work and drains the queue.
 """
@@ -73,6 +81,7 @@ class _Request:
     batches: int = 0
     finished_at: float = 0.0
     parts: list[tuple[int, int]] = field(default_factory=list)
+    released: bool = False  # its n images no longer count against the capacity
 
 
 class _State(enum.Enum):
@@ -125,6 +134,7 @@ class DynamicBatcher:
         self._clock = clock
         self._queue: deque[_Request] = deque()
         self._queued = 0  # images waiting (not yet handed to a batch)
+        self._admitted = 0  # images of admitted requests not yet released (see the module doc)
         self._outstanding = 0  # requests submitted and not yet finished
         self._peak = 1.0  # decaying peak of _outstanding (see module doc)
         self._current: list[_Request] = []  # requests in the batch being computed
@@ -167,6 +177,16 @@ class DynamicBatcher:
         return self._queued
 
     @property
+    def capacity(self) -> int:
+        """Most images admitted at once: max_queue_size waiting + max_batch_size being computed."""
+        return self.max_queue_size + self.max_batch_size
+
+    @property
+    def admitted_images(self) -> int:
+        """Images admitted and not yet released (waiting, being computed, or held for their request)."""
+        return self._admitted
+
+    @property
     def running(self) -> bool:
         return self._state is _State.RUNNING
 
@@ -181,7 +201,7 @@ class DynamicBatcher:
         """Queue `x` [n, ...] and wait for its outputs [n, ...] and their timings.
 
         Raises ResourceExhausted(reason="queue_full") at once when the images do not fit in the
-        queue, DeadlineExceeded as soon as `deadline` (time.monotonic()) passes before the answer,
+        capacity (module doc), DeadlineExceeded as soon as `deadline` (time.monotonic()) passes before the answer,
         Unavailable when the batcher is not running, Internal when the model run fails.
         """
         if self._state is not _State.RUNNING:
@@ -197,16 +217,19 @@ class DynamicBatcher:
         now = self._clock()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"deadline exceeded before model {self.name} could queue the request")
-        if n > self.max_queue_size:
+        capacity = self.capacity
+        if n > capacity:
             raise ResourceExhausted(
-                f"a request of {n} images can never fit model {self.name}'s queue of "
-                f"{self.max_queue_size} images; send fewer per request",
+                f"a request of {n} images can never fit model {self.name}'s capacity of {capacity} "
+                f"images (max_queue_size {self.max_queue_size} + max_batch_size {self.max_batch_size}); "
+                "send fewer per request",
                 reason="queue_full",
             )
-        if self._queued + n > self.max_queue_size:
+        if self._admitted + n > capacity:
             raise ResourceExhausted(
-                f"model {self.name} is overloaded: its queue holds {self._queued} of {self.max_queue_size} "
-                f"images and this request needs {n}; retry with backoff",
+                f"model {self.name} is overloaded: {self._admitted} of {capacity} images admitted "
+                f"(max_queue_size {self.max_queue_size} + max_batch_size {self.max_batch_size}) and this "
+                f"request needs {n}; retry with backoff",
                 reason="queue_full",
             )
 
@@ -214,6 +237,7 @@ class DynamicBatcher:
         req = _Request(x=x, deadline=deadline, future=loop.create_future(), enqueued=now, n=n)
         self._queue.append(req)
         self._queued += n
+        self._admitted += n
         self._depth.inc(n)
         self._outstanding += 1
         self._peak = max(float(self._outstanding), self._peak * _PEAK_DECAY)
@@ -250,6 +274,11 @@ class DynamicBatcher:
             self._depth.dec(rest)
             req.taken = req.n
 
+    def _release(self, req: _Request) -> None:
+        if not req.released:
+            req.released = True
+            self._admitted -= req.n
+
     def _finish(
         self, req: _Request, *, result: np.ndarray | None = None, error: BaseException | None = None
     ) -> None:
@@ -259,6 +288,8 @@ class DynamicBatcher:
         req.finished_at = self._clock()
         self._outstanding -= 1
         self._dequeue_rest(req)
+        if req not in self._current:
+            self._release(req)  # else when its batch ends: its rows still occupy the runner
         if req.future.done():
             return
         if error is not None:
@@ -286,9 +317,10 @@ class DynamicBatcher:
             except Exception as exc:  # a bug here must not leave callers hanging or stop serving
                 log.error("model %s: batcher loop crashed; restarting it", self.name, exc_info=exc)
                 metrics.ENGINE_RESTARTS.labels(model=self.name).inc()
-                for req in self._current:
+                current, self._current = self._current, []
+                for req in current:
                     self._finish(req, error=Internal(GENERIC_INTERNAL_MESSAGE))
-                self._current = []
+                    self._release(req)
 
     async def _loop(self) -> None:
         while True:
@@ -373,9 +405,10 @@ class DynamicBatcher:
                 exc_info=exc,
             )
             error: ServiceError = Internal(GENERIC_INTERNAL_MESSAGE)
-            for req in self._current:
+            current, self._current = self._current, []
+            for req in current:
                 self._finish(req, error=error)
-            self._current = []
+                self._release(req)
             return
         self._batch_size.observe(rows)
         self._inference.observe(elapsed)
@@ -393,4 +426,7 @@ class DynamicBatcher:
                 if req.done == req.n:
                     self._finish(req, result=req.out)
             offset += count
-        self._current = []
+        current, self._current = self._current, []
+        for req in current:
+            if req.finished:  # answered (or abandoned during the run): its images leave now
+                self._release(req)

@@ -133,7 +133,8 @@ def test_full_queue_is_refused_at_once_with_the_queue_size() -> None:
             await b.submit(ids(100, 1), None)
         assert time.monotonic() - started < 0.05
         assert info.value.reason == "queue_full"
-        assert "4 of 4" in info.value.message
+        # 2 being computed + 4 waiting: the capacity is max_queue_size + max_batch_size.
+        assert "6 of 6 images admitted" in info.value.message
         runner.gate.set()
         results = await asyncio.gather(running, *queued)
         np.testing.assert_array_equal(results[2], ids(12, 2) * 2)
@@ -141,6 +142,76 @@ def test_full_queue_is_refused_at_once_with_the_queue_size() -> None:
 
     run(main)
     assert 100.0 not in runner.seen_ids()
+
+
+@pytest.mark.parametrize("first_batch", [0, 1, 4])
+def test_admission_is_exact_whatever_the_batch_timing(first_batch: int) -> None:
+    """N + Q + k one-image requests while nothing finishes: exactly k refusals, whether the runner
+    took nothing yet, a batch of 1 (it was idle when the first arrived) or a full batch."""
+    batch, queue, k = 4, 8, 3
+    runner = FakeRunner(blocking=True)
+
+    async def main() -> None:
+        b = make(runner, max_batch_size=batch, max_queue_size=queue, max_queue_delay_s=0)
+        await b.start()
+        assert b.capacity == queue + batch
+        early = [asyncio.create_task(b.submit(ids(i, 1), None)) for i in range(first_batch)]
+        if first_batch:
+            await wait_until(runner.entered.is_set)  # the runner holds a batch of `first_batch`
+        late = [
+            asyncio.create_task(b.submit(ids(i, 1), None)) for i in range(first_batch, batch + queue + k)
+        ]
+        await asyncio.sleep(0.05)  # every submit ran its admission; none was computed
+        refused = [t for t in early + late if t.done() and isinstance(t.exception(), ResourceExhausted)]
+        assert len(refused) == k
+        assert b.admitted_images == batch + queue
+        runner.gate.set()
+        answered = await asyncio.gather(*(t for t in early + late if t not in refused))
+        assert len(answered) == batch + queue
+        assert b.admitted_images == 0
+        await b.close()
+
+    run(main)
+    assert sum(runner.sizes()) == batch + queue  # the refused were never computed
+
+
+def test_rows_of_an_abandoned_request_hold_capacity_until_their_batch_ends() -> None:
+    runner = FakeRunner(blocking=True)
+
+    async def main() -> None:
+        b = make(runner, max_batch_size=2, max_queue_size=2, max_queue_delay_s=0)
+        await b.start()
+        victim = asyncio.create_task(b.submit(ids(0, 2), None))
+        await wait_until(runner.entered.is_set)  # both rows are in the running batch
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        # The runner still computes the victim's rows: they keep their place in the capacity.
+        assert b.admitted_images == 2
+        queued = asyncio.create_task(b.submit(ids(10, 2), None))
+        await wait_until(lambda: b.queued_images == 2)
+        with pytest.raises(ResourceExhausted):
+            await b.submit(ids(20, 1), None)
+        runner.gate.set()
+        np.testing.assert_array_equal(await queued, ids(10, 2) * 2)
+        assert b.admitted_images == 0
+        np.testing.assert_array_equal(await b.submit(ids(30, 4), None), ids(30, 4) * 2)
+        await b.close()
+
+    run(main)
+
+
+def test_a_request_beyond_the_capacity_can_never_fit() -> None:
+    async def main() -> None:
+        b = make(FakeRunner(), max_batch_size=2, max_queue_size=3)
+        await b.start()
+        with pytest.raises(ResourceExhausted) as info:
+            await b.submit(ids(0, 6), None)
+        assert "can never fit" in info.value.message and "capacity of 5" in info.value.message
+        np.testing.assert_array_equal(await b.submit(ids(0, 5), None), ids(0, 5) * 2)  # exactly fits
+        await b.close()
+
+    run(main)
 
 
 def test_deadline_while_queued_fails_promptly_and_is_never_computed() -> None:
