@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -38,13 +38,17 @@ def clean_env() -> dict[str, str]:
 class ServerProcess:
     """A `python -m service serve` subprocess and what a test needs to talk to it."""
 
-    def __init__(self, repository: Path, *extra_args: str) -> None:
+    def __init__(
+        self, repository: Path, *extra_args: str, launcher: Sequence[str] = ("-m", "service")
+    ) -> None:
+        """launcher: what follows the interpreter and precedes `serve` (test_crash_recovery starts
+        the server through a test-only module that wraps the gradient handler)."""
         # Classification tests need no PyTorch worker: spawning one costs seconds of CPU on a 2-core
         # CI machine. Tests of the gradient RPCs pass --workers N explicitly.
         if not any(a == "--workers" or a.startswith("--workers=") for a in extra_args):
             extra_args = ("--workers", "0", *extra_args)
         self.args = [
-            sys.executable, "-m", "service", "serve",
+            sys.executable, *launcher, "serve",
             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
             "--repository", str(repository), "--log-format", "text", *extra_args,
         ]  # fmt: skip
@@ -145,9 +149,11 @@ class ServerProcess:
             self.process.stdout.close()
 
 
-def module_server(repository: Path, *extra_args: str) -> Iterator[ServerProcess]:
+def module_server(
+    repository: Path, *extra_args: str, launcher: Sequence[str] = ("-m", "service")
+) -> Iterator[ServerProcess]:
     """Body of a module-scoped server fixture: one ready server shared by a test module."""
-    server = ServerProcess(repository, *extra_args)
+    server = ServerProcess(repository, *extra_args, launcher=launcher)
     try:
         server.wait_ready()
         yield server
