@@ -11,6 +11,7 @@ that interface as a Protocol, so tests can pass a double).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from service import errors, images
 from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
@@ -210,6 +212,115 @@ async def unary(method: str, context: grpc.aio.ServicerContext, work: Callable[[
         return response
     finally:
         INFLIGHT.labels(method).dec()
+
+
+# Services whose malformed requests are counted in the request metrics (method = the short name).
+_COUNTED_SERVICES = ("cnnserve.v1.Inference", "inference.GRPCInferenceService")
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Parses every request message inside the handler, so a body that is not a valid protobuf
+    message is answered INVALID_ARGUMENT naming the message type.
+
+    Without it grpc.aio parses the body before any servicer code runs and answers a parse failure
+    with UNKNOWN and the parser's exception text. Applies to every service of the server (health
+    and reflection too): `grpc.aio.server(interceptors=[MalformedRequestInterceptor()])`. Malformed
+    requests to our two APIs are counted (code INVALID_ARGUMENT, reason "malformed", model "").
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = str(handler_call_details.method)
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = _parsing_handler(handler, method)
+        return wrapped
+
+
+def _parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with the request parsing moved into its behaviour (MalformedRequestInterceptor)."""
+    parse = handler.request_deserializer
+    message_type = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    type_name = message_type.full_name if message_type is not None else "request"
+    service, _, short = method.lstrip("/").rpartition("/")
+    counted = service in _COUNTED_SERVICES
+
+    def malformed(context: grpc.aio.ServicerContext, exc: Exception) -> InvalidArgument:
+        message = f"malformed request: the body is not a valid {type_name} message ({exc})"
+        if counted:
+            Rpc(short).failed(InvalidArgument(message, reason="malformed"))
+        # For servicers that let the error escape (reflection), grpc.aio answers with this code.
+        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        context.set_details(message)
+        return InvalidArgument(message, reason="malformed")
+
+    async def parse_one(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything a parser raises on bytes
+            error = malformed(context, exc)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+
+    async def parse_stream(
+        raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        # Raised inside the servicer's own `async for`: ours turn it into the status (ServiceError);
+        # a foreign servicer lets it escape and grpc.aio answers the code set in `malformed`.
+        async for raw in raws:
+            try:
+                request = parse(raw)
+            except Exception as exc:  # noqa: BLE001
+                raise malformed(context, exc) from None
+            yield request
+
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            result = inner_uu(await parse_one(raw, context), context)
+            return await result if inspect.isawaitable(result) else result
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            result = inner_su(parse_stream(raws, context), context)
+            return await result if inspect.isawaitable(result) else result
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
+    inner_stream = handler.unary_stream if handler.unary_stream is not None else handler.stream_stream
+    request_streaming = handler.unary_stream is None
+    if inspect.isasyncgenfunction(inner_stream):
+
+        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request = (
+                parse_stream(requests, context) if request_streaming else await parse_one(requests, context)
+            )
+            async for response in inner_stream(request, context):
+                yield response
+
+    else:  # writes with context.write() and returns None (e.g. health's Watch)
+
+        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
+            request = (
+                parse_stream(requests, context) if request_streaming else await parse_one(requests, context)
+            )
+            return await inner_stream(request, context)
+
+    if request_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, response_serializer=serialize)
+    return grpc.unary_stream_rpc_method_handler(streaming, response_serializer=serialize)
 
 
 def resolve_top_k(requested: int, model: LoadedModel, max_top_k: int) -> int:
@@ -531,6 +642,15 @@ class InferenceServicer(GradientRpcs, pb_grpc.InferenceServicer):
                     task = asyncio.create_task(self._stream_item(item, context))
                     running.add(task)
                     task.add_done_callback(finished)
+            except DecodeError as exc:
+                # grpc.aio parses stream items as they are read, so a malformed one surfaces here.
+                reader_error.append(
+                    InvalidArgument(
+                        "malformed request: a stream item is not a valid "
+                        f"cnnserve.v1.ClassifyStreamRequest message ({exc})",
+                        reason="malformed",
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - re-raised by the writer below
                 reader_error.append(exc)
             finally:
