@@ -93,6 +93,13 @@ TASK_QUEUED_COST = Gauge(
 )
 TASK_COST_BUDGET = Gauge("cnnserve_task_cost_budget", "The gradient admission budget, in cost units.")
 WORKER_RESTARTS = Counter("cnnserve_worker_restarts_total", "Gradient worker processes restarted.")
+WORKER_DEATHS = Counter(
+    "cnnserve_worker_deaths_total",
+    "Gradient worker processes that went away while the pool was running, by reason: job_crash (died "
+    "running a job: segfault, OOM kill, SIGKILL), idle_crash, init_failed (before it was ready), or "
+    "killed by the pool: stop_overdue (ignored a cancel or deadline), ready_timeout, protocol_error.",
+    ["reason"],
+)
 WORKERS_ALIVE = Gauge("cnnserve_workers_alive", "Gradient worker processes alive and ready.")
 TASK_CANCELLATIONS = Counter(
     "cnnserve_task_cancellations_total", "Gradient jobs stopped by cancellation or deadline.", ["task"],

@@ -24,7 +24,12 @@ pending future when one worker dies):
   (a code gRPC clients may retry) and the pool remembers the task's fingerprint (a hash of its pickle);
   if the same task crashes a worker again it is answered INTERNAL, and from then on refused with
   INTERNAL at once, without touching a worker. Retrying inside the pool would double the blast radius
-  of a poison input and hide crashes from the client's own retry budget.
+  of a poison input and hide crashes from the client's own retry budget. A task that later runs to
+  the end loses its strike: it was not the cause (the OOM killer picks the biggest process, not the
+  guilty one).
+- Every worker that goes away while the pool runs is counted in cnnserve_worker_deaths_total by
+  reason (job_crash, idle_crash, init_failed, and the pool's own kills: stop_overdue, ready_timeout,
+  protocol_error); every replacement in cnnserve_worker_restarts_total.
 - Metrics are recorded here, in the serving process (service.metrics, "gradient jobs"), labelled
   task=`task.kind` (else the class name) and model=`task.model`. Rejections are the exception:
   the servicer counts each refused call once under its RPC method, from the error's `reason`.
@@ -151,6 +156,15 @@ def _exit_status(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+def _death_reason(worker: _Worker, job: _Job | None) -> str:
+    """The cnnserve_worker_deaths_total reason for a worker that went away while the pool ran."""
+    if worker.kill_reason is not None:
+        return worker.kill_reason  # the pool killed it: stop_overdue, ready_timeout, protocol_error
+    if not worker.was_ready:
+        return "init_failed"
+    return "job_crash" if job is not None else "idle_crash"
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     # A replacement worker's ready future may fail with nobody awaiting it; retrieve the exception so
     # asyncio does not log "exception was never retrieved" (the pool already logged it).
@@ -178,6 +192,8 @@ class _Worker:
         self.reaped: asyncio.Future[int | None] = loop.create_future()
         self.ready_timer: asyncio.TimerHandle | None = None
         self.thread: threading.Thread | None = None
+        # Why the pool itself killed this worker (a cnnserve_worker_deaths_total reason), if it did.
+        self.kill_reason: str | None = None
 
 
 @dataclass(eq=False)
@@ -570,7 +586,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
             worker.pid,
         )
         job.killed = True
-        self._kill(worker)
+        self._kill(worker, reason="stop_overdue")
 
     def _abandon(self, job: _Job) -> None:
         """The caller went away (asyncio cancellation)."""
@@ -669,7 +685,9 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting for this worker anymore
 
-    def _kill(self, worker: _Worker) -> None:
+    def _kill(self, worker: _Worker, *, reason: str | None = None) -> None:
+        if reason is not None and worker.kill_reason is None:
+            worker.kill_reason = reason
         try:
             worker.process.kill()
         except (ValueError, AttributeError):
@@ -735,7 +753,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
             log.error(
                 "%s worker %d (pid %s) %s; killing it", self._name, worker.slot, worker.pid, worker.init_error
             )
-            self._kill(worker)
+            self._kill(worker, reason="ready_timeout")
 
     def _on_done(self, worker: _Worker, done: Done) -> None:
         job = self._job_on(worker, done.job_id)
@@ -771,6 +789,9 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
             return
         outcome = done.outcome
         if isinstance(outcome, Ok):
+            # It ran to the end, so it is not a poison input: an earlier crash while it ran was
+            # something else (the OOM killer choosing it for a neighbour's memory, an operator).
+            self._crashes.pop(job.fingerprint, None)
             if job.cost > 0 and run_s > 0:
                 sample = job.cost / run_s
                 self._rate = (
@@ -815,7 +836,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         if job is not None:
             job.killed = True
             self._answer(job, Internal(GENERIC_INTERNAL_MESSAGE))
-        self._kill(worker)
+        self._kill(worker, reason="protocol_error")
 
     def _send_stop(self, worker: _Worker) -> None:
         try:
@@ -850,6 +871,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         if not worker.reaped.done():
             worker.reaped.set_result(exitcode)
         if self._state == "running":
+            metrics.WORKER_DEATHS.labels(reason=_death_reason(worker, job)).inc()
             if worker.was_ready and job is None:
                 log.error(
                     "%s worker %d (pid %s) died while idle: %s", self._name, worker.slot, worker.pid, status

@@ -84,6 +84,16 @@ class CrashTask:
 
 
 @dataclass(frozen=True)
+class CrashIfMarkedTask:
+    """Crashes its worker (os._exit) while `marker` exists, removing it first; returns "ok" otherwise.
+    The same task (same pickle) can so crash once and succeed the next time."""
+
+    kind: ClassVar[str] = "crash_if_marked"
+    marker: str
+    model: str = "toy"
+
+
+@dataclass(frozen=True)
 class FailTask:
     kind: ClassVar[str] = "fail"
     mode: Literal["not_found", "custom", "unpicklable_custom", "unexpected"]
@@ -141,6 +151,11 @@ def handle(state: State, task: Any, ctx: JobContext) -> Any:
         return _sleep(state, task, ctx)
     if isinstance(task, CrashTask):
         return _crash(task)
+    if isinstance(task, CrashIfMarkedTask):
+        if os.path.exists(task.marker):
+            os.unlink(task.marker)
+            os._exit(19)
+        return "ok"
     if isinstance(task, FailTask):
         return _fail(task)
     if isinstance(task, ProgressTask):

@@ -443,6 +443,8 @@ def test_failing_replacements_back_off_and_the_pool_recovers(
     async def scenario() -> None:
         marker = tmp_path / "broken"
         restarts = sample("cnnserve_worker_restarts_total")
+        init_deaths = sample("cnnserve_worker_deaths_total", reason="init_failed")
+        crashes = sample("cnnserve_worker_deaths_total", reason="idle_crash")
         initializer = functools.partial(h.init_unless, str(marker))
         async with started_pool(initializer=initializer) as pool:
             pids = pool.worker_pids
@@ -465,6 +467,8 @@ def test_failing_replacements_back_off_and_the_pool_recovers(
             assert not set(pids) & set(pool.worker_pids)
             assert (await pool.submit(h.ProgressTask(n=2), cost=1.0, deadline=None)) == 2
             assert sample("cnnserve_worker_restarts_total") >= restarts + 4  # >= 2 failed + 2 good
+            assert sample("cnnserve_worker_deaths_total", reason="idle_crash") == crashes + 2
+            assert sample("cnnserve_worker_deaths_total", reason="init_failed") >= init_deaths + 2
 
     with caplog.at_level(logging.ERROR, logger="service.worker.pool"):
         run(scenario)
@@ -482,6 +486,107 @@ def test_workers_ignore_sigint_and_sigterm() -> None:
             assert (result.pid, result.steps_run) == (pid, 50)
             await asyncio.sleep(0.2)
             assert sorted(pool.worker_pids) == pids and pool.alive_workers == 2
+
+    run(scenario)
+
+
+def test_crash_spares_the_other_running_job_and_every_queued_one() -> None:
+    async def scenario() -> None:
+        restarts = sample("cnnserve_worker_restarts_total")
+        deaths = sample("cnnserve_worker_deaths_total", reason="job_crash")
+        async with started_pool() as pool:
+            victim, victim_pid = await started(pool, h.SleepTask(**LONG, announce=True, tag=1))
+            other, _ = await started(pool, h.SleepTask(steps=100, step_s=0.01, announce=True, tag=2))
+            queued = [
+                asyncio.create_task(
+                    pool.submit(h.SleepTask(steps=5, step_s=0.01, tag=10 + i), cost=1.0, deadline=None)
+                )
+                for i in range(4)
+            ]
+            await eventually(lambda: pool.admitted_cost == 6.0, 2.0, "four jobs queued behind two running")
+            os.kill(victim_pid, signal.SIGKILL)
+            with pytest.raises(Unavailable, match="crashed"):
+                await victim
+            # The queued jobs never reached the dead worker: they run on the survivor or the replacement.
+            results = await asyncio.gather(other, *queued)
+            assert [(r.tag, r.steps_run) for r in results] == [(2, 100), *((10 + i, 5) for i in range(4))]
+            await eventually(lambda: pool.alive_workers == 2, 10.0, "replacement ready")
+            assert pool.admitted_cost == 0.0
+        assert sample("cnnserve_worker_restarts_total") == restarts + 1
+        assert sample("cnnserve_worker_deaths_total", reason="job_crash") == deaths + 1
+
+    run(scenario)
+
+
+def test_worker_deaths_are_counted_by_reason_and_a_stuck_job_is_not_poison() -> None:
+    async def scenario() -> None:
+        before = {
+            reason: sample("cnnserve_worker_deaths_total", reason=reason)
+            for reason in ("job_crash", "idle_crash", "stop_overdue")
+        }
+        restarts = sample("cnnserve_worker_restarts_total")
+        async with started_pool(stop_grace_s=0.5) as pool:
+            idle_pid = pool.worker_pids[0]
+            os.kill(idle_pid, signal.SIGKILL)
+            await eventually(
+                lambda: idle_pid not in pool.worker_pids and pool.alive_workers == 2,
+                10.0,
+                "idle worker replaced",
+            )
+            assert gone(idle_pid)
+
+            # A handler stuck in a step (never checks should_stop) whose caller cancels: the pool
+            # kills its worker after stop_grace_s and starts another.
+            stubborn = h.SleepTask(**LONG, ignore_stop=True, announce=True)
+            job, pid = await started(pool, stubborn)
+            job.cancel()
+            t0 = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await job
+            await eventually(lambda: gone(pid), 5.0, "the stuck worker killed and reaped")
+            assert time.monotonic() - t0 >= 0.45  # it had its grace period first
+            await eventually(lambda: pool.alive_workers == 2, 10.0, "replacement for the stuck worker")
+            assert pool.admitted_cost == 0.0
+            # Killed by the pool, not crashed by its input: the same task is admitted again.
+            again, again_pid = await started(pool, stubborn)
+            again.cancel()
+            await asyncio.gather(again, return_exceptions=True)
+            await eventually(lambda: gone(again_pid), 5.0, "the second stuck worker killed")
+            await eventually(lambda: pool.alive_workers == 2, 10.0, "second replacement")
+        after = {reason: sample("cnnserve_worker_deaths_total", reason=reason) for reason in before}
+        assert after == {
+            "job_crash": before["job_crash"],
+            "idle_crash": before["idle_crash"] + 1,
+            "stop_overdue": before["stop_overdue"] + 2,
+        }
+        assert sample("cnnserve_worker_restarts_total") == restarts + 3
+
+    run(scenario)
+
+
+def test_a_task_that_later_runs_to_the_end_loses_its_strike(tmp_path: Path) -> None:
+    """One crash is a strike, not a verdict: the OOM killer or an operator may have killed the
+    worker. A success clears it; only two crashes with no success between make the input poison."""
+
+    async def scenario() -> None:
+        marker = tmp_path / "crash-next-time"
+        task = h.CrashIfMarkedTask(str(marker))
+        async with started_pool() as pool:
+            marker.touch()
+            with pytest.raises(Unavailable):
+                await pool.submit(task, cost=1.0, deadline=None)
+            assert await pool.submit(task, cost=1.0, deadline=None) == "ok"
+            marker.touch()
+            with pytest.raises(Unavailable):  # a first strike again, not the second
+                await pool.submit(task, cost=1.0, deadline=None)
+            await eventually(lambda: pool.alive_workers == 2, 10.0, "replacement ready")
+            marker.touch()
+            with pytest.raises(Internal) as poison:
+                await pool.submit(task, cost=1.0, deadline=None)
+            assert poison.value.message == CRASHED_TWICE_MESSAGE
+            marker.unlink(missing_ok=True)
+            with pytest.raises(Internal):  # refused from now on, though it would succeed
+                await pool.submit(task, cost=1.0, deadline=None)
 
     run(scenario)
 
