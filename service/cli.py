@@ -2,13 +2,15 @@
 
     cnnserve serve [--repository DIR] [--grpc-port N] ...   run the server (every Settings field is a
                                                              flag and a CNNSERVE_* variable)
+    cnnserve worker [--grpc-port N] ...                     run the gradient-worker tier (the same
+                                                             settings; ports 8600/9091 by default)
     cnnserve classify IMAGE... --model M [--top-k K]        classify images on a running server
 
 Precedence for `serve`: flag > CNNSERVE_* environment variable > default. The flags are generated
 from `service.settings.Settings.model_fields`, so a new setting is a new flag with its description
 as help, with nothing to add here.
 
-More subcommands (`worker`, `score`) plug in by appending a `register(subparsers)` function to
+More subcommands (e.g. `score`) plug in by appending a `register(subparsers)` function to
 `COMMANDS` that calls `set_defaults(func=..., subparser=parser)`, func(args, parser) returning the
 exit status; `add_settings_arguments` / `settings_from_args` give them the same settings flags.
 """
@@ -24,24 +26,34 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from service.settings import Settings
 
 ENV_PREFIX = str(Settings.model_config.get("env_prefix", ""))
 
 
+class WorkerSettings(Settings):
+    """`cnnserve worker`'s settings: every Settings field, with the worker tier's own default ports
+    (so a server and a worker run side by side on one host with no flags)."""
+
+    grpc_port: int = Field(
+        8600, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start)."
+    )
+    metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus metrics HTTP port (0 picks one).")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[Settings] = Settings) -> None:
     """One flag per Settings field (kebab-case), help from its description, env and default."""
     group = parser.add_argument_group(
         "settings",
         f"Each flag is also the environment variable {ENV_PREFIX}<NAME>; flags win over the environment.",
     )
-    for name, field in Settings.model_fields.items():
+    for name, field in cls.model_fields.items():
         annotation = field.annotation
         env = f"{ENV_PREFIX}{name.upper()}"
         default = field.get_default(call_default_factory=True)
@@ -64,11 +76,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(_flag(name), **kwargs)
 
 
-def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+def settings_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, cls: type[Settings] = Settings
+) -> Settings:
     """Settings from the environment, overridden by the flags given; usage error when invalid."""
-    overrides = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    overrides = {name: getattr(args, name) for name in cls.model_fields if hasattr(args, name)}
     try:
-        return Settings(**overrides)
+        return cls(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -98,6 +112,33 @@ def register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     )
     add_settings_arguments(parser)
     parser.set_defaults(func=_serve, subparser=parser)
+
+
+# --- worker ------------------------------------------------------------------------------------
+
+
+def _worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from service.server import configure_logging
+    from service.worker_server import run_worker
+
+    settings = settings_from_args(args, parser, WorkerSettings)
+    if settings.workers < 1:
+        parser.error(f"a worker needs at least one worker process: workers is {settings.workers}")
+    configure_logging(settings)
+    return asyncio.run(run_worker(settings))
+
+
+def register_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="run the gradient-worker tier",
+        description="Serve Explain, Dream and Stylize from a pool of PyTorch worker processes over gRPC "
+        "(cnnserve.v1.Inference), for `cnnserve serve --worker-address HOST:PORT`. Same settings as "
+        "serve (the classification ones are unused); health, reflection and Prometheus metrics; "
+        "SIGTERM drains gracefully.",
+    )
+    add_settings_arguments(parser, WorkerSettings)
+    parser.set_defaults(func=_worker, subparser=parser)
 
 
 # --- classify ----------------------------------------------------------------------------------
@@ -180,6 +221,7 @@ def register_classify(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 # Subcommand registrars, in --help order. Others append theirs (e.g. worker, score).
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     register_serve,
+    register_worker,
     register_classify,
 ]
 

@@ -11,6 +11,11 @@ Lifecycle (`run`):
    grace_period_s to finish (`server.stop(grace)`), engine.stop(), exit 0. A second signal exits
    at once with status 1.
 
+Gradient RPCs: with settings.worker_address set they are forwarded to a separate worker tier
+(service/forwarding.py) and `cnnserve.v1.Inference/gradients` mirrors that tier's health; otherwise
+a local worker pool runs here (workers > 0). `cnnserve worker` (service/worker_server.py) is this
+server specialised to the gradient RPCs.
+
 Exit status 1 with a clear log line when no model can be loaded or a port cannot be bound.
 """
 
@@ -32,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import metrics
+from service.forwarding import ForwardingInferenceServicer, WorkerTier
 from service.metrics_http import MetricsHTTPServer
 from service.oip import GRPCInferenceServicer
 from service.servicers import Engine, InferenceServicer, ServingState
@@ -185,6 +191,8 @@ class Server:
         self._engine_started = False
         self.pool: Any = pool
         self._pool_task: asyncio.Task[None] | None = None
+        # The worker tier the gradient RPCs go to (settings.worker_address); None: the local pool.
+        self.tier: WorkerTier | None = None
 
     # --- readiness ------------------------------------------------------------------------------
 
@@ -207,18 +215,10 @@ class Server:
         server = grpc.aio.server(
             options=grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
         )
-        # The generated *_pb2_grpc modules carry no annotations.
-        inference_pb2_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.state), server
-        )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            GRPCInferenceServicer(self.state), server
-        )
+        services = self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, OIP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
-        for name in ("", INFERENCE_SERVICE, OIP_SERVICE, GRADIENTS_SERVICE):
+        reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        for name in ("", *services, GRADIENTS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = _address(settings.host, settings.grpc_port)
         try:
@@ -243,6 +243,26 @@ class Server:
             _address(settings.host, self.metrics_port),
         )
 
+    def _add_servicers(self, server: grpc.aio.Server) -> tuple[str, ...]:
+        """Register the API servicers; returns their service names (for reflection and health)."""
+        inference: InferenceServicer
+        if self.settings.worker_address:
+            try:
+                self.tier = WorkerTier(self.settings)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
+            self.tier.open()
+            self.state.gradients = self.tier  # ModelInfo lists the gradient capabilities
+            inference = ForwardingInferenceServicer(self.state, self.tier)
+        else:
+            inference = InferenceServicer(self.state)
+        # The generated *_pb2_grpc modules carry no annotations.
+        inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            GRPCInferenceServicer(self.state), server
+        )
+        return (INFERENCE_SERVICE, OIP_SERVICE)
+
     async def load(self) -> None:
         """Load and warm up the models, start the engine, then report SERVING."""
         started = time.perf_counter()
@@ -258,7 +278,9 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         models = ", ".join(f"{m.name}:{m.version} ({m.provider})" for m in self.engine.models())
         log.info("ready in %.2fs: serving %s", time.perf_counter() - started, models)
-        if self.settings.workers > 0 or self.pool is not None:
+        if self.tier is not None:
+            self._pool_task = asyncio.create_task(self._follow_worker_tier(), name="cnnserve-worker-tier")
+        elif self.settings.workers > 0 or self.pool is not None:
             self._pool_task = asyncio.create_task(self._run_gradient_pool(), name="cnnserve-gradients")
 
     def _make_pool(self) -> Any:
@@ -297,6 +319,10 @@ class Server:
         except Exception:  # noqa: BLE001 - classification keeps serving; gradient RPCs answer UNAVAILABLE
             log.exception("the gradient workers failed to start; gradient RPCs are UNAVAILABLE")
             return
+        await self._follow_pool(pool, (GRADIENTS_SERVICE,))
+
+    async def _follow_pool(self, pool: Any, names: tuple[str, ...]) -> None:
+        """Keep the health of `names` SERVING while pool.alive_workers > 0, until shutdown."""
         serving: bool | None = None
         while not self.state.draining:
             alive = pool.alive_workers > 0
@@ -305,6 +331,29 @@ class Server:
                 status = (
                     health_pb2.HealthCheckResponse.SERVING
                     if alive
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in names:
+                    await self.health.set(name, status)
+            await asyncio.sleep(GRADIENT_HEALTH_POLL_S)
+
+    async def _follow_worker_tier(self) -> None:
+        """Mirror the worker tier's gradients health (polled) on GRADIENTS_SERVICE until shutdown."""
+        assert self.tier is not None
+        serving: bool | None = None
+        while not self.state.draining:
+            ok, why = await self.tier.serving(timeout_s=max(1.0, 4 * GRADIENT_HEALTH_POLL_S))
+            if ok != serving:
+                if ok:
+                    log.info("worker tier %s: gradients SERVING", self.tier.target)
+                elif serving is None:
+                    log.info("worker tier %s: gradients not serving yet (%s)", self.tier.target, why)
+                else:
+                    log.warning("worker tier %s: gradients not serving (%s)", self.tier.target, why)
+                serving = ok
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ok
                     else health_pb2.HealthCheckResponse.NOT_SERVING
                 )
                 await self.health.set(GRADIENTS_SERVICE, status)
@@ -330,6 +379,8 @@ class Server:
                 await self.pool.close(grace_s=0)
             except Exception:  # noqa: BLE001
                 log.exception("closing the gradient workers failed")
+        if self.tier is not None:
+            await self.tier.close()  # after server.stop: forwarded calls had the grace period
         if self._engine_started:
             try:
                 await self.engine.stop()  # type: ignore[attr-defined]
@@ -340,8 +391,11 @@ class Server:
         log.info("stopped")
 
 
-async def run(settings: Settings, engine: Engine | None = None) -> int:
-    """Serve until SIGTERM/SIGINT. Returns the process exit status."""
+async def run(settings: Settings, engine: Engine | None = None, *, server: Server | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. Returns the process exit status.
+
+    server: the Server to run (e.g. service.worker_server.WorkerServer); default Server(settings, engine).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -360,7 +414,8 @@ async def run(settings: Settings, engine: Engine | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    server = Server(settings, engine)
+    if server is None:
+        server = Server(settings, engine)
     try:
         await server.start()
     except StartupError as exc:

@@ -39,16 +39,21 @@ class ServerProcess:
     """A `python -m service serve` subprocess and what a test needs to talk to it."""
 
     def __init__(
-        self, repository: Path, *extra_args: str, launcher: Sequence[str] = ("-m", "service")
+        self,
+        repository: Path,
+        *extra_args: str,
+        launcher: Sequence[str] = ("-m", "service"),
+        command: str = "serve",
     ) -> None:
         """launcher: what follows the interpreter and precedes `serve` (test_crash_recovery starts
-        the server through a test-only module that wraps the gradient handler)."""
+        the server through a test-only module that wraps the gradient handler). command: the
+        subcommand, "serve" or "worker" (the gradient-worker tier, test_worker_tier)."""
         # Classification tests need no PyTorch worker: spawning one costs seconds of CPU on a 2-core
         # CI machine. Tests of the gradient RPCs pass --workers N explicitly.
         if not any(a == "--workers" or a.startswith("--workers=") for a in extra_args):
             extra_args = ("--workers", "0", *extra_args)
         self.args = [
-            sys.executable, *launcher, "serve",
+            sys.executable, *launcher, command,
             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
             "--repository", str(repository), "--log-format", "text", *extra_args,
         ]  # fmt: skip

@@ -1,0 +1,317 @@
+"""`cnnserve worker`: the gradient-worker tier, the PyTorch worker pool behind its own gRPC endpoint.
+
+The serving tier (`cnnserve serve` with worker_address set, service/forwarding.py) forwards Explain,
+Dream, DreamUnary, Stylize and StylizeUnary here. This is service.server.Server specialised:
+
+- the same servicers for those RPCs (service/gradients.py) and the same WorkerPool (pool.py), so a
+  job behaves exactly as it does on a server with a local pool: caps (max_task_*), cost admission,
+  deadlines, cancellation, crash handling, progress streaming;
+- ListModels / GetModel for the model versions it computes with (capabilities: explain, dream and
+  stylize as their metadata.json allows; no classify); Classify, ClassifyBatch and ClassifyStream
+  answer UNIMPLEMENTED, and the Open Inference Protocol is not served;
+- no ONNX Runtime session: `ModelCatalog` reads the same repository with the same model selection
+  (settings.models) as the serving tier, checks each version's weights.pt against metadata.json
+  and leaves a broken version out (logged), and the workers load those weights.pt files;
+- grpc.health.v1: "", cnnserve.v1.Inference, cnnserve.v1.Inference/gradients and model:<name> are
+  SERVING while at least one worker process is alive (so a pod whose workers are all dead or
+  restarting leaves its Service until one is back), reflection, Prometheus metrics on its own port
+  (the same metrics: requests by method and code, and the gradient-job metrics), and the same
+  SIGTERM drain as `serve`: NOT_SERVING, accepted jobs get grace_period_s, then the pool closes.
+
+Every status this server answers carries the trailing metadata `cnnserve-tier: worker`, so the
+frontend tells the worker's own answers (passed on unchanged) from failures of the hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from service.errors import NotFound, ServiceError
+from service.forwarding import TIER_METADATA
+from service.server import (
+    GRADIENTS_SERVICE,
+    INFERENCE_SERVICE,
+    Server,
+    StartupError,
+    _in_daemon_thread,
+    run,
+)
+from service.servicers import InferenceServicer, Rpc, unary
+from service.settings import Settings
+
+from ._proto.cnnserve.v1 import inference_pb2 as pb
+from ._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from service.classify.engine import LoadedModel
+
+log = logging.getLogger("service.worker_server")
+
+NOT_HERE_MESSAGE = (
+    "this is a gradient worker (`cnnserve worker`): it serves only Explain, Dream and Stylize; "
+    "classify on the serving tier (`cnnserve serve`)"
+)
+
+
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "unimplemented"
+
+
+def _torch_provider(settings: Settings) -> str:
+    """ModelInfo.execution_provider of the worker's models (the workers resolve "auto" themselves)."""
+    if settings.device == "cuda":
+        return f"pytorch:cuda:{settings.cuda_device_id}"
+    return f"pytorch:{settings.device}" if settings.device == "cpu" else "pytorch"
+
+
+class ModelCatalog:
+    """The engine interface the servicers use (docs/SERVICE_INTERFACES.md), without ONNX Runtime:
+    the selected model versions' metadata, for name resolution, capabilities, input decoding and
+    ModelInfo. Lifecycle like the engine: load() (blocking), await start(), await stop()."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._latest: dict[str, int] = {}
+        self._loaded = False
+        self._stopping = False
+
+    def load(self) -> None:
+        """Scan the repository, select like the serving tier, check each weights.pt (size, sha256).
+
+        Raises RuntimeError (ModelLoadError) when the selection is invalid or no version is usable.
+        """
+        # The serving tier's own selection and metadata checks, so both tiers agree on what a model
+        # is. (This imports onnxruntime's Python module, ~25 MB; no session is ever created here.)
+        from export import repository
+        from export.checkpoints import sha256_file
+        from export.errors import RepositoryError
+        from service.classify.engine import _choose, _loaded_model, parse_model_selection
+        from service.classify.session import ModelLoadError
+
+        settings = self._settings
+        try:
+            selection = parse_model_selection(settings.models)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        root = Path(settings.repository)
+        try:
+            versions = repository.scan(root)
+        except RepositoryError as exc:
+            raise ModelLoadError(str(exc)) from None
+        available: dict[str, dict[int, repository.ModelVersion]] = {}
+        for version in versions:
+            available.setdefault(version.name, {})[version.version] = version
+        if not available:
+            raise ModelLoadError(f"no models found in the repository {root}")
+        failures: list[str] = []
+        provider = _torch_provider(settings)
+        for version in _choose(available, selection):
+            label = f"{version.name}:{version.version}"
+            try:
+                weights = version.weights_path
+                entry = version.metadata["files"][repository.WEIGHTS_FILE]
+                size = weights.stat().st_size
+                if size != entry["bytes"]:
+                    raise ModelLoadError(f"{weights} has {size} bytes, metadata.json says {entry['bytes']}")
+                if sha256_file(weights) != entry["sha256"]:
+                    raise ModelLoadError(f"{weights}: sha256 differs from metadata.json")
+                model = _loaded_model(version.metadata, provider=provider, path=Path(version.path))
+            except (OSError, RuntimeError, KeyError) as exc:
+                failures.append(f"{label}: {exc}")
+                log.error("not computing with %s: %s", label, exc)
+                continue
+            self._models[(model.name, model.version)] = model
+        if not self._models:
+            raise ModelLoadError(
+                f"no model could be loaded from {root}: " + "; ".join(failures or ["nothing selected"])
+            )
+        for name, _ in self._models:
+            self._latest[name] = max(v for n, v in self._models if n == name)
+        self._loaded = True
+
+    async def start(self) -> None:
+        if not self._loaded:
+            raise RuntimeError("ModelCatalog.start() before load()")
+
+    async def stop(self) -> None:
+        self._stopping = True
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded and not self._stopping
+
+    def models(self) -> list[LoadedModel]:
+        return [self._models[key] for key in sorted(self._models)]
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """The model `name` at `version` (None: the latest). Raises NotFound like the engine."""
+        if name not in self._latest:
+            known = ", ".join(sorted(self._latest)) or "none"
+            raise NotFound(f"model {name!r} is not loaded; loaded models: {known}", reason="not_found")
+        model = self._models.get((name, self._latest[name] if version is None else version))
+        if model is None:
+            have = ", ".join(str(v) for n, v in sorted(self._models) if n == name)
+            raise NotFound(
+                f"model {name!r} has no loaded version {version}; loaded: {have}", reason="not_found"
+            )
+        return model
+
+    # Classification is not served here (the servicer answers UNIMPLEMENTED before reaching these).
+    async def classify_images(self, model: Any, images: list[bytes], deadline: float | None) -> Any:
+        raise Unimplemented(NOT_HERE_MESSAGE)
+
+    async def classify_tensors(self, model: Any, batch: np.ndarray, deadline: float | None) -> Any:
+        raise Unimplemented(NOT_HERE_MESSAGE)
+
+    async def infer(self, model: Any, batch: np.ndarray, deadline: float | None) -> Any:
+        raise Unimplemented(NOT_HERE_MESSAGE)
+
+
+class WorkerServicer(InferenceServicer):
+    """cnnserve.v1.Inference of the worker tier: the gradient and model RPCs of InferenceServicer,
+    each status marked as the worker's own (service.forwarding.TIER_METADATA)."""
+
+    async def Explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExplainResponse:
+        context.set_trailing_metadata(TIER_METADATA)
+        return await super().Explain(request, context)
+
+    async def DreamUnary(self, request: pb.DreamRequest, context: grpc.aio.ServicerContext) -> pb.DreamResult:
+        context.set_trailing_metadata(TIER_METADATA)
+        return await super().DreamUnary(request, context)
+
+    async def StylizeUnary(
+        self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StylizeResult:
+        context.set_trailing_metadata(TIER_METADATA)
+        return await super().StylizeUnary(request, context)
+
+    async def Dream(
+        self, request: pb.DreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DreamResponse]:
+        context.set_trailing_metadata(TIER_METADATA)
+        async for message in super().Dream(request, context):
+            yield message
+
+    async def Stylize(
+        self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StylizeResponse]:
+        context.set_trailing_metadata(TIER_METADATA)
+        async for message in super().Stylize(request, context):
+            yield message
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        context.set_trailing_metadata(TIER_METADATA)
+        return await super().ListModels(request, context)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        context.set_trailing_metadata(TIER_METADATA)
+        return await super().GetModel(request, context)
+
+    async def _not_here(self, method: str, context: grpc.aio.ServicerContext) -> Any:
+        context.set_trailing_metadata(TIER_METADATA)
+
+        async def work(rpc: Rpc) -> Any:
+            raise Unimplemented(NOT_HERE_MESSAGE)
+
+        return await unary(method, context, work)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._not_here("Classify", context)
+
+    async def ClassifyBatch(self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._not_here("ClassifyBatch", context)
+
+    async def ClassifyStream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        # A coroutine, not a generator: grpc.aio runs it with the reader/writer API; it writes nothing.
+        await self._not_here("ClassifyStream", context)
+
+
+class WorkerServer(Server):
+    """service.server.Server serving the gradient RPCs from its own pool (see the module docstring)."""
+
+    def __init__(self, settings: Settings, catalog: Any = None, pool: Any = None) -> None:
+        """catalog: an engine-like model catalog (tests); default ModelCatalog(settings).
+        pool: a WorkerPool-like object instead of the one built from the settings (tests)."""
+        super().__init__(settings, catalog if catalog is not None else ModelCatalog(settings), pool=pool)
+        self._pool_started = False
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.state.draining:
+            return False, "shutting down"
+        if not self.engine.ready:
+            return False, "reading the model repository"
+        if self.pool is None or not self._pool_started or self.pool.alive_workers == 0:
+            return False, "no gradient worker process is ready"
+        return True, ""
+
+    def _add_servicers(self, server: grpc.aio.Server) -> tuple[str, ...]:
+        # Capabilities: only the gradient RPCs (served_capabilities adds them once a pool is set).
+        servicer = WorkerServicer(self.state, served_capabilities=frozenset())
+        pb_grpc.add_InferenceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        return (INFERENCE_SERVICE,)
+
+    def _health_names(self) -> list[str]:
+        models = sorted({m.name for m in self.engine.models()})
+        return ["", INFERENCE_SERVICE, GRADIENTS_SERVICE, *(f"model:{name}" for name in models)]
+
+    async def load(self) -> None:
+        """Read the repository, start the worker processes (each loads the weights), then follow
+        their liveness with every health status."""
+        settings = self.settings
+        started = time.perf_counter()
+        if self.pool is None and settings.workers < 1:
+            raise StartupError("cnnserve worker needs workers >= 1 (CNNSERVE_WORKERS / --workers)")
+        try:
+            await _in_daemon_thread(self.engine.load, "cnnserve-catalog")  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise StartupError(f"no model could be loaded from {settings.repository}: {exc}") from exc
+        await self.engine.start()  # type: ignore[attr-defined]
+        self._engine_started = True
+        pool = self.pool if self.pool is not None else self._make_pool()
+        self.pool = pool
+        self.state.gradients = pool
+        try:
+            await pool.start()
+        except Exception as exc:
+            raise StartupError(f"the gradient workers failed to start: {exc}") from exc
+        self._pool_started = True
+        if self.state.draining:
+            return
+        models = ", ".join(f"{m.name}:{m.version}" for m in self.engine.models())
+        log.info(
+            "ready in %.2fs: %d gradient worker(s) computing with %s",
+            time.perf_counter() - started,
+            pool.alive_workers,
+            models,
+        )
+        self._pool_task = asyncio.create_task(
+            self._follow_pool(pool, tuple(self._health_names())), name="cnnserve-worker-health"
+        )
+
+
+async def run_worker(settings: Settings) -> int:
+    """`cnnserve worker`: serve the gradient RPCs until SIGTERM/SIGINT; returns the exit status."""
+    if settings.worker_address:
+        # One settings file may serve both tiers; only `serve` forwards.
+        log.info("cnnserve worker ignores worker_address=%r: it runs its own pool", settings.worker_address)
+        settings = settings.model_copy(update={"worker_address": ""})
+    return await run(settings, server=WorkerServer(settings))
+
+
+__all__ = ["ModelCatalog", "WorkerServer", "WorkerServicer", "run_worker"]
