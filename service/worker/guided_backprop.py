@@ -36,6 +36,13 @@ whose output to use instead.
 
 Plain and guided gradients share one forward pass: the tensor hooks read a switch that is off for the
 plain backward pass and on for the guided one.
+
+Stopping: an explain job is one batched forward and one or two backward passes, so there is no step
+boundary to check a cancel flag at. With `should_stop`, every leaf module checks it before it runs and
+again when its output's gradient arrives in the backward pass (`stop_checks`), so a deadline or a
+cancellation stops a batch within one layer. A loop over the samples would do the same at sample
+granularity, but it gives up batching: on 2 CPU cores a batch of 4 ResNet-18 images took 1.4x as long
+one by one (VGG-19: 1.07x), while the checks cost a Python call per layer.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.errors import InvalidArgument
+from service.errors import Cancelled, InvalidArgument
 from service.worker.tasks import EXPLAIN_METHODS as METHODS
 
 Method = Literal["guided_backprop", "guided_gradcam", "gradient"]
@@ -152,6 +159,39 @@ def guided_relus(model: nn.Module, switch: _Switch) -> Iterator[int]:
 
 
 @contextlib.contextmanager
+def stop_checks(model: nn.Module, should_stop: Callable[[], bool], what: str = "explain") -> Iterator[int]:
+    """Within the block, every leaf module of `model` calls `should_stop()` before it runs (forward)
+    and when the gradient of its output arrives (backward), raising service.errors.Cancelled when it
+    returns true. Yields the number of modules hooked; the module hooks are always removed on exit
+    (the tensor hooks die with the graph)."""
+
+    def check(phase: str) -> None:
+        if should_stop():
+            raise Cancelled(f"{what} stopped during the {phase} pass", reason="stopped")
+
+    def on_grad(grad: torch.Tensor) -> None:
+        check("backward")
+
+    def pre_hook(module: nn.Module, inputs: Any) -> None:
+        check("forward")
+
+    def post_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(on_grad)  # type: ignore[no-untyped-call]
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = []
+    try:
+        for m in leaves:
+            handles.append(m.register_forward_pre_hook(pre_hook))
+            handles.append(m.register_forward_hook(post_hook))
+        yield len(leaves)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def _feature_map_probe(model: nn.Module, cam_layer: str | None) -> Iterator[dict[str, Any]]:
     """Capture Grad-CAM's feature map during a forward pass into the yielded dict ("A", "name")."""
     found: dict[str, Any] = {}
@@ -212,6 +252,7 @@ def explain(
     method: Method = "guided_backprop",
     plain_gradient: bool = False,
     cam_layer: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Explanation:
     """Explain `model`'s class scores for a batch of preprocessed inputs.
 
@@ -220,6 +261,9 @@ def explain(
     method: "guided_backprop", "guided_gradcam" or "gradient" (plain input gradient).
     plain_gradient: also return the plain gradient (costs one extra backward pass, no extra forward).
     cam_layer: Grad-CAM feature map module (guided_gradcam only); None picks it automatically.
+    should_stop: checked before every layer of the forward pass and at every layer of the backward
+        passes (see `stop_checks`); when it returns true, service.errors.Cancelled is raised and the
+        model is left as it came.
 
     The score differentiated is the target class's logit (pre-softmax), as in all three papers. Samples
     are independent (eval mode), so a batch gives the same maps as one call per sample.
@@ -242,6 +286,8 @@ def explain(
     switch = _Switch()
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_model(model))
+        if should_stop is not None:
+            stack.enter_context(stop_checks(model, should_stop))
         if need_guided:
             stack.enter_context(guided_relus(model, switch))
         probe = stack.enter_context(_feature_map_probe(model, cam_layer)) if need_cam else {}
@@ -324,4 +370,4 @@ def _grad_cam(a: torch.Tensor, grad: torch.Tensor, *, size: torch.Size) -> torch
     return cam / peak[:, None, None]
 
 
-__all__ = ["METHODS", "Explanation", "Method", "explain", "frozen_model", "guided_relus"]
+__all__ = ["METHODS", "Explanation", "Method", "explain", "frozen_model", "guided_relus", "stop_checks"]

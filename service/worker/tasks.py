@@ -417,7 +417,8 @@ class StylizeResult:
 class ProgressUpdate:
     """One progress report, streamed to the parent's on_progress.
 
-    step / total_steps: 1-based optimisation step (dream: across octaves; stylize: evaluation).
+    step / total_steps: 1-based optimisation step (dream: across octaves; stylize: evaluation;
+        explain: images explained, reported once when the batched pass is done).
     losses: named current losses ("objective" for dream; "content", "style", "tv", "total", "best" for
         stylize). octave: 1-based octave, coarsest first (dream only). preview_png: the current image.
     """
@@ -749,13 +750,13 @@ def handle(state: WorkerState, task: Task, ctx: JobContext) -> Result:
     _check_capability(model, task.kind)
     started = time.perf_counter()
     if isinstance(task, ExplainTask):
-        return _explain(model, task, started)
+        return _explain(model, task, ctx, started)
     if isinstance(task, DreamTask):
         return _dream(model, task, ctx, started)
     return _stylize(model, task, ctx, started)
 
 
-def _explain(model: TorchModel, task: ExplainTask, started: float) -> ExplainResult:
+def _explain(model: TorchModel, task: ExplainTask, ctx: JobContext, started: float) -> ExplainResult:
     import torch
 
     from service.worker.guided_backprop import explain
@@ -773,7 +774,10 @@ def _explain(model: TorchModel, task: ExplainTask, started: float) -> ExplainRes
         method=task.method,  # type: ignore[arg-type]  # checked in validate_task
         plain_gradient=task.plain_gradient,
         cam_layer=task.cam_layer,
+        should_stop=ctx.should_stop,  # checked at every layer: a batch stops within one layer
     )
+    # one batched pass: every image is done at once (counts the images as the job's steps)
+    ctx.progress(ProgressUpdate(kind="explain", step=len(x), total_steps=len(x), losses={}))
     pngs = tuple(saliency_png(s, task.render) for s in e.saliency) if task.render else ()
     return ExplainResult(
         model=model.name,

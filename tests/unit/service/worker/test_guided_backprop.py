@@ -14,8 +14,17 @@ from torch import nn
 
 from export.models import build
 from export.preprocessing import DIGITS, IMAGENET, Preprocessing, resize_and_crop, to_tensor
-from service.errors import InvalidArgument
+from service.errors import Cancelled, InvalidArgument
 from service.worker.guided_backprop import _Switch, explain, guided_relus
+from service.worker.tasks import (
+    ExplainResult,
+    ExplainTask,
+    Limits,
+    ProgressUpdate,
+    TorchModel,
+    WorkerState,
+    handle,
+)
 
 
 def scene(size: int) -> Image.Image:
@@ -368,3 +377,94 @@ def test_explain_does_not_touch_a_deep_copy() -> None:
     explain(model, x, method="guided_gradcam", plain_gradient=True)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping a batch: deadlines and cancellation reach the middle of the forward and backward passes
+
+SMALL_NET_LEAVES = 12  # small_net's modules, each checking once per pass
+
+
+class StopAfter:
+    """A should_stop() that turns true after `n` checks (never when n is None), counting every check."""
+
+    def __init__(self, n: int | None = None) -> None:
+        self.n = n
+        self.checks = 0
+        self.updates: list[object] = []
+
+    def __call__(self) -> bool:
+        return self.should_stop()
+
+    def should_stop(self) -> bool:  # the JobContext side, for tasks.handle
+        self.checks += 1
+        return self.n is not None and self.checks > self.n
+
+    def progress(self, update: object) -> None:
+        self.updates.append(update)
+
+
+@pytest.mark.parametrize(
+    ("method", "backward_passes"), [("guided_backprop", 1), ("guided_gradcam", 2), ("gradient", 1)]
+)
+def test_should_stop_is_checked_at_every_layer_of_every_pass(method: str, backward_passes: int) -> None:
+    model = small_net()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    never = StopAfter()
+    watched = explain(model, x, method=method, should_stop=never)  # type: ignore[arg-type]
+    assert never.checks == SMALL_NET_LEAVES * (1 + backward_passes)
+    reference = explain(model, x, method=method)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(watched.saliency, reference.saliency)  # the checks change nothing
+    assert all_hooks_empty(model)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+@pytest.mark.parametrize(
+    ("stop_after", "phase"), [(0, "forward"), (5, "forward"), (SMALL_NET_LEAVES + 3, "backward")]
+)
+def test_a_stop_ends_the_batch_within_one_layer(inplace: bool, stop_after: int, phase: str) -> None:
+    model = small_net(inplace=inplace)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    stop = StopAfter(stop_after)
+    with pytest.raises(Cancelled, match=f"during the {phase} pass") as info:
+        explain(model, x, method="guided_backprop", should_stop=stop)
+    assert info.value.reason == "stopped"
+    assert stop.checks == stop_after + 1  # raised at the first check that saw the stop
+    assert all_hooks_empty(model)  # and the model is left as it came
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def _toy_worker() -> WorkerState:
+    toy = TorchModel(
+        name="toy",
+        version=1,
+        architecture="custom",
+        module=small_net(),
+        num_classes=7,
+        input_shape=(3, 16, 16),
+        preprocessing=Preprocessing(
+            color_mode="RGB", resize=16, crop=16, mean=IMAGENET.mean, std=IMAGENET.std
+        ),
+        capabilities={"classify": True, "explain": True},
+    )
+    return WorkerState(models={("toy", 1): toy}, device="cpu", limits=Limits(max_batch=8))
+
+
+def test_explain_job_counts_its_images_as_steps_and_stops_within_one_layer() -> None:
+    """The Explain job path (tasks.handle): a deadline or cancellation that lands in the middle of a
+    batch stops it there, not after the whole batch; a finished batch reports its images as steps."""
+    worker = _toy_worker()
+    inputs = np.random.default_rng(7).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    task = ExplainTask(model="toy", version=1, inputs=inputs, method="guided_gradcam", render=None)
+
+    ctx = StopAfter()
+    result = handle(worker, task, ctx)
+    assert isinstance(result, ExplainResult) and result.saliency.shape == (4, 3, 16, 16)
+    assert ctx.updates == [ProgressUpdate(kind="explain", step=4, total_steps=4, losses={})]
+    full_pass = ctx.checks
+
+    ctx = StopAfter(SMALL_NET_LEAVES // 2)  # halfway through the forward pass of the whole batch
+    with pytest.raises(Cancelled, match="during the forward pass"):
+        handle(worker, task, ctx)
+    assert ctx.checks == SMALL_NET_LEAVES // 2 + 1 < full_pass and ctx.updates == []
+    assert all_hooks_empty(worker.models[("toy", 1)].module)
