@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core).")
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
+    intra_op_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's idle intra-op threads spin-wait for work. Off: in a server the "
+        "cores are shared with image decoding and gRPC, and spinning threads starve them.",
+    )
 
     # --- dynamic batching ------------------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1, le=256, description="Largest batch sent to ONNX Runtime per model.")

@@ -253,4 +253,11 @@ def test_cuda_io_binding_matches_cpu(tmp_path: Path, fp16: bool) -> None:
     assert gpu.provider == CUDA
     gpu.warmup(range(1, 5))
     x = np.random.default_rng(3).standard_normal((4, *CHW)).astype(np.float32)
-    np.testing.assert_allclose(gpu.run(x), cpu.run(x), rtol=1e-2, atol=1e-2 if fp16 else 1e-4)
+    # fp32 on CUDA uses TF32 tensor cores (ONNX Runtime's use_tf32 default): ~1e-3 relative.
+    np.testing.assert_allclose(gpu.run(x), cpu.run(x), rtol=1e-2, atol=1e-2 if fp16 else 5e-3)
+
+
+@pytest.mark.parametrize(("spinning", "entry"), [(False, "0"), (True, "1")])
+def test_intra_op_spinning_follows_the_setting(spinning: bool, entry: str) -> None:
+    so = session_options(Settings(intra_op_spinning=spinning))
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == entry

@@ -8,6 +8,7 @@ once with device="cpu"; every job kind runs on both with the same inputs and see
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,16 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def full_fp32() -> Iterator[None]:
+    """TF32 convolutions and matmuls (on by default for cuDNN on Ampere and later) round to 10-bit
+    mantissas: fine for serving, but these tests compare the devices' arithmetic, so use full fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")
