@@ -51,6 +51,20 @@ def oip_datatype(dtype: np.dtype) -> str:
     return {"float32": "FP32", "float16": "FP16"}[np.dtype(dtype).name]
 
 
+def _refuse_shared_memory(request: pb.ModelInferRequest) -> None:
+    """Triton clients ask for shared memory with `shared_memory_*` parameters on an input or output.
+    This server has no shared-memory API (docs/API.md, SECURITY.md): refuse such a request instead
+    of silently answering in-band to a client that will read its shared-memory region."""
+    for kind, tensors in (("input", request.inputs), ("output", request.outputs)):
+        for tensor in tensors:
+            if any(key.startswith("shared_memory") for key in tensor.parameters):
+                raise InvalidArgument(
+                    f"{kind} {tensor.name!r} asks for shared memory; this server has none: send inputs "
+                    "in raw_input_contents and read outputs from raw_output_contents",
+                    reason="invalid_argument",
+                )
+
+
 def parse_version(version: str) -> int | None:
     """An OIP version string -> engine version (None: the latest)."""
     if not version:
@@ -211,6 +225,7 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _requested_outputs(self, request: pb.ModelInferRequest, model: LoadedModel) -> list[tuple[str, int]]:
         """(output name, classification k or 0) for each requested output; all outputs if none."""
+        _refuse_shared_memory(request)
         known = (self._logits_name(model), PROBABILITIES)
         if not request.outputs:
             return [(name, 0) for name in known]
