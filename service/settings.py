@@ -66,17 +66,31 @@ class Settings(BaseSettings):
     )
 
     # --- request caps ----------------------------------------------------------------------------
-    max_images_per_request: int = Field(256, ge=1, description="Most images in one ClassifyBatch/ModelInfer.")
+    # A request over a cap gets INVALID_ARGUMENT naming it (README "Request caps", SECURITY.md).
+    max_images_per_request: int = Field(
+        256, ge=1, description="Most images in one ClassifyBatch/ModelInfer; more: INVALID_ARGUMENT."
+    )
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Most pixels an encoded image may declare (checked before decoding)."
+        40_000_000,
+        ge=1,
+        description="Most pixels an encoded image may declare, checked from its header before decoding "
+        "(Classify, ModelInfer BYTES, gradient RPCs); more: INVALID_ARGUMENT.",
     )
     max_message_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Largest gRPC message sent; also received, but never less than max_images_per_request "
+        "224x224 float32 images. Larger: RESOURCE_EXHAUSTED (from gRPC).",
     )
     max_deadline_s: float = Field(
-        600.0, gt=0, description="Longest deadline honoured; longer or missing deadlines are capped to this."
+        600.0,
+        gt=0,
+        description="Longest deadline a call may ask for; a call without one gets this. Longer: "
+        "INVALID_ARGUMENT (ClassifyStream: each item is capped to it instead).",
     )
-    max_top_k: int = Field(1000, ge=1, description="Largest top_k a request may ask for.")
+    max_top_k: int = Field(
+        1000, ge=1, description="Largest top_k a request may ask for; more: INVALID_ARGUMENT."
+    )
 
     # --- gradient jobs ---------------------------------------------------------------------------
     workers: int = Field(1, ge=0, description="PyTorch gradient worker processes (0 disables gradient RPCs).")
@@ -84,32 +98,60 @@ class Settings(BaseSettings):
         "", description="host:port of a separate `cnnserve worker` tier; empty uses the local worker pool."
     )
     max_task_cost: float = Field(
-        2.0e9, gt=0, description="Gradient admission budget in cost units (pixels x steps) admitted at once."
+        2.0e9,
+        gt=0,
+        description="Gradient admission budget in cost units (pixels x steps) admitted at once; one job "
+        "costing more: INVALID_ARGUMENT, a full budget: RESOURCE_EXHAUSTED.",
     )
     max_task_iterations: int = Field(
-        1000, ge=1, description="Most optimisation steps one gradient job may ask for."
+        1000,
+        ge=1,
+        description="Most optimisation steps one gradient job may ask for (Dream: octaves x steps; "
+        "Stylize: iterations); more: INVALID_ARGUMENT.",
     )
-    max_task_image_side: int = Field(1024, ge=16, description="Longest image side a gradient job may use.")
+    max_task_image_side: int = Field(
+        1024, ge=16, description="Longest image side a gradient job may use; longer: INVALID_ARGUMENT."
+    )
     max_task_duration_s: float = Field(
         300.0, gt=0, description="Longest a gradient job may run; it is stopped after this."
     )
-    max_task_batch: int = Field(16, ge=1, description="Most images in one Explain request.")
+    max_task_batch: int = Field(
+        16,
+        ge=1,
+        description="Most images in one Explain request (and style images in one Stylize); more: "
+        "INVALID_ARGUMENT.",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker (0: cores / workers).")
 
     # --- connections and shutdown ----------------------------------------------------------------
     grace_period_s: float = Field(
         30.0, ge=0, description="On SIGTERM: how long accepted calls may take to finish before exit."
     )
-    keepalive_time_s: float = Field(30.0, gt=0, description="Server keepalive ping interval.")
-    keepalive_timeout_s: float = Field(10.0, gt=0, description="Keepalive ping ack timeout.")
+    keepalive_time_s: float = Field(
+        30.0, gt=0, description="Server keepalive ping interval (finds dead peers, keeps idle NAT entries)."
+    )
+    keepalive_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a keepalive ping may go unacknowledged before the connection closes.",
+    )
     keepalive_min_client_ping_s: float = Field(
-        10.0, gt=0, description="Shortest client keepalive interval tolerated (clients must ping less often)."
+        10.0,
+        gt=0,
+        description="Clients may send keepalive pings (also between calls) at most this often; faster "
+        "pingers get GOAWAY too_many_pings. service.client pings every 30 s.",
     )
     max_connection_age_s: float = Field(
-        300.0, gt=0, description="Connections are closed gracefully after this, so clients rebalance."
+        300.0,
+        gt=0,
+        description="Connections get a graceful GOAWAY after this, so clients reconnect and rebalance "
+        "onto new replicas.",
     )
     max_connection_age_grace_s: float = Field(
-        30.0, ge=0, description="Time in-flight calls get after max_connection_age."
+        30.0,
+        ge=0,
+        description="Time in-flight calls get after max_connection_age before the connection closes; "
+        "keep it >= max_task_duration_s so no gradient job is cut off (the manifests do).",
     )
     max_concurrent_rpcs: int = Field(
         1024, ge=1, description="RPCs handled at once; beyond that gRPC answers RESOURCE_EXHAUSTED."
