@@ -13,14 +13,35 @@ The default channel configuration (`default_channel_options`):
 
 * load balancing `round_robin`: with a `dns:///name:port` target that resolves to several
   replicas (e.g. a Kubernetes headless service) calls spread over all of them;
-* retries of UNAVAILABLE (a replica starting or draining, a connection reset) for the unary RPCs,
-  up to 4 attempts with 0.1 s..1 s exponential backoff; classification is idempotent so this is
-  safe. Streams are not retried (their items may already have been answered);
+* retries (`DEFAULT_SERVICE_CONFIG`, see "Retry policy" below) of UNAVAILABLE and CANCELLED for
+  the unary RPCs: up to 4 attempts for classification and metadata, 2 for the gradient RPCs;
 * keepalive pings every 30 s (timeout 10 s), also between calls: above the server's
   keepalive_min_client_ping_s (10 s by default), so the server never answers "too_many_pings";
 * message limits of 64 MiB each way, matching the server's default max_message_bytes.
 
 Errors are raised as `CnnserveError` with the gRPC status code and the server's message.
+
+Retry policy (what a rolling update needs to lose nothing; tests/integration/test_rolling_update.py):
+
+* Retried: UNAVAILABLE (a replica still loading or draining, "server is shutting down", a refused
+  or reset connection, a crashed gradient worker) and CANCELLED. Our server never answers a call
+  CANCELLED on purpose: it comes from a replica's graceful stop, which cancels the calls that had
+  reached it but were not yet handed to a handler (gRPC core kills them when shutdown starts, so
+  they never ran), and the calls still running when the grace period ends. A CANCELLED the
+  caller asked for (call.cancel(), a deadline) is never retried by gRPC.
+* Every retried RPC is idempotent: classification and metadata are pure reads, a gradient job
+  has no side effects. Gradient jobs cost seconds of CPU, so they get 2 attempts (one retry; every
+  attempt is a new round_robin pick, so usually another replica) against 4 for the rest: an input
+  that crashes a worker is retried at most once (a server answers INTERNAL once it crashed twice).
+* Not retried: RESOURCE_EXHAUSTED (a full queue or cost budget: an automatic retry by every
+  client would multiply the load exactly when the server sheds it; gRPC also uses it for
+  deterministic limits such as an oversize message); DEADLINE_EXCEEDED; streams (ClassifyStream,
+  Dream, Stylize: an item or progress message may already have been answered; `cnnserve score`
+  reopens its stream and re-sends the unanswered items itself, so the two never multiply).
+* Backoff: gRPC waits a random 0..min(0.1 s x 2^n, 1 s) before attempt n+1, and the call's
+  deadline covers every attempt. The per-call retry buffer is the message limit (gRPC's default,
+  256 KiB, would silently make a request larger than that, one 224x224 float32 tensor say,
+  unretryable).
 """
 
 from __future__ import annotations
@@ -45,22 +66,39 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_KEEPALIVE_S = 30.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 10.0
 
+OIP_SERVICE = "inference.GRPCInferenceService"
+RETRYABLE_STATUS_CODES = ("UNAVAILABLE", "CANCELLED")
+# The unary RPCs, by cost; the streaming ones (ClassifyStream, Dream, Stylize) are not retried.
+CHEAP_UNARY_METHODS = ("Classify", "ClassifyBatch", "ListModels", "GetModel")
+GRADIENT_UNARY_METHODS = ("Explain", "DreamUnary", "StylizeUnary")
+
+
+def _retry_policy(max_attempts: int) -> dict[str, Any]:
+    return {
+        "maxAttempts": max_attempts,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": list(RETRYABLE_STATUS_CODES),
+    }
+
+
+# The gRPC service config of default_channel_options(): the single source of truth of the client
+# retry policy (module docstring), also used by `cnnserve score` and the docs.
 DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
             "name": [
-                {"service": INFERENCE_SERVICE, "method": method}
-                for method in ("Classify", "ClassifyBatch", "ListModels", "GetModel")
+                *({"service": INFERENCE_SERVICE, "method": method} for method in CHEAP_UNARY_METHODS),
+                {"service": OIP_SERVICE},  # every OIP RPC is unary and idempotent
             ],
-            "retryPolicy": {
-                "maxAttempts": 4,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
+            "retryPolicy": _retry_policy(4),
+        },
+        {
+            "name": [{"service": INFERENCE_SERVICE, "method": method} for method in GRADIENT_UNARY_METHODS],
+            "retryPolicy": _retry_policy(2),
+        },
     ],
 }
 
@@ -75,6 +113,8 @@ def default_channel_options(
     return [
         ("grpc.service_config", json.dumps(DEFAULT_SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
+        # A call stays retryable only while its request fits this buffer (gRPC default 256 KiB).
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -23,10 +23,14 @@ row is an error: those rows are removed first (the file is rewritten atomically)
 
 Retries: items answered UNAVAILABLE or RESOURCE_EXHAUSTED are sent again after an exponential
 backoff with jitter (0.1 s doubling up to 5 s, times a random 0.5..1), up to --max-attempts in all.
-The channel uses the client's default options (round_robin, retries of unary calls on UNAVAILABLE);
-a stream is not retried by gRPC, so when it breaks (or the server ends it) it is reopened, with the
-same backoff, and every item not yet answered is sent again. --deadline is per image: an image not
-answered in time gets a DEADLINE_EXCEEDED row (a late answer is ignored).
+The channel uses the client's default options (service.client.default_channel_options: round_robin
+over every address the target resolves to, gRPC retries of UNAVAILABLE/CANCELLED for unary calls
+only). ClassifyStream is deliberately outside that gRPC policy, so gRPC never retries underneath
+the scorer and the two never multiply. When the stream breaks (or the server ends it: a replica
+draining) it is reopened, with the same backoff, and every item not yet answered is sent again;
+the run gives up after --max-attempts stream failures in a row with no answer in between.
+--deadline is per image: an image not answered in time gets a DEADLINE_EXCEEDED row (a late answer
+is ignored).
 
 Exit status: 0 when every path of the shard has a successful row, 1 when any has an error row
 (from this run or an earlier one), 2 on usage errors or when the server cannot be reached.

@@ -77,15 +77,22 @@ def test_default_channel_config_is_compatible_with_the_server_defaults() -> None
     config = json.loads(options["grpc.service_config"])
     assert config == DEFAULT_SERVICE_CONFIG
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    (method_config,) = config["methodConfig"]
-    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
-    # Streams are not retried; every unary RPC is.
-    assert {n["method"] for n in method_config["name"]} == {
+    cheap, gradients = config["methodConfig"]
+    for method_config in (cheap, gradients):
+        assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
+    assert (cheap["retryPolicy"]["maxAttempts"], gradients["retryPolicy"]["maxAttempts"]) == (4, 2)
+    # Every unary RPC is retried (all of the Open Inference Protocol's are unary); streams are not.
+    assert {n.get("method") for n in cheap["name"]} == {
         "Classify",
         "ClassifyBatch",
         "ListModels",
         "GetModel",
+        None,
     }
+    assert {n["method"] for n in gradients["name"]} == {"Explain", "DreamUnary", "StylizeUnary"}
+    assert {"service": "inference.GRPCInferenceService"} in cheap["name"]
+    # A request the server accepts stays retryable (gRPC's default retry buffer is 256 KiB).
+    assert options["grpc.per_rpc_retry_buffer_size"] == options["grpc.max_send_message_length"]
     server = Settings()
     assert options["grpc.keepalive_time_ms"] >= server.keepalive_min_client_ping_s * 1000
     assert options["grpc.max_send_message_length"] <= server.max_receive_message_bytes
