@@ -19,7 +19,10 @@ Runtime computes at a time): an image counts from the moment its request is admi
 request is answered (or abandoned and none of its rows is in the running batch any more). A request
 whose images do not fit is refused at once with RESOURCE_EXHAUSTED (reason queue_full). The count
 does not depend on when the batcher task happens to take a batch, so N + Q + k one-image requests
-arriving while nothing finishes yield exactly k refusals. A request whose deadline passes while it waits is
+arriving while nothing finishes yield exactly k refusals. A caller with work to do before its
+input is ready (decoding, validation) takes its place first with `admit(n)` and hands the
+`Admission` to `submit_timed`: under overload a request is refused before any of that work, at
+once, in arrival order. A request whose deadline passes while it waits is
 answered DEADLINE_EXCEEDED at once (a timer, not the next batch boundary) and is never computed; a
 cancelled caller's request leaves the queue; `close()` refuses new work and drains the queue.
 """
@@ -82,6 +85,28 @@ class _Request:
     finished_at: float = 0.0
     parts: list[tuple[int, int]] = field(default_factory=list)
     released: bool = False  # its n images no longer count against the capacity
+
+
+class Admission:
+    """Room for `n` images reserved by DynamicBatcher.admit; consumed by submit_timed, or given back
+    with release() (idempotent; a no-op once consumed)."""
+
+    __slots__ = ("n", "_batcher", "_open")
+
+    def __init__(self, batcher: DynamicBatcher, n: int) -> None:
+        self.n = n
+        self._batcher = batcher
+        self._open = True
+
+    def _consume(self, batcher: DynamicBatcher, n: int) -> None:
+        if not self._open or batcher is not self._batcher or n != self.n:
+            raise RuntimeError(f"admission for {self.n} images used twice, elsewhere or for {n} images")
+        self._open = False
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._admitted -= self.n
 
 
 class _State(enum.Enum):
@@ -197,16 +222,27 @@ class DynamicBatcher:
         outputs, _ = await self.submit_timed(x, deadline)
         return outputs
 
-    async def submit_timed(self, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, BatchTimings]:
+    def admit(self, n: int) -> Admission:
+        """Reserve room for `n` images now, as submit would (same errors, without the deadline);
+        pass the result to submit_timed, or release() it if the request ends before that."""
+        self._check_running()
+        if n < 1:
+            raise InvalidArgument("a request needs at least one input")
+        self._check_capacity(n)
+        self._admitted += n
+        return Admission(self, n)
+
+    async def submit_timed(
+        self, x: np.ndarray, deadline: float | None, admission: Admission | None = None
+    ) -> tuple[np.ndarray, BatchTimings]:
         """Queue `x` [n, ...] and wait for its outputs [n, ...] and their timings.
 
         Raises ResourceExhausted(reason="queue_full") at once when the images do not fit in the
-        capacity (module doc), DeadlineExceeded as soon as `deadline` (time.monotonic()) passes before the answer,
-        Unavailable when the batcher is not running, Internal when the model run fails.
+        capacity (module doc; not checked again with an `admission` for these n images, which is
+        consumed), DeadlineExceeded as soon as `deadline` (time.monotonic()) passes before the
+        answer, Unavailable when the batcher is not running, Internal when the model run fails.
         """
-        if self._state is not _State.RUNNING:
-            what = "shutting down" if self._state in (_State.CLOSING, _State.CLOSED) else "not started"
-            raise Unavailable(f"model {self.name} is {what}; not accepting requests", reason="unavailable")
+        self._check_running()
         n = int(x.shape[0]) if x.ndim >= 1 else 0
         if n == 0:
             raise InvalidArgument("a request needs at least one input")
@@ -217,27 +253,16 @@ class DynamicBatcher:
         now = self._clock()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"deadline exceeded before model {self.name} could queue the request")
-        capacity = self.capacity
-        if n > capacity:
-            raise ResourceExhausted(
-                f"a request of {n} images can never fit model {self.name}'s capacity of {capacity} "
-                f"images (max_queue_size {self.max_queue_size} + max_batch_size {self.max_batch_size}); "
-                "send fewer per request",
-                reason="queue_full",
-            )
-        if self._admitted + n > capacity:
-            raise ResourceExhausted(
-                f"model {self.name} is overloaded: {self._admitted} of {capacity} images admitted "
-                f"(max_queue_size {self.max_queue_size} + max_batch_size {self.max_batch_size}) and this "
-                f"request needs {n}; retry with backoff",
-                reason="queue_full",
-            )
+        if admission is not None:
+            admission._consume(self, n)  # its images are already counted
+        else:
+            self._check_capacity(n)
+            self._admitted += n
 
         loop = asyncio.get_running_loop()
         req = _Request(x=x, deadline=deadline, future=loop.create_future(), enqueued=now, n=n)
         self._queue.append(req)
         self._queued += n
-        self._admitted += n
         self._depth.inc(n)
         self._outstanding += 1
         self._peak = max(float(self._outstanding), self._peak * _PEAK_DECAY)
@@ -259,6 +284,28 @@ class DynamicBatcher:
         inference_s = req.inference_s
         queue_s = max(0.0, req.finished_at - req.enqueued - inference_s)
         return outputs, BatchTimings(queue_s=queue_s, inference_s=inference_s, batches=req.batches)
+
+    def _check_running(self) -> None:
+        if self._state is not _State.RUNNING:
+            what = "shutting down" if self._state in (_State.CLOSING, _State.CLOSED) else "not started"
+            raise Unavailable(f"model {self.name} is {what}; not accepting requests", reason="unavailable")
+
+    def _check_capacity(self, n: int) -> None:
+        capacity = self.capacity
+        if n > capacity:
+            raise ResourceExhausted(
+                f"a request of {n} images can never fit model {self.name}'s capacity of {capacity} "
+                f"images (max_queue_size {self.max_queue_size} + max_batch_size {self.max_batch_size}); "
+                "send fewer per request",
+                reason="queue_full",
+            )
+        if self._admitted + n > capacity:
+            raise ResourceExhausted(
+                f"model {self.name} is overloaded: {self._admitted} of {capacity} images admitted "
+                f"(max_queue_size {self.max_queue_size} + max_batch_size {self.max_batch_size}) and this "
+                f"request needs {n}; retry with backoff",
+                reason="queue_full",
+            )
 
     # --- bookkeeping -----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from export import repository
 from export.errors import RepositoryError
 from export.preprocessing import Preprocessing
 from service import metrics
-from service.classify.batcher import DynamicBatcher
+from service.classify.batcher import Admission, DynamicBatcher
 from service.classify.providers import ProviderChoice, select_provider
 from service.classify.session import ModelLoadError, ModelSession
 from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
@@ -377,10 +377,15 @@ class ClassificationEngine:
             preprocess_hist.observe(t2 - t1)
             return t1 - t0, t2 - t1
 
-        parts = await self._on_pool([functools.partial(prepare, i) for i in range(n)], deadline)
-        decode_s = sum(d for d, _ in parts)
-        preprocess_s = sum(p for _, p in parts)
-        logits, queue_s, inference_s = await self._submit(served, batch, deadline)
+        # Under overload the request is refused here, at once, before any decoding (batcher.admit).
+        admission = served.batcher.admit(n)
+        try:
+            parts = await self._on_pool([functools.partial(prepare, i) for i in range(n)], deadline)
+            decode_s = sum(d for d, _ in parts)
+            preprocess_s = sum(p for _, p in parts)
+            logits, queue_s, inference_s = await self._submit(served, batch, deadline, admission)
+        finally:
+            admission.release()  # a no-op once the batcher took it over
         probabilities = await self._softmax(logits)
         metrics.IMAGES.labels(model=model.name).inc(n)
         return probabilities, Timings(decode_s, preprocess_s, queue_s, inference_s)
@@ -398,10 +403,16 @@ class ClassificationEngine:
         """float32 logits [n, K] for a raw tensor (the Open Inference Protocol's output)."""
         served = self._serving(model)
         _check_deadline(deadline, "before inference")
-        started = time.perf_counter()
-        (x,) = await self._on_pool([functools.partial(self._validated, model, batch)], deadline)
-        check_s = time.perf_counter() - started
-        logits, queue_s, inference_s = await self._submit(served, x, deadline)
+        n = batch.shape[0] if batch.ndim == len(model.input_shape) + 1 else 1
+        self._check_count(n)
+        admission = served.batcher.admit(max(1, n))  # refused before validation when full
+        try:
+            started = time.perf_counter()
+            (x,) = await self._on_pool([functools.partial(self._validated, model, batch)], deadline)
+            check_s = time.perf_counter() - started
+            logits, queue_s, inference_s = await self._submit(served, x, deadline, admission)
+        finally:
+            admission.release()  # a no-op once the batcher took it over
         metrics.IMAGES.labels(model=model.name).inc(len(x))
         return logits, Timings(0.0, check_s, queue_s, inference_s)
 
@@ -426,9 +437,9 @@ class ClassificationEngine:
         return x
 
     async def _submit(
-        self, served: _Served, x: np.ndarray, deadline: float | None
+        self, served: _Served, x: np.ndarray, deadline: float | None, admission: Admission
     ) -> tuple[np.ndarray, float, float]:
-        logits, timings = await served.batcher.submit_timed(x, deadline)
+        logits, timings = await served.batcher.submit_timed(x, deadline, admission)
         return logits, timings.queue_s, timings.inference_s
 
     async def _softmax(self, logits: np.ndarray) -> np.ndarray:

@@ -158,9 +158,7 @@ def test_admission_is_exact_whatever_the_batch_timing(first_batch: int) -> None:
         early = [asyncio.create_task(b.submit(ids(i, 1), None)) for i in range(first_batch)]
         if first_batch:
             await wait_until(runner.entered.is_set)  # the runner holds a batch of `first_batch`
-        late = [
-            asyncio.create_task(b.submit(ids(i, 1), None)) for i in range(first_batch, batch + queue + k)
-        ]
+        late = [asyncio.create_task(b.submit(ids(i, 1), None)) for i in range(first_batch, batch + queue + k)]
         await asyncio.sleep(0.05)  # every submit ran its admission; none was computed
         refused = [t for t in early + late if t.done() and isinstance(t.exception(), ResourceExhausted)]
         assert len(refused) == k
@@ -210,6 +208,34 @@ def test_a_request_beyond_the_capacity_can_never_fit() -> None:
         assert "can never fit" in info.value.message and "capacity of 5" in info.value.message
         np.testing.assert_array_equal(await b.submit(ids(0, 5), None), ids(0, 5) * 2)  # exactly fits
         await b.close()
+
+    run(main)
+
+
+def test_admit_reserves_room_until_submitted_or_released() -> None:
+    async def main() -> None:
+        b = make(FakeRunner(), max_batch_size=2, max_queue_size=2)
+        await b.start()
+        first = b.admit(3)
+        with pytest.raises(ResourceExhausted):
+            b.admit(2)
+        with pytest.raises(ResourceExhausted):
+            await b.submit(ids(0, 2), None)
+        first.release()
+        first.release()  # idempotent
+        assert b.admitted_images == 0
+        second = b.admit(2)
+        out, _ = await b.submit_timed(ids(0, 2), None, second)  # counted once, not twice
+        np.testing.assert_array_equal(out, ids(0, 2) * 2)
+        second.release()  # a no-op once consumed
+        assert b.admitted_images == 0
+        with pytest.raises(RuntimeError, match="used twice"):
+            await b.submit_timed(ids(0, 2), None, second)
+        with pytest.raises(ResourceExhausted, match="can never fit"):
+            b.admit(5)
+        await b.close()
+        with pytest.raises(Unavailable):
+            b.admit(1)
 
     run(main)
 
