@@ -5,8 +5,9 @@ DreamUnary, Stylize and StylizeUnary are forwarded, request as received, over on
 the worker tier (service/worker_server.py), which runs the same servicers (service/gradients.py) on
 its own pool. What crosses the hop:
 
-- Deadlines: the forwarded call's timeout is the caller's remaining time (capped at
-  max_deadline_s, like every call here), so the worker's pool stops the job at the caller's deadline.
+- Deadlines: the forwarded call's timeout is the caller's remaining time (a call without a deadline
+  gets max_deadline_s, like every call here; see `hop_timeout`), so the worker's pool stops the job
+  at the caller's deadline. Both tiers must share max_deadline_s (the shipped ConfigMap does).
 - Cancellation: a cancelled caller cancels the handler coroutine, which cancels the forwarded call
   (RST_STREAM); the worker's handler is cancelled in turn and its pool stops the job within a step.
 - Status: the worker marks every status it answers itself with the trailing metadata
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -125,6 +127,18 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", 5000),
         ("grpc.dns_min_time_between_resolutions_ms", 5000),
     ]
+
+
+def hop_timeout(remaining_s: float, max_deadline_s: float) -> float:
+    """The timeout to forward for a call with `remaining_s` left, under the shared max_deadline_s.
+
+    gRPC sends a timeout rounded up to its third significant digit, up to one unit of that digit
+    late (599.99 s arrives as 601 s), and the worker refuses a deadline beyond max_deadline_s. So a
+    timeout near the cap (a call without a deadline has exactly the cap) is sent two such units
+    below it: at most 2 s less of 600 s, and never a refusal the caller did not earn.
+    """
+    unit = 10.0 ** (math.floor(math.log10(max_deadline_s)) - 2)
+    return max(0.001, min(remaining_s, max_deadline_s - 2 * unit))
 
 
 class ForwardedError(ServiceError):
@@ -239,8 +253,10 @@ class ForwardingInferenceServicer(InferenceServicer):
         return name if any(m.name == name for m in self._state.engine.models()) else ""
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        """Seconds left of the caller's deadline (capped); DeadlineExceeded when already passed."""
-        return max(0.001, self._state.deadline(context) - time.monotonic())
+        """The forwarded call's timeout: what is left of the caller's deadline (hop_timeout).
+        InvalidArgument for a deadline beyond max_deadline_s, DeadlineExceeded when it passed."""
+        remaining = self._state.deadline(context) - time.monotonic()
+        return hop_timeout(remaining, self._state.settings.max_deadline_s)
 
     def _fail(self, method: str, exc: grpc.aio.AioRpcError) -> ForwardedError:
         error = forwarded_error(exc, method)
@@ -350,5 +366,6 @@ __all__ = [
     "WorkerTier",
     "channel_options",
     "forwarded_error",
+    "hop_timeout",
     "worker_target",
 ]

@@ -36,6 +36,7 @@ from service.forwarding import (
     UNREACHABLE_REASON,
     channel_options,
     forwarded_error,
+    hop_timeout,
     worker_target,
 )
 from service.server import GRADIENTS_SERVICE, StartupError
@@ -82,6 +83,16 @@ def test_channel_options_match_the_server_settings() -> None:
     assert options["grpc.max_reconnect_backoff_ms"] <= 5_000
     default = dict(channel_options(Settings()))
     assert default["grpc.keepalive_time_ms"] == 30_000
+
+
+def test_hop_timeout_stays_below_the_cap_after_grpc_rounding() -> None:
+    assert hop_timeout(5.0, 600.0) == 5.0
+    assert hop_timeout(597.5, 600.0) == 597.5
+    # gRPC sends 599.99 s as 601 s: near the cap, two of its rounding units (1 s here) are kept free
+    assert hop_timeout(600.0, 600.0) == hop_timeout(599.5, 600.0) == 598.0
+    assert hop_timeout(30.0, 30.0) == pytest.approx(29.8)
+    assert hop_timeout(1500.0, 1500.0) == 1480.0
+    assert hop_timeout(-0.5, 600.0) == 0.001
 
 
 def _rpc_error(code: grpc.StatusCode, details: str, *, marked: bool) -> grpc.aio.AioRpcError:
@@ -405,6 +416,16 @@ def test_worker_statuses_come_back_unchanged(
 def direct_details(worker: WorkerHarness, request: pb.DreamRequest) -> str:
     details: str = rpc_error(worker.stub.DreamUnary, request).details()
     return details
+
+
+def test_a_call_without_deadline_reaches_the_worker(stub: pb_grpc.InferenceStub, pool: FakePool) -> None:
+    """It gets max_deadline_s on the frontend; forwarded, gRPC's rounding of the timeout header must
+    not make it a deadline beyond the worker's max_deadline_s (INVALID_ARGUMENT there)."""
+    request = pb.ExplainRequest(model="vgg19", images=[pb.ImageInput(encoded=png())])
+    for _ in range(5):
+        assert stub.Explain(request).model == "vgg19"
+    for _, _, deadline, submitted in pool.submits:
+        assert deadline is not None and 590 < deadline - submitted <= 600
 
 
 def test_deadline_is_passed_on_and_stops_the_job(stub: pb_grpc.InferenceStub, pool: FakePool) -> None:
