@@ -439,17 +439,16 @@ def test_a_repository_with_no_intact_model_exits_non_zero(
     demo_repository: Path, tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
     root = tmp_path / "repository"
-    for name in ("lenet5", "resnet18"):
-        shutil.copytree(demo_repository / name, root / name)
-    _flip_one_byte(root / "lenet5" / "1" / "model.onnx")
-    _flip_one_byte(root / "resnet18" / "1" / "weights.pt")
+    lenet = demo_repository / "lenet5" / "1"
+    _flip_one_byte(_copy_model(lenet, root, "lenet5") / "model.onnx")
+    _flip_one_byte(_copy_model(lenet, root, "digits") / "weights.pt")
     server = start_server(root)
     code = server.process.wait(120)
     server._reader.join(5)
     assert code == 1, server.log
     log = server.log
     assert re.search(r"not serving lenet5:1: \S+lenet5/1/model\.onnx sha256 \w+\.\.\. differs", log), log
-    assert re.search(r"not serving resnet18:1: \S+resnet18/1/weights\.pt sha256 \w+\.\.\. differs", log), log
+    assert re.search(r"not serving digits:1: \S+digits/1/weights\.pt sha256 \w+\.\.\. differs", log), log
     assert "no model could be loaded" in log
     assert "ready in" not in log and "Traceback" not in log
 
