@@ -9,12 +9,14 @@ the CPU worker's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import ServerProcess, module_server
 
 from service._proto.cnnserve.v1 import inference_pb2 as pb
@@ -43,6 +45,16 @@ def cpu_server(demo_repository: Path) -> Iterator[ServerProcess]:
     yield from module_server(demo_repository, "--device", "cpu", "--workers", "1")
 
 
+def wait_for_gradients(server: ServerProcess, timeout: float = 180) -> None:
+    """The worker pool starts after the server is ready (it loads PyTorch weights on its own)."""
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    request = health_pb2.HealthCheckRequest(service="cnnserve.v1.Inference/gradients")
+    deadline = time.monotonic() + timeout
+    while stub.Check(request, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "gradient workers not SERVING"
+        time.sleep(0.2)
+
+
 def tensor(seed: int, shape: tuple[int, ...]) -> pb.ImageInput:
     arr = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     return pb.ImageInput(tensor=pb.Tensor(shape=list(shape), dtype="float32", data=arr.tobytes()))
@@ -57,7 +69,7 @@ def probabilities(server: ServerProcess, model: str, image: pb.ImageInput) -> di
 def test_the_cuda_provider_is_in_use_and_reported(gpu_server: ServerProcess) -> None:
     stub = pb_grpc.InferenceStub(gpu_server.channel)
     for name in ("lenet5", "resnet18"):
-        info = stub.GetModel(pb.GetModelRequest(model=name), timeout=30)
+        info = stub.GetModel(pb.GetModelRequest(name=name), timeout=30)
         assert info.execution_provider == CUDA, info
     assert gpu_server.sample("cnnserve_execution_provider_info", provider=CUDA) == 1
     assert gpu_server.sample("cnnserve_execution_provider_info", provider=CPU) == 0
@@ -98,6 +110,7 @@ def test_guided_backprop_on_the_gpu_worker_matches_the_cpu_worker(
     request = pb.ExplainRequest(model="resnet18", images=[image], target_classes=[3])
     maps = []
     for server in (gpu_server, cpu_server):
+        wait_for_gradients(server)
         try:
             response = pb_grpc.InferenceStub(server.channel).Explain(request, timeout=120)
         except grpc.RpcError as exc:  # pragma: no cover - the message is the diagnosis
