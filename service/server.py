@@ -396,6 +396,8 @@ async def run(settings: Settings, engine: Engine | None = None, *, server: Serve
 
     server: the Server to run (e.g. service.worker_server.WorkerServer); default Server(settings, engine).
     """
+    # See Settings.gil_switch_interval_ms: the model runner threads must get the GIL back quickly.
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0

@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core).")
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
+    gil_switch_interval_ms: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="Python's GIL switch interval in the server process (Python's default is 5). Each "
+        "ONNX Runtime call takes the GIL back several times; behind busy preprocessing threads every "
+        "take waits up to one interval, which dominates short (GPU) inferences.",
+    )
     intra_op_spinning: bool = Field(
         False,
         description="Let ONNX Runtime's idle intra-op threads spin-wait for work. Off: in a server the "
