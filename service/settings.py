@@ -67,7 +67,10 @@ class Settings(BaseSettings):
         0.002, ge=0.0, le=1.0, description="How long a batch may wait for more requests before it runs."
     )
     max_queue_size: int = Field(
-        256, ge=1, description="Images that may wait per model; beyond that requests get RESOURCE_EXHAUSTED."
+        256,
+        ge=1,
+        description="Images that may wait per model version, besides the max_batch_size being computed; "
+        "beyond that requests get RESOURCE_EXHAUSTED at once.",
     )
     preprocess_threads: int = Field(
         0, ge=0, description="Threads decoding and preprocessing images (0: one per core, at least 2)."
