@@ -115,7 +115,10 @@ class ServingState:
         """
         cap = self.settings.max_deadline_s
         remaining = context.time_remaining()
-        if remaining is not None and remaining > cap and not cap_longer:
+        # gRPC rounds a deadline up when it encodes it (grpc-timeout keeps about three significant
+        # digits: 30 s arrives as 30.1 s, 600 s as 601 s, 3600 s as 3610 s), so a client asking for
+        # exactly the cap is not refused: only what exceeds it by more than that rounding.
+        if remaining is not None and remaining > cap * 1.01 + 0.1 and not cap_longer:
             raise InvalidArgument(
                 f"the call's deadline is {remaining:.0f} s away; max_deadline_s is {cap:g} s "
                 "(send a shorter deadline, or none to get max_deadline_s)",

@@ -543,6 +543,8 @@ def test_deadline(caps_server: ServerProcess, caps_stub: pb_grpc.InferenceStub) 
     cap = CAPS["max_deadline_s"]
     request = pb.ClassifyRequest(model="resnet18", image=tensor())
     assert caps_stub.Classify(request, timeout=cap - 1).classes
+    # Exactly the cap passes although gRPC's timeout encoding rounds it up on the wire (60 s -> 60.1 s).
+    assert caps_stub.Classify(request, timeout=cap).classes
     assert caps_stub.Classify(request).classes  # no deadline: the server gives it max_deadline_s
     assert_names_cap(rpc_error(caps_stub.Classify, request, timeout=cap + 10), "max_deadline_s")
     batch = pb.ClassifyBatchRequest(model="resnet18", images=[tensor()])

@@ -309,6 +309,10 @@ def test_deadline_is_passed_to_the_engine_capped_or_refused(harness: Harness) ->
     # Longer than max_deadline_s: refused naming the cap; capped only for ClassifyStream items.
     with pytest.raises(InvalidArgument, match="max_deadline_s is 2 s"):
         state.deadline(Ctx(1000.0))
+    with pytest.raises(InvalidArgument, match="max_deadline_s is 2 s"):
+        state.deadline(Ctx(2.2))
+    # Exactly the cap, as gRPC's timeout encoding rounds it up (2 s arrives as 2.01 s): accepted.
+    assert state.deadline(Ctx(2.01)) == pytest.approx(now + 2.0, abs=0.5)
     assert state.deadline(Ctx(1000.0), cap_longer=True) == pytest.approx(now + 2.0, abs=0.5)
 
     with pytest.raises(DeadlineExceeded):
