@@ -75,6 +75,15 @@ _REASONS = {
     grpc.StatusCode.CANCELLED: "cancelled",
 }
 UNREACHABLE_REASON = "worker_unreachable"
+# gRPC's wording when no connection could be made (only chooses the message's explanation).
+_UNREACHABLE_SIGNS = (
+    "failed to connect",
+    "connection refused",
+    "no route to host",
+    "resolution",
+    "resolve",
+    "empty address list",
+)
 # At most one warning per this many seconds about an unreachable worker tier (a flood of failing
 # calls must not flood the log; the health poller logs every change of state anyway).
 _WARN_EVERY_S = 10.0
@@ -167,7 +176,7 @@ def forwarded_error(exc: grpc.aio.AioRpcError, method: str) -> ForwardedError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ForwardedError(code, f"gradient worker tier: {details}", reason="resource_exhausted")
     if code in _TRANSPORT_CODES:
-        if "connect" in details.lower() or "resolution" in details.lower() or "resolve" in details.lower():
+        if any(sign in details.lower() for sign in _UNREACHABLE_SIGNS):
             why = "it cannot be reached"
         elif code == grpc.StatusCode.UNIMPLEMENTED:
             why = f"the configured worker address does not serve {method}"
@@ -190,7 +199,6 @@ class WorkerTier:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.address = settings.worker_address
         self.target = worker_target(settings.worker_address)  # ValueError: a startup error
         self._channel: grpc.aio.Channel | None = None
         self.stub: pb_grpc.InferenceStub | None = None
