@@ -67,6 +67,10 @@ lint: $(STAMP) ## ruff and mypy
 bench: $(STAMP) ## Benchmarks against in-process baselines; prints ratios
 	$(PY) -m bench
 
+.PHONY: soak
+soak: $(STAMP) ## Soak: 10,000 mixed requests at concurrency 8, checks errors/RSS/p99 drift (long; not in CI)
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
 .PHONY: clean
 clean: ## Remove caches (keeps .venv and the model repository)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
