@@ -52,7 +52,8 @@ INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_
 OIP_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Health service name of the gradient RPCs (Explain, Dream, Stylize): SERVING only while at least
-# one gradient worker is alive (polled every GRADIENT_HEALTH_POLL_S).
+# one gradient worker is alive (the pool wakes the follower on every change; it also rechecks
+# every GRADIENT_HEALTH_POLL_S for the drain).
 GRADIENTS_SERVICE = f"{INFERENCE_SERVICE}/gradients"
 GRADIENT_HEALTH_POLL_S = 0.5
 T = TypeVar("T")
@@ -325,6 +326,7 @@ class Server:
         """Keep the health of `names` SERVING while pool.alive_workers > 0, until shutdown."""
         serving: bool | None = None
         while not self.state.draining:
+            generation = pool.alive_generation
             alive = pool.alive_workers > 0
             if alive != serving:
                 serving = alive
@@ -335,7 +337,9 @@ class Server:
                 )
                 for name in names:
                     await self.health.set(name, status)
-            await asyncio.sleep(GRADIENT_HEALTH_POLL_S)
+            # Woken by the pool the moment a worker dies or becomes ready; the timeout only bounds
+            # how late a drain is noticed.
+            await pool.wait_alive_change(generation, GRADIENT_HEALTH_POLL_S)
 
     async def _follow_worker_tier(self) -> None:
         """Mirror the worker tier's gradients health (polled) on GRADIENTS_SERVICE until shutdown."""

@@ -270,6 +270,9 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         self._admitted_cost = 0.0
         self._next_job_id = 1  # 0 is the cancel flags' initial value: never a job id
         self._alive = 0
+        # Bumped whenever _alive changes; health follows it at once (wait_alive_change), not by polling.
+        self._alive_generation = 0
+        self._alive_changed = asyncio.Event()  # set and replaced at each change
         self._rate: float | None = None  # cost units per second per worker (EWMA)
         self._crashes: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._job_finished = asyncio.Event()
@@ -282,6 +285,28 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
     def alive_workers(self) -> int:
         """Workers that finished their initializer and have not died (health: NOT_SERVING at 0)."""
         return self._alive
+
+    @property
+    def alive_generation(self) -> int:
+        """Changes whenever alive_workers does (see wait_alive_change)."""
+        return self._alive_generation
+
+    async def wait_alive_change(self, seen: int, timeout_s: float) -> None:
+        """Return once alive_generation differs from `seen` (at once if it already does), or after
+        `timeout_s`. Lets health drop to NOT_SERVING in the same loop turn the last worker dies."""
+        if self._alive_generation != seen:
+            return
+        try:
+            await asyncio.wait_for(self._alive_changed.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    def _alive_delta(self, delta: int) -> None:
+        self._alive += delta
+        metrics.WORKERS_ALIVE.inc(delta)
+        self._alive_generation += 1
+        self._alive_changed.set()
+        self._alive_changed = asyncio.Event()
 
     @property
     def workers(self) -> int:
@@ -735,8 +760,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         worker.state = "idle"
         worker.was_ready = True
         worker.pid = message.pid
-        self._alive += 1
-        metrics.WORKERS_ALIVE.inc()
+        self._alive_delta(+1)
         self._respawn_failures[worker.slot] = 0
         if not worker.ready.done():
             worker.ready.set_result(None)
@@ -848,8 +872,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         if worker.state == "dead":
             return
         if worker.state in ("idle", "busy"):
-            self._alive -= 1
-            metrics.WORKERS_ALIVE.dec()
+            self._alive_delta(-1)
         worker.state = "dead"
         if worker.ready_timer is not None:
             worker.ready_timer.cancel()

@@ -135,6 +135,11 @@ class SlowPool:
     def alive_workers(self) -> int:
         return 1 if self.started and not self.closed else 0
 
+    alive_generation = 0
+
+    async def wait_alive_change(self, seen: int, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+
     async def start(self) -> None:
         self.started = True
 

@@ -44,6 +44,11 @@ class FakePool:
     def alive_workers(self) -> int:
         return self.alive if self.started and not self.closed else 0
 
+    alive_generation = 0
+
+    async def wait_alive_change(self, seen: int, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+
     async def start(self) -> None:
         self.started = True
 

@@ -705,3 +705,28 @@ def test_constructor_validates_its_arguments() -> None:
         WorkerPool(workers=0, initializer=h.init_state, handler=h.handle, cost_budget=1.0)
     with pytest.raises(ValueError, match="cost_budget"):
         WorkerPool(workers=1, initializer=h.init_state, handler=h.handle, cost_budget=0.0)
+
+
+def test_health_followers_are_woken_the_moment_a_worker_dies_or_becomes_ready() -> None:
+    """alive_generation/wait_alive_change: the server's gradients health must never say SERVING
+    while no worker is alive, so it waits on the pool instead of polling."""
+
+    async def scenario() -> None:
+        async with started_pool(workers=1) as pool:
+            seen = pool.alive_generation
+            assert pool.alive_workers == 1
+            started = time.monotonic()
+            waiter = asyncio.create_task(pool.wait_alive_change(seen, 30.0))
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            os.kill(pool.worker_pids[0], signal.SIGKILL)
+            await asyncio.wait_for(waiter, 10.0)
+            assert pool.alive_workers == 0 and pool.alive_generation != seen
+            assert time.monotonic() - started < 10.0
+            # already changed: returns at once
+            await asyncio.wait_for(pool.wait_alive_change(seen, 30.0), 0.5)
+            seen = pool.alive_generation
+            await asyncio.wait_for(pool.wait_alive_change(seen, 30.0), 30.0)  # the replacement
+            assert pool.alive_workers == 1
+
+    run(scenario)
