@@ -14,6 +14,7 @@ coroutine; the `submit` awaiting inside it is cancelled with it and the pool sto
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +22,7 @@ import grpc
 import numpy as np
 
 from service import images
-from service.errors import InvalidArgument, Unavailable
+from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from service.metrics import INFLIGHT
 from service.worker import tasks
 from service.worker.rendering import pil_to_array
@@ -295,7 +296,18 @@ class GradientRpcs:
         await asyncio.to_thread(tasks.validate_task, task, self._limits())
         cost = tasks.estimate_cost(task)
         deadline = self._state.deadline(context)
-        return await pool.submit(task, cost=cost, deadline=deadline, on_progress=on_progress)
+        # max_task_duration_s bounds a job from admission to result, whatever deadline the client set.
+        cap_s = self._state.settings.max_task_duration_s
+        capped = time.monotonic() + cap_s
+        if capped >= deadline:
+            return await pool.submit(task, cost=cost, deadline=deadline, on_progress=on_progress)
+        try:
+            return await pool.submit(task, cost=cost, deadline=capped, on_progress=on_progress)
+        except DeadlineExceeded as exc:
+            raise DeadlineExceeded(
+                f"the {task.kind} job was stopped after max_task_duration_s={cap_s:g} s ({exc})",
+                reason="task_duration",
+            ) from exc
 
     # Explain -----------------------------------------------------------------------------------
 

@@ -124,7 +124,10 @@ class Settings(BaseSettings):
         1024, ge=16, description="Longest image side a gradient job may use; longer: INVALID_ARGUMENT."
     )
     max_task_duration_s: float = Field(
-        300.0, gt=0, description="Longest a gradient job may run; it is stopped after this."
+        300.0,
+        gt=0,
+        description="Longest a gradient job may take from submission to result, whatever deadline the "
+        "client set; a job running into it is stopped: DEADLINE_EXCEEDED naming it.",
     )
     max_task_batch: int = Field(
         16,

@@ -27,6 +27,13 @@ INVALID_ARGUMENT_CAPS = [
 ]
 # Refused by gRPC itself or by admission control: RESOURCE_EXHAUSTED.
 RESOURCE_CAPS = ["max_message_bytes", "max_queue_size", "max_concurrent_rpcs"]
+DEADLINE_CAPS = ["max_task_duration_s"]  # a job running into it is stopped: DEADLINE_EXCEEDED
+
+
+def _answer(cap: str) -> str:
+    if cap in INVALID_ARGUMENT_CAPS:
+        return "INVALID_ARGUMENT"
+    return "RESOURCE_EXHAUSTED" if cap in RESOURCE_CAPS else "DEADLINE_EXCEEDED"
 
 
 def _serve_help() -> str:
@@ -52,14 +59,14 @@ def _readme_rows() -> dict[str, list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("cap", INVALID_ARGUMENT_CAPS + RESOURCE_CAPS)
+@pytest.mark.parametrize("cap", INVALID_ARGUMENT_CAPS + RESOURCE_CAPS + DEADLINE_CAPS)
 def test_help_says_what_a_request_over_the_cap_gets(cap: str) -> None:
     text = _serve_help()
-    expected = "INVALID_ARGUMENT" if cap in INVALID_ARGUMENT_CAPS else "RESOURCE_EXHAUSTED"
+    expected = _answer(cap)
     assert expected in _help_of("--" + cap.replace("_", "-"), text)
 
 
-@pytest.mark.parametrize("cap", INVALID_ARGUMENT_CAPS + RESOURCE_CAPS)
+@pytest.mark.parametrize("cap", INVALID_ARGUMENT_CAPS + RESOURCE_CAPS + DEADLINE_CAPS)
 def test_readme_table_lists_setting_env_var_default_and_answer(cap: str) -> None:
     rows = _readme_rows()
     assert cap in rows, f"README's Request caps table has no row for {cap}"
@@ -71,5 +78,5 @@ def test_readme_table_lists_setting_env_var_default_and_answer(cap: str) -> None
         assert int(shown) * 1024 * 1024 == value
     else:
         assert float(shown) == float(value), (cap, default, value)
-    expected = "INVALID_ARGUMENT" if cap in INVALID_ARGUMENT_CAPS else "RESOURCE_EXHAUSTED"
+    expected = _answer(cap)
     assert expected in answer

@@ -20,7 +20,7 @@ from servicer_fakes import FakeEngine, FakeModel, Harness
 from export.preprocessing import IMAGENET
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-from service.errors import InvalidArgument
+from service.errors import DeadlineExceeded, InvalidArgument
 from service.server import GRADIENTS_SERVICE
 from service.worker import tasks
 from service.worker.rendering import encode_png
@@ -383,3 +383,35 @@ def test_pool_errors_become_statuses(
     monkeypatch.setattr(pool, "submit", refuse)
     err = error(stub.Dream, pb.DreamRequest(model="vgg19", image=pb.ImageInput(encoded=png(40))))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown layer" in err.details()
+
+
+def test_max_task_duration_stops_a_job_the_client_would_let_run() -> None:
+    """The job's deadline is min(client deadline, now + max_task_duration_s); a job stopped by the
+    cap says so, naming the setting."""
+    pool = FakePool()
+    deadlines: list[float] = []
+
+    async def run_until_deadline(
+        task: Any, *, cost: float, deadline: float | None, on_progress: Any = None
+    ) -> Any:
+        assert deadline is not None
+        deadlines.append(deadline - time.monotonic())
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        raise DeadlineExceeded("the dream job ran past its deadline")
+
+    pool.submit = run_until_deadline  # type: ignore[method-assign]
+    h = Harness(_engine(), pool=pool, max_task_duration_s=0.3)
+    try:
+        stub = pb_grpc.InferenceStub(h.channel)
+        started = time.monotonic()
+        try:
+            stub.DreamUnary(pb.DreamRequest(model="vgg19", image=pb.ImageInput(encoded=png(40))), timeout=30)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "max_task_duration_s=0.3" in err.details()
+        else:
+            pytest.fail("the job was not stopped")
+        assert time.monotonic() - started < 10
+        assert deadlines and deadlines[0] <= 0.3
+    finally:
+        h.close()
