@@ -671,7 +671,9 @@ def _load_version(directory: Path, device: Any) -> TorchModel:
     num_classes = int(meta["num_classes"])
     weights = directory / "weights.pt"
     expected = meta.get("files", {}).get("weights.pt", {}).get("sha256")
-    if expected and _sha256(weights) != expected:
+    if not expected:
+        raise RuntimeError(f"{weights}: metadata.json records no sha256 for it; refusing to load it")
+    if _sha256(weights) != expected:
         raise RuntimeError(f"{weights}: sha256 does not match metadata.json; refusing to load it")
     spec = get_spec(architecture)
     preprocessing = (

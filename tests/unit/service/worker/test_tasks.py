@@ -165,6 +165,10 @@ def test_load_models_refuses_weights_that_do_not_match_their_checksum(tmp_path: 
     (directory / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(RuntimeError, match="sha256 does not match"):
         load_models({"models": [str(directory)], "device": "cpu"})
+    del meta["files"]["weights.pt"]["sha256"]
+    (directory / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match="records no sha256"):
+        load_models({"models": [str(directory)], "device": "cpu"})
 
 
 def test_worker_config_comes_from_the_settings(repository: dict[str, Path]) -> None:
