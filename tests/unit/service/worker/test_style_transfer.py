@@ -263,3 +263,21 @@ def test_gram_is_size_normalized() -> None:
     f = torch.rand(1, 4, 6, 6, generator=torch.Generator().manual_seed(0))
     tiled = f.repeat(1, 1, 2, 2)  # the same statistics on four times the area
     torch.testing.assert_close(gram(f), gram(tiled))
+
+
+def test_gram_gradient_is_autograds_gradient_of_the_plain_product() -> None:
+    """gram's hand-written backward ((g + g.T) @ m, one matmul) is the exact gradient of m @ m.T."""
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(1, 6, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    target = torch.randn(6, 6, dtype=torch.float64, generator=gen)
+    weights = torch.randn(6, 6, dtype=torch.float64, generator=gen)  # a non-symmetric upstream gradient
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        m = x.reshape(6, 35)
+        return (m @ m.t()) / (6 * 35)
+
+    for loss in (lambda g: ((g - target) ** 2).mean(), lambda g: (weights * g).sum()):
+        (ours,) = torch.autograd.grad(loss(gram(f)), [f])
+        (reference,) = torch.autograd.grad(loss(plain(f)), [f])
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(gram, (f,))
