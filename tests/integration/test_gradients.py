@@ -1,8 +1,8 @@
 """The gradient RPCs end to end: a real `python -m service serve` with one PyTorch worker over the
 demo repository (lenet5 trained, resnet18 random weights). Small images and few steps keep it fast.
 
-Stylize needs a VGG-19, which the demo repository does not have (exporting one is far too slow
-here): its happy path is covered at unit level with a fake pool; here only its refusals."""
+Stylize needs a VGG-19, which this repository does not have: here only its refusals; its happy path
+end to end is test_stylize.py (marked slow: it exports and serves a real VGG-19)."""
 
 from __future__ import annotations
 
