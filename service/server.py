@@ -40,7 +40,7 @@ from service import metrics
 from service.forwarding import ForwardingInferenceServicer, WorkerTier
 from service.metrics_http import MetricsHTTPServer
 from service.oip import GRPCInferenceServicer
-from service.servicers import Engine, InferenceServicer, ServingState
+from service.servicers import Engine, InferenceServicer, MalformedRequestInterceptor, ServingState
 from service.settings import Settings
 
 from ._proto.cnnserve.v1 import inference_pb2, inference_pb2_grpc
@@ -214,7 +214,10 @@ class Server:
         """Bind and start gRPC and metrics HTTP; health NOT_SERVING until `load` finishes."""
         settings = self.settings
         server = grpc.aio.server(
-            options=grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+            options=grpc_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            # A body that is not a valid message: INVALID_ARGUMENT naming the type (grpc.aio: UNKNOWN).
+            interceptors=[MalformedRequestInterceptor()],
         )
         services = self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
