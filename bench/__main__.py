@@ -1,6 +1,6 @@
 """`python -m bench` (`make bench`): serving and gradient benchmarks against same-run baselines.
 
-    python -m bench                      # everything, ~10 minutes on 2 cores
+    python -m bench                      # everything, ~30 minutes on 2 cores (gradients at 256+512 px)
     python -m bench --quick              # 4 s windows instead of 12
     python -m bench --parts resnet,lenet # a subset: repo, resnet, lenet, style, gradients
     python -m bench --no-write           # print the table, leave BENCHMARKS.md alone
