@@ -545,7 +545,27 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
         *[f"- {n}" for n in report.notes],
         "",
     ]
-    path.write_text("\n".join(lines))
+    kept = kept_sections(path.read_text() if path.exists() else "")
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
+
+
+# The sections write_markdown writes; every other "## " section of BENCHMARKS.md (the soak, GPU runs,
+# hand-added notes) was written by someone else and is kept, in its order, after them.
+GENERATED_SECTIONS = ("## Machine", "## Results", "## How it was measured", "## Noise")
+
+
+def kept_sections(text: str) -> str:
+    """The "## " sections of `text` that write_markdown does not generate, verbatim."""
+    kept: list[str] = []
+    keep = False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            keep = line.strip() not in GENERATED_SECTIONS
+        elif line.startswith("# "):
+            keep = False
+        if keep:
+            kept.append(line)
+    return "\n".join(kept).rstrip() + "\n" if kept else ""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
