@@ -296,12 +296,14 @@ class Server:
 
         dirs = [path for m in self.engine.models() if (path := getattr(m, "path", None)) is not None]
         config = tasks.worker_config(self.settings, dirs)
+        stop_grace_s = self.settings.worker_stop_grace_s or max(1.0, min(10.0, self.settings.grace_period_s))
         return WorkerPool(
             workers=self.settings.workers,
             initializer=functools.partial(tasks.load_models, config),
             handler=tasks.handle,
             cost_budget=self.settings.max_task_cost,
-            stop_grace_s=max(1.0, min(10.0, self.settings.grace_period_s)),
+            start_timeout_s=self.settings.worker_start_timeout_s,
+            stop_grace_s=stop_grace_s,
         )
 
     async def _run_gradient_pool(self) -> None:

@@ -136,6 +136,18 @@ class Settings(BaseSettings):
         "INVALID_ARGUMENT.",
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker (0: cores / workers).")
+    worker_start_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long the gradient workers may take to start and load their models (a replacement "
+        "worker too) before the pool gives up on them.",
+    )
+    worker_stop_grace_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long a gradient job may run on after its cancellation or deadline before its "
+        "worker is killed and replaced (0: grace_period_s, clamped to 1..10 s).",
+    )
 
     # --- connections and shutdown ----------------------------------------------------------------
     grace_period_s: float = Field(

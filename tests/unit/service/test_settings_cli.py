@@ -179,3 +179,23 @@ def test_classify_unknown_model_fails(
     image = _png(tmp_path / "x.png", 0)
     assert cli.main(["classify", str(image), "--model", "nope", "--address", server.address]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_worker_pool_timeouts_come_from_the_settings() -> None:
+    from service.server import Server
+
+    class NoModels:
+        ready = False
+
+        def models(self) -> list[object]:
+            return []
+
+    def pool(**settings: object) -> object:
+        return Server(Settings(**settings), engine=NoModels())._make_pool()  # type: ignore[arg-type]
+
+    configured = pool(worker_start_timeout_s=42.0, worker_stop_grace_s=3.5)
+    assert (configured._start_timeout_s, configured._stop_grace_s) == (42.0, 3.5)  # type: ignore[attr-defined]
+    default = pool()
+    assert (default._start_timeout_s, default._stop_grace_s) == (300.0, 10.0)  # type: ignore[attr-defined]
+    assert pool(grace_period_s=2.0)._stop_grace_s == 2.0  # type: ignore[attr-defined]  # 0: from grace_period_s
+    assert serve_settings(["--worker-stop-grace-s", "4"]).worker_stop_grace_s == 4.0
