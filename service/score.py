@@ -43,6 +43,7 @@ import csv
 import glob
 import heapq
 import io
+import itertools
 import json
 import os
 import queue
@@ -382,6 +383,20 @@ class Summary:
         return text
 
 
+def read_file(path: str) -> bytes:
+    """The file's bytes, with raw os calls: about half the CPU of open().read() per small image,
+    which on a machine shared with the server is throughput."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        chunks = [os.read(fd, max(size, 1) + 1)]
+        while chunks[-1]:  # the file grew, or st_size was not its length (e.g. a pipe): read on
+            chunks.append(os.read(fd, 1 << 20))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def backoff_s(attempt: int, rng: random.Random) -> float:
     """Delay before attempt `attempt + 1` (attempt >= 1): exponential, capped, jittered."""
     return float(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.0))
@@ -392,8 +407,10 @@ class _Stream:
     scorer's event queue, tagged with this stream's generation."""
 
     def __init__(self, stub: Any, generation: int, events: queue.SimpleQueue[tuple[Any, ...]]) -> None:
+        # Lists of requests: the scorer hands over a refill of the window at once (one wake-up of
+        # gRPC's sending thread per refill, not one per image).
         self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.call = stub.ClassifyStream(iter(self.requests.get, None))
+        self.call = stub.ClassifyStream(itertools.chain.from_iterable(iter(self.requests.get, None)))
         self.generation = generation
         self._thread = threading.Thread(target=self._read, args=(events,), daemon=True, name="score-recv")
         self._thread.start()
@@ -433,6 +450,7 @@ class Scorer:
         self.stub = stub
         self.model, self.version, self.top_k = model, version, top_k
         self.window = max(1, window)
+        self.refill = max(1, self.window // 4)
         self.max_attempts = max(1, max_attempts)
         self.deadline_s = deadline_s
         self.writer = writer
@@ -475,8 +493,11 @@ class Scorer:
                     continue
                 generation += 1
                 stream = _Stream(self.stub, generation, events)
-            # Fill the window: due retries first, then new paths.
-            while len(inflight) < self.window:
+            # Fill the window: due retries first, then new paths; in refills of at least a quarter
+            # window, so that reading files and waking the sending thread happen in batches.
+            batch: list[Any] = []
+            refill = len(inflight) <= self.window - self.refill or events.empty()
+            while refill and len(inflight) < self.window:
                 if delayed and delayed[0][0] <= now:
                     item = heapq.heappop(delayed)[2]
                 elif pending:
@@ -484,8 +505,7 @@ class Scorer:
                 else:
                     break
                 try:
-                    with open(item.path, "rb") as f:
-                        data = f.read()
+                    data = read_file(item.path)
                 except OSError as exc:
                     code = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}.get(
                         type(exc), "UNKNOWN"
@@ -497,7 +517,7 @@ class Scorer:
                 item.key = f"{counter}"
                 item.sent_at = time.monotonic()
                 inflight[item.key] = item
-                stream.requests.put(
+                batch.append(
                     self.pb.ClassifyStreamRequest(
                         id=item.key,
                         request=self.pb.ClassifyRequest(
@@ -508,6 +528,8 @@ class Scorer:
                         ),
                     )
                 )
+            if batch:
+                stream.requests.put(batch)
             # Wait for an answer, the next due retry, a per-image deadline or a progress tick.
             if not inflight and not pending and not delayed:
                 break
