@@ -136,6 +136,13 @@ class Settings(BaseSettings):
         "INVALID_ARGUMENT.",
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker (0: cores / workers).")
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower the gradient workers' CPU priority is than the server's (Unix nice; "
+        "0: the same). Where they share cores, classification latency wins over a gradient job.",
+    )
     worker_start_timeout_s: float = Field(
         300.0,
         gt=0,

@@ -637,6 +637,7 @@ def worker_config(settings: Settings, version_dirs: Sequence[str | Path]) -> dic
         "device": settings.device,
         "cuda_device_id": settings.cuda_device_id,
         "torch_threads": threads,
+        "nice": settings.worker_nice,
         "limits": {
             "max_iterations": settings.max_task_iterations,
             "max_image_side": settings.max_task_image_side,
@@ -703,14 +704,21 @@ def load_models(config: Mapping[str, Any]) -> WorkerState:
 
     config["models"]: repository version directories (each with metadata.json and weights.pt);
     config["device"]: "auto" (CUDA when torch.cuda.is_available()), "cpu" or "cuda";
-    config["cuda_device_id"], config["torch_threads"] (0: leave torch's default), config["limits"].
+    config["cuda_device_id"], config["torch_threads"] (0: leave torch's default), config["nice"]
+    (lower this worker's CPU priority by that much; 0: unchanged), config["limits"].
     Weights are checked against metadata.json's sha256 and loaded with weights_only=True, strictly.
     """
+    import os
+
     import torch
 
     threads = int(config.get("torch_threads", 0))
     if threads > 0:
         torch.set_num_threads(threads)
+    nice = int(config.get("nice", 0))
+    if nice > 0:
+        # Below the serving process: where they share cores, classification threads win.
+        os.nice(nice)
     wanted = config.get("device", "auto")
     if wanted not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {wanted!r}")

@@ -180,13 +180,29 @@ def test_worker_config_comes_from_the_settings(repository: dict[str, Path]) -> N
         max_task_iterations=77,
         max_task_image_side=96,
         max_task_batch=3,
+        worker_nice=4,
     )
     config = worker_config(settings, [repository["lenet_v1"]])
-    assert config["torch_threads"] == 1 and config["device"] == "cpu"
+    assert config["torch_threads"] == 1 and config["device"] == "cpu" and config["nice"] == 4
+    config["nice"] = 0  # in this process: the rest of the test session must not be reniced
     loaded = load_models(pickle.loads(pickle.dumps(config)))
     assert loaded.limits == Limits(max_iterations=77, max_image_side=96, max_batch=3)
     assert Limits.from_settings(settings) == loaded.limits
     assert list(loaded.models) == [("digits", 1)]
+
+
+def test_a_worker_lowers_its_cpu_priority_by_nice() -> None:
+    """Gradient workers run below the server (settings.worker_nice, default 10), so classification
+    threads win where they share cores. A child process: renicing is for the rest of its life."""
+    code = (
+        "import os; from service.worker.tasks import load_models; before = os.nice(0); "
+        "load_models({'models': [], 'device': 'cpu', 'nice': 7}); print(os.nice(0) - before)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "7"
+    assert Settings().worker_nice == 10
 
 
 def test_the_task_module_does_not_import_torch() -> None:
