@@ -167,6 +167,19 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return image
 
 
+def declared_pixels(data: bytes) -> int:
+    """width x height from the image header, without decoding; 0 when the header cannot be read
+    (the caller's decode_image then reports what is wrong)."""
+    if sniff_format(data) not in _ALLOWED_FORMATS:
+        return 0
+    try:
+        with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - bombs, corrupt headers: decode_image says which
+        return 0
+    return width * height
+
+
 def image_to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """The model's float32 (C, H, W) input for a decoded image: `export.preprocessing.to_tensor`."""
     return to_tensor(image, preprocessing)

@@ -442,3 +442,42 @@ def test_softmax_is_stable() -> None:
     probs = engine_mod._softmax(logits)
     assert np.isfinite(probs).all()
     np.testing.assert_allclose(probs, [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], atol=1e-7)
+
+
+def test_a_tiny_single_image_is_decoded_on_the_event_loop(
+    repo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One small image for a small model skips the preprocessing pool (two thread hops cost more
+    than decoding it); anything bigger, or a small file declaring a big image, still uses the pool."""
+    from service.classify.engine import INLINE_MAX_BYTES
+
+    w, b = repo["weights"][("gray", 1)]
+
+    async def main() -> None:
+        engine = ClassificationEngine(settings_for(repo["root"], models="gray"))
+        engine.load()
+        await engine.start()
+        model = engine.get("gray")
+        pool_calls: list[int] = []
+        on_pool = engine._on_pool
+
+        async def counted(jobs: Any, deadline: float | None) -> Any:
+            jobs = list(jobs)
+            pool_calls.append(len(jobs))
+            return await on_pool(jobs, deadline)
+
+        monkeypatch.setattr(engine, "_on_pool", counted)
+        color = random_image(5)
+        probs, timings = await engine.classify_images(model, [png(color)], None)
+        assert pool_calls == [] and timings.decode_s > 0
+        np.testing.assert_allclose(probs, expected_probs([color], GRAY8, w, b), rtol=1e-4, atol=1e-6)
+        declared_big = png(np.zeros((200, 200, 3), np.uint8))  # a small file, 40,000 pixels
+        assert len(declared_big) <= INLINE_MAX_BYTES
+        await engine.classify_images(model, [declared_big], None)
+        await engine.classify_images(model, [png(color), png(color)], None)
+        assert pool_calls == [1, 2]
+        with pytest.raises(InvalidArgument, match="corrupt"):  # refused on the loop, as on the pool
+            await engine.classify_images(model, [b"\x89PNG\r\n\x1a\n" + b"\x00" * 40], None)
+        await engine.stop()
+
+    run(main)

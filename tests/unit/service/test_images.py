@@ -231,3 +231,13 @@ def test_check_tensor_rejects_non_finite_values(bad: float) -> None:
     with pytest.raises(InvalidArgument) as info:
         check_tensor(arr, shape=(1, 4, 4), dtype=np.dtype(np.float32))
     assert "NaN or infinite" in info.value.message and "[1, 0, 2, 3]" in info.value.message
+
+
+def test_declared_pixels_reads_the_header_only() -> None:
+    from service.images import declared_pixels
+
+    buf = io.BytesIO()
+    Image.new("L", (40, 30)).save(buf, format="PNG")
+    assert declared_pixels(buf.getvalue()) == 1200
+    assert declared_pixels(b"") == 0 and declared_pixels(b"GIF89a....") == 0
+    assert declared_pixels(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20) == 0  # unreadable header
