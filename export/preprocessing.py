@@ -5,6 +5,7 @@ Keeping it in one place is what makes a served model see exactly what it was tra
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -75,17 +76,40 @@ def resize_and_crop(image: Image.Image, p: Preprocessing) -> Image.Image:
     return image
 
 
-def to_tensor(image: Image.Image, p: Preprocessing) -> np.ndarray:
-    """A decoded PIL image -> normalized float32 array of shape (C, crop, crop)."""
+def to_tensor(image: Image.Image, p: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
+    """A decoded PIL image -> normalized float32 array of shape (C, crop, crop), written into `out`
+    (e.g. a row of a batch) when given.
+
+    Each channel is normalized through a 256-entry lookup table of (v / 255 - mean) / std computed
+    in float32, exactly the values the arithmetic gives, at a fraction of its cost (one gather per
+    pixel instead of three float passes over the image).
+    """
     image = resize_and_crop(image, p)
-    arr = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
-    if arr.ndim == 2:
-        arr = arr[None, :, :]
+    pixels = np.asarray(image)
+    if out is None:
+        out = np.empty((p.channels, p.crop, p.crop), dtype=np.float32)
+    elif out.shape != (p.channels, p.crop, p.crop) or out.dtype != np.float32:
+        shape = (p.channels, p.crop, p.crop)
+        raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
+    table = _normalization_table(p.mean, p.std)
+    if pixels.ndim == 2:
+        np.take(table[0], pixels, out=out[0])
     else:
-        arr = arr.transpose(2, 0, 1)
-    mean = np.asarray(p.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(p.std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+        for c in range(p.channels):
+            np.take(table[c], pixels[:, :, c], out=out[c])
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """[C, 256] float32: row c maps a pixel value v to (v / 255 - mean[c]) / std[c]."""
+    values = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)
+    m = np.asarray(mean, dtype=np.float32)[:, None]
+    s = np.asarray(std, dtype=np.float32)[:, None]
+    table = np.ascontiguousarray((values[None, :] - m) / s, dtype=np.float32)
+    table.setflags(write=False)
+    return table
+
 
 # LeNet-5 on the UCI digits: the 8x8 images rendered to 32x32 grayscale (export.digits), then
 # normalized with the training split's pixel mean and std (a test recomputes them).
