@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 _ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 _ALLOWED_OPENED = frozenset({"JPEG", "MPO", "PNG", "WEBP"})
 _SUPPORTED_HINT = "send JPEG, PNG or WebP"
+# Pillow's name for an opened image -> the name sniff_format gives its container (for messages).
+_SNIFFED_NAME = {"MPO": "JPEG"}
 
 # (prefix, name) of formats we recognise only to name them in the error message.
 _OTHER_SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -103,6 +105,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     Raises errors.InvalidArgument with reason `empty_image`, `unsupported_format`, `corrupt_image`
     or `too_many_pixels`.
     """
+    return load_image(open_image(data, max_pixels=max_pixels))
+
+
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """decode_image's first half: sniff the format and parse the header only, refusing what
+    decode_image refuses before any pixel is decoded. Finish with `load_image`; `image.size` is the
+    declared size (checked against `max_pixels`)."""
     if not data:
         raise InvalidArgument("empty image: the request carried 0 bytes", reason="empty_image")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -132,7 +141,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             f"corrupt {fmt} image: cannot read its header ({exc})", reason="corrupt_image"
         ) from None
 
-    # Deliberately no `with image:`: close() would free the decoded pixels we are about to return.
+    # Deliberately no `with image:`: close() would free the decoded pixels load_image produces.
     if image.format not in _ALLOWED_OPENED:  # pragma: no cover - `formats` guarantees it
         raise InvalidArgument(
             f"unsupported image format {image.format}; {_SUPPORTED_HINT}", reason="unsupported_format"
@@ -146,6 +155,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             "(max_image_pixels)",
             reason="too_many_pixels",
         )
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """decode_image's second half: decode every pixel of an image from `open_image` and apply its
+    EXIF orientation. A truncated or corrupt file raises InvalidArgument(reason="corrupt_image")."""
+    fmt = _SNIFFED_NAME.get(str(image.format), str(image.format))
     try:
         # load() decodes everything now: a truncated file raises instead of yielding grey pixels.
         image.load()
@@ -167,22 +183,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return image
 
 
-def declared_pixels(data: bytes) -> int:
-    """width x height from the image header, without decoding; 0 when the header cannot be read
-    (the caller's decode_image then reports what is wrong)."""
-    if sniff_format(data) not in _ALLOWED_FORMATS:
-        return 0
-    try:
-        with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as image:
-            width, height = image.size
-    except Exception:  # noqa: BLE001 - bombs, corrupt headers: decode_image says which
-        return 0
-    return width * height
-
-
-def image_to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
-    """The model's float32 (C, H, W) input for a decoded image: `export.preprocessing.to_tensor`."""
-    return to_tensor(image, preprocessing)
+def image_to_tensor(
+    image: Image.Image, preprocessing: Preprocessing, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The model's float32 (C, H, W) input for a decoded image (written into `out` when given):
+    `export.preprocessing.to_tensor`."""
+    return to_tensor(image, preprocessing, out)
 
 
 def _fmt_shape(shape: Iterable[object]) -> str:

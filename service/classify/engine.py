@@ -32,7 +32,7 @@ from service.classify.batcher import Admission, DynamicBatcher
 from service.classify.providers import ProviderChoice, select_provider
 from service.classify.session import ModelLoadError, ModelSession
 from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from service.images import check_tensor, declared_pixels, decode_image, image_to_tensor
+from service.images import check_tensor, decode_image, image_to_tensor, load_image, open_image
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,15 @@ class _Served:
     model: LoadedModel
     session: ModelSession
     batcher: DynamicBatcher
+    # This model's metric children, looked up once instead of on every request.
+    decode_hist: Any = field(init=False, repr=False)
+    preprocess_hist: Any = field(init=False, repr=False)
+    images: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.decode_hist = metrics.DECODE_DURATION.labels(model=self.model.name)
+        self.preprocess_hist = metrics.PREPROCESS_DURATION.labels(model=self.model.name)
+        self.images = metrics.IMAGES.labels(model=self.model.name)
 
 
 # --- model selection ---------------------------------------------------------------------------
@@ -362,44 +371,56 @@ class ClassificationEngine:
         self._check_count(n)
         _check_deadline(deadline, "before decoding")
         batch = np.empty((n, *model.input_shape), dtype=np.float32)
-        labels = {"model": model.name}
-        decode_hist = metrics.DECODE_DURATION.labels(**labels)
-        preprocess_hist = metrics.PREPROCESS_DURATION.labels(**labels)
-        max_pixels = self._settings.max_image_pixels
-
-        def prepare(i: int) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            try:
-                image = decode_image(images[i], max_pixels=max_pixels)
-            except InvalidArgument as exc:
-                raise InvalidArgument(
-                    f"image {i}: {exc.message}" if n > 1 else exc.message, reason=exc.reason
-                ) from None
-            t1 = time.perf_counter()
-            batch[i] = image_to_tensor(image, model.preprocessing)
-            t2 = time.perf_counter()
-            decode_hist.observe(t1 - t0)
-            preprocess_hist.observe(t2 - t1)
-            return t1 - t0, t2 - t1
-
         # Under overload the request is refused here, at once, before any decoding (batcher.admit).
         admission = served.batcher.admit(n)
         try:
-            parts = self._prepare_inline(model, images, prepare)
-            if parts is None:
-                parts = await self._on_pool([functools.partial(prepare, i) for i in range(n)], deadline)
-            decode_s = sum(d for d, _ in parts)
-            preprocess_s = sum(p for _, p in parts)
+            inline = self._prepare_inline(served, images, batch)
+            if inline is not None:
+                decode_s, preprocess_s = inline
+            else:
+                parts = await self._on_pool(
+                    [functools.partial(self._prepare, served, images, i, batch) for i in range(n)], deadline
+                )
+                decode_s = sum(d for d, _ in parts)
+                preprocess_s = sum(p for _, p in parts)
             logits, queue_s, inference_s = await self._submit(served, batch, deadline, admission)
         finally:
             admission.release()  # a no-op once the batcher took it over
         probabilities = await self._softmax(logits)
-        metrics.IMAGES.labels(model=model.name).inc(n)
+        served.images.inc(n)
         return probabilities, Timings(decode_s, preprocess_s, queue_s, inference_s)
 
+    def _prepare(
+        self,
+        served: _Served,
+        images: list[bytes],
+        i: int,
+        batch: np.ndarray,
+        opened: tuple[Image.Image, float] | None = None,
+    ) -> tuple[float, float]:
+        """Decode images[i] into batch[i] (preprocessed); returns (decode, preprocess) seconds.
+        `opened`: the image with its header already parsed (open_image) and when that started."""
+        try:
+            if opened is None:
+                t0 = time.perf_counter()
+                image = decode_image(images[i], max_pixels=self._settings.max_image_pixels)
+            else:
+                image, t0 = opened
+                image = load_image(image)
+        except InvalidArgument as exc:
+            if len(images) == 1:
+                raise
+            raise InvalidArgument(f"image {i}: {exc.message}", reason=exc.reason) from None
+        t1 = time.perf_counter()
+        image_to_tensor(image, served.model.preprocessing, out=batch[i])
+        t2 = time.perf_counter()
+        served.decode_hist.observe(t1 - t0)
+        served.preprocess_hist.observe(t2 - t1)
+        return t1 - t0, t2 - t1
+
     def _prepare_inline(
-        self, model: LoadedModel, images: list[bytes], prepare: Callable[[int], tuple[float, float]]
-    ) -> list[tuple[float, float]] | None:
+        self, served: _Served, images: list[bytes], batch: np.ndarray
+    ) -> tuple[float, float] | None:
         """Decode and preprocess one tiny image (LeNet's 32x32 digits) on the event loop: the two
         thread hops to the preprocessing pool and back cost more than the work. None: use the pool.
 
@@ -407,15 +428,16 @@ class ClassificationEngine:
         INLINE_MAX_INPUT_PIXELS, and the header declares at most INLINE_MAX_PIXELS (checked before
         decoding, so a small file declaring a huge image still goes to the pool).
         """
-        _, height, width = model.input_shape
-        if (
-            len(images) != 1
-            or len(images[0]) > INLINE_MAX_BYTES
-            or height * width > INLINE_MAX_INPUT_PIXELS
-            or declared_pixels(images[0]) > INLINE_MAX_PIXELS
-        ):
+        _, height, width = served.model.input_shape
+        if len(images) != 1 or len(images[0]) > INLINE_MAX_BYTES or height * width > INLINE_MAX_INPUT_PIXELS:
             return None
-        return [prepare(0)]
+        t0 = time.perf_counter()
+        # A header that cannot be parsed raises here, as decode_image would (one image: same message).
+        image = open_image(images[0], max_pixels=self._settings.max_image_pixels)
+        declared_width, declared_height = image.size
+        if declared_width * declared_height > INLINE_MAX_PIXELS:
+            return None
+        return self._prepare(served, images, 0, batch, opened=(image, t0))
 
     async def classify_tensors(
         self, model: LoadedModel, batch: np.ndarray, deadline: float | None
@@ -440,7 +462,7 @@ class ClassificationEngine:
             logits, queue_s, inference_s = await self._submit(served, x, deadline, admission)
         finally:
             admission.release()  # a no-op once the batcher took it over
-        metrics.IMAGES.labels(model=model.name).inc(len(x))
+        served.images.inc(len(x))
         return logits, Timings(0.0, check_s, queue_s, inference_s)
 
     def _check_count(self, n: int) -> None:

@@ -233,11 +233,19 @@ def test_check_tensor_rejects_non_finite_values(bad: float) -> None:
     assert "NaN or infinite" in info.value.message and "[1, 0, 2, 3]" in info.value.message
 
 
-def test_declared_pixels_reads_the_header_only() -> None:
-    from service.images import declared_pixels
+def test_open_image_reads_the_header_only_and_load_image_finishes() -> None:
+    from service.images import load_image, open_image
 
     buf = io.BytesIO()
-    Image.new("L", (40, 30)).save(buf, format="PNG")
-    assert declared_pixels(buf.getvalue()) == 1200
-    assert declared_pixels(b"") == 0 and declared_pixels(b"GIF89a....") == 0
-    assert declared_pixels(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20) == 0  # unreadable header
+    Image.new("L", (40, 30), 7).save(buf, format="PNG")
+    data = buf.getvalue()
+    opened = open_image(data, max_pixels=10_000)
+    assert opened.size == (40, 30) and opened.format == "PNG"
+    assert opened._im is None  # nothing decoded yet
+    assert np.asarray(load_image(opened)).max() == 7
+    with pytest.raises(InvalidArgument) as info:
+        open_image(data, max_pixels=1000)  # the cap is checked from the header
+    assert info.value.reason == "too_many_pixels"
+    with pytest.raises(InvalidArgument) as info:
+        load_image(open_image(data[: len(data) - 30], max_pixels=10_000))  # truncated pixel data
+    assert info.value.reason == "corrupt_image" and "corrupt PNG image" in info.value.message
