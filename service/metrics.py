@@ -9,6 +9,9 @@ from client_python's default collectors on the same registry.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 # Request latencies on CPU span ~0.5 ms (LeNet) to seconds (queued ResNet-50 batches).
@@ -104,3 +107,11 @@ WORKERS_ALIVE = Gauge("cnnserve_workers_alive", "Gradient worker processes alive
 TASK_CANCELLATIONS = Counter(
     "cnnserve_task_cancellations_total", "Gradient jobs stopped by cancellation or deadline.", ["task"],
 )
+
+
+@functools.lru_cache(maxsize=8192)
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: the hot path asks for the same few children on every
+    request, and labels() validates, stringifies and takes a lock each time. Bounded: label values
+    are model names, methods, codes and reasons (never client-chosen strings)."""
+    return metric.labels(*labels)

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from service import errors, images
 from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from service.gradients import GradientRpcs, served_capabilities
-from service.metrics import INFLIGHT, REJECTIONS, REQUEST_DURATION, REQUESTS
+from service.metrics import INFLIGHT, REJECTIONS, REQUEST_DURATION, REQUESTS, child
 from service.settings import Settings
 
 from ._proto.cnnserve.v1 import inference_pb2 as pb
@@ -191,16 +191,17 @@ class Rpc:
             self._record(grpc.StatusCode.CANCELLED, "cancelled")
 
     def _record(self, code: grpc.StatusCode, reason: str | None) -> None:
-        REQUESTS.labels(self.method, self.model, code.name).inc()
-        REQUEST_DURATION.labels(self.method, self.model).observe(time.perf_counter() - self._start)
+        child(REQUESTS, self.method, self.model, code.name).inc()
+        child(REQUEST_DURATION, self.method, self.model).observe(time.perf_counter() - self._start)
         if reason is not None:
-            REJECTIONS.labels(self.method, self.model, reason).inc()
+            child(REJECTIONS, self.method, self.model, reason).inc()
 
 
 async def unary(method: str, context: grpc.aio.ServicerContext, work: Callable[[Rpc], Awaitable[T]]) -> T:
     """Run one unary RPC's `work` with metrics; any exception becomes `context.abort`."""
     rpc = Rpc(method)
-    INFLIGHT.labels(method).inc()
+    inflight = child(INFLIGHT, method)
+    inflight.inc()
     try:
         response = await work(rpc)
     except asyncio.CancelledError:
@@ -214,7 +215,7 @@ async def unary(method: str, context: grpc.aio.ServicerContext, work: Callable[[
         rpc.succeeded()
         return response
     finally:
-        INFLIGHT.labels(method).dec()
+        inflight.dec()
 
 
 # Services whose malformed requests are counted in the request metrics (method = the short name).
@@ -518,6 +519,8 @@ class InferenceServicer(GradientRpcs, pb_grpc.InferenceServicer):
             calls.append(engine.classify_images(model, [data for _, data in encoded], deadline))
         if tensors:
             calls.append(engine.classify_tensors(model, np.concatenate([t for _, t in tensors]), deadline))
+        if len(calls) == 1:  # one kind of input, the usual case: already in request order
+            return await calls[0]
         outcomes = await first_error_gather(*calls)
         probabilities = np.empty((len(inputs), model.num_classes), dtype=np.float32)
         groups = [g for g in (encoded, tensors) if g]

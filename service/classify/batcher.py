@@ -268,19 +268,19 @@ class DynamicBatcher:
         self._peak = max(float(self._outstanding), self._peak * _PEAK_DECAY)
         self._wakeup.set()
 
+        # The deadline is a timer that answers the request DEADLINE_EXCEEDED (and drops whatever of
+        # it is not computed); awaiting the future itself keeps the hot path to one wake-up.
+        timer = None if deadline is None else loop.call_later(max(0.0, deadline - now), self._expire, req)
         try:
-            timeout = None if deadline is None else max(0.0, deadline - self._clock())
-            done, _ = await asyncio.wait((req.future,), timeout=timeout)
+            # Raises the error the request was answered with (DeadlineExceeded from the timer).
+            outputs = await req.future
         except asyncio.CancelledError:
             # The caller went away (client cancelled): its images must not be computed.
             self._abandon(req)
             raise
-        if not done:
-            self._abandon(req)
-            raise DeadlineExceeded(
-                f"deadline exceeded after {self._clock() - req.enqueued:.3f} s waiting for model {self.name}"
-            )
-        outputs = req.future.result()  # raises the error the request was answered with
+        finally:
+            if timer is not None:
+                timer.cancel()
         inference_s = req.inference_s
         queue_s = max(0.0, req.finished_at - req.enqueued - inference_s)
         return outputs, BatchTimings(queue_s=queue_s, inference_s=inference_s, batches=req.batches)
@@ -345,6 +345,13 @@ class DynamicBatcher:
             req.future.set_result(result)
         else:
             req.future.cancel()
+
+    def _expire(self, req: _Request) -> None:
+        """The request's deadline timer: answer it DEADLINE_EXCEEDED unless it is answered already."""
+        if not req.finished:
+            waited = self._clock() - req.enqueued
+            message = f"deadline exceeded after {waited:.3f} s waiting for model {self.name}"
+            self._finish(req, error=DeadlineExceeded(message))
 
     def _abandon(self, req: _Request) -> None:
         """The caller stopped waiting (deadline or cancellation): drop whatever is not computed."""
