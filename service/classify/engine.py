@@ -29,7 +29,7 @@ from export.errors import RepositoryError
 from export.preprocessing import Preprocessing
 from service import metrics
 from service.classify.batcher import Admission, DynamicBatcher
-from service.classify.providers import ProviderChoice, select_provider
+from service.classify.providers import CUDA, ProviderChoice, select_provider
 from service.classify.session import ModelLoadError, ModelSession
 from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from service.images import check_tensor, decode_image, image_to_tensor, load_image, open_image
@@ -286,6 +286,8 @@ class ClassificationEngine:
         max_batch = settings.max_batch_size
         if session.batch_limit is not None:
             max_batch = min(max_batch, session.batch_limit)
+        if session.provider == CUDA and settings.cuda_fixed_batch:
+            session.fix_batch_size(max_batch)  # every batch then runs (and warms up) at one shape
         warmup_s = session.warmup(range(1, max_batch + 1))
         model = replace(model, provider=session.provider)
         batcher = DynamicBatcher(

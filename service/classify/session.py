@@ -219,6 +219,16 @@ class ModelSession:
 
         self.input_shape, self.batch_limit = self._check_input(input_shape)
         self.num_classes = self._check_output()
+        # Rows every run is zero-padded to (fix_batch_size); None: batches run at their own size.
+        self.fixed_batch: int | None = None
+
+    def fix_batch_size(self, rows: int) -> None:
+        """Run every batch of up to `rows` images zero-padded to exactly `rows` rows (a larger batch
+        is refused). For the CUDA provider, which rebuilds its convolution plans on every change
+        of the input shape (Settings.cuda_fixed_batch); the padding rows' outputs are dropped."""
+        if rows < 1 or (self.batch_limit is not None and rows > self.batch_limit):
+            raise ValueError(f"cannot fix the batch size of {self.path} at {rows}")
+        self.fixed_batch = rows
 
     def _check_input(self, expected: tuple[int, ...] | None) -> tuple[tuple[int, ...], int | None]:
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -266,6 +276,13 @@ class ModelSession:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 logits (N, K) for the (N, C, H, W) batch."""
         x = np.ascontiguousarray(batch, dtype=self.input_dtype)
+        rows = x.shape[0]
+        if self.fixed_batch is not None and rows != self.fixed_batch:
+            if rows > self.fixed_batch:
+                raise ModelRunError(f"{self.path}: batch of {rows} over the fixed size {self.fixed_batch}")
+            padded = np.zeros((self.fixed_batch, *x.shape[1:]), dtype=x.dtype)
+            padded[:rows] = x
+            x = padded
         if self._cuda:
             binding = self._session.io_binding()
             binding.bind_ortvalue_input(
@@ -280,6 +297,7 @@ class ModelSession:
             raise ModelRunError(
                 f"{self.path}: returned shape {list(logits.shape)} for a batch of {x.shape[0]}"
             )
+        logits = logits[:rows]
         # Softmax and clients get float32 even from a float16 model.
         return np.asarray(logits, dtype=np.float32)
 

@@ -14,7 +14,13 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from service.classify import session as session_mod
 from service.classify.providers import CPU, CUDA, ProviderChoice, cuda_status, select_provider
-from service.classify.session import ModelLoadError, ModelSession, check_external_data, session_options
+from service.classify.session import (
+    ModelLoadError,
+    ModelRunError,
+    ModelSession,
+    check_external_data,
+    session_options,
+)
 from service.settings import Settings
 
 CHW = (3, 4, 4)
@@ -92,6 +98,26 @@ def test_warmup_runs_every_batch_size(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(sess, "run", lambda x: seen.append(len(x)) or real_run(x))
     assert sess.warmup(range(1, 9)) >= 0
     assert seen == list(range(1, 9))
+
+
+def test_a_fixed_batch_size_pads_and_drops_the_padding(tmp_path: Path) -> None:
+    model, w, b = linear_model()
+    sess = ModelSession(save(model, tmp_path), settings=SETTINGS, provider=CPU_CHOICE, input_shape=CHW)
+    x = np.random.default_rng(4).standard_normal((8, *CHW)).astype(np.float32)
+    unpadded = sess.run(x)
+    shapes: list[tuple[int, ...]] = []
+    real = sess._session.run
+    sess._session.run = lambda names, feed: shapes.append(feed["input"].shape) or real(names, feed)  # type: ignore[method-assign]
+    sess.fix_batch_size(8)
+    for n in (1, 3, 8):
+        out = sess.run(x[:n])
+        assert out.shape == (n, K)  # the padding rows' outputs are dropped
+        np.testing.assert_allclose(out, unpadded[:n], rtol=1e-5, atol=1e-5)
+    assert shapes == [(8, *CHW)] * 3  # ONNX Runtime saw one shape only
+    with pytest.raises(ModelRunError, match="over the fixed size 8"):
+        sess.run(np.zeros((9, *CHW), np.float32))
+    with pytest.raises(ValueError):
+        sess.fix_batch_size(0)
 
 
 @pytest.mark.parametrize(
