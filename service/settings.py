@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         "beyond that requests get RESOURCE_EXHAUSTED at once.",
     )
     preprocess_threads: int = Field(
-        0, ge=0, description="Threads decoding and preprocessing images (0: one per core, at least 2)."
+        0, ge=0, description="Threads decoding and preprocessing images (0: half the cores, at least 1)."
     )
 
     # --- request caps ----------------------------------------------------------------------------

@@ -481,3 +481,13 @@ def test_a_tiny_single_image_is_decoded_on_the_event_loop(
         await engine.stop()
 
     run(main)
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 8), (None, 1)])
+def test_preprocessing_takes_half_the_cores_by_default(
+    monkeypatch: pytest.MonkeyPatch, cores: int | None, threads: int
+) -> None:
+    from service.classify import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod.os, "cpu_count", lambda: cores)
+    assert engine_mod.default_preprocess_threads() == threads
