@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         le=100.0,
         description="Python's GIL switch interval in the server process (Python's default is 5). Each "
         "ONNX Runtime call takes the GIL back several times; behind busy preprocessing threads every "
-        "take waits up to one interval, which dominates short (GPU) inferences.",
+        "take waits up to one interval (a 2 ms GPU batch took 2.8 ms behind 16 such threads at 5 ms).",
     )
     cuda_fixed_batch: bool = Field(
         True,
