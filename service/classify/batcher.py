@@ -25,6 +25,8 @@ input is ready (decoding, validation) takes its place first with `admit(n)` and 
 once, in arrival order. A request whose deadline passes while it waits is
 answered DEADLINE_EXCEEDED at once (a timer, not the next batch boundary) and is never computed; a
 cancelled caller's request leaves the queue; `close()` refuses new work and drains the queue.
+When a batch's ONNX Runtime call fails, each of its requests is run again alone: only a request
+whose own rows fail is answered INTERNAL.
 """
 
 from __future__ import annotations
@@ -442,8 +444,27 @@ class DynamicBatcher:
         return parts
 
     async def _run_batch(self, parts: list[tuple[_Request, int, int]]) -> None:
-        rows = sum(stop - start for _, start, stop in parts)
         self._current = list(dict.fromkeys(req for req, _, _ in parts))
+        try:
+            if not await self._run_parts(parts, answer_failure=len(parts) == 1):
+                # One request's input can fail the whole ONNX Runtime call: run each request of the
+                # batch alone, so only the culprit is answered INTERNAL and the others are served.
+                log.warning(
+                    "model %s: running the %d requests of the failed batch one by one", self.name, len(parts)
+                )
+                for part in parts:
+                    if not part[0].finished:
+                        await self._run_parts([part], answer_failure=True)
+        finally:
+            current, self._current = self._current, []
+            for req in current:
+                if req.finished:  # answered (or abandoned during the run): its images leave now
+                    self._release(req)
+
+    async def _run_parts(self, parts: list[tuple[_Request, int, int]], *, answer_failure: bool) -> bool:
+        """One ONNX Runtime call on these rows; delivers them to their requests. On failure: logs,
+        answers the requests INTERNAL if `answer_failure`, and returns False."""
+        rows = sum(stop - start for _, start, stop in parts)
         inputs = [req.x[start:stop] for req, start, stop in parts]
         loop = asyncio.get_running_loop()
         try:
@@ -455,15 +476,14 @@ class DynamicBatcher:
                 "model %s: inference failed for a batch of %d images from %d requests",
                 self.name,
                 rows,
-                len(self._current),
+                len(parts),
                 exc_info=exc,
             )
-            error: ServiceError = Internal(GENERIC_INTERNAL_MESSAGE)
-            current, self._current = self._current, []
-            for req in current:
-                self._finish(req, error=error)
-                self._release(req)
-            return
+            if answer_failure:
+                error: ServiceError = Internal(GENERIC_INTERNAL_MESSAGE)
+                for req, _, _ in parts:
+                    self._finish(req, error=error)
+            return False
         self._batch_size.observe(rows)
         self._inference.observe(elapsed)
         offset = 0
@@ -480,7 +500,4 @@ class DynamicBatcher:
                 if req.done == req.n:
                     self._finish(req, result=req.out)
             offset += count
-        current, self._current = self._current, []
-        for req in current:
-            if req.finished:  # answered (or abandoned during the run): its images leave now
-                self._release(req)
+        return True

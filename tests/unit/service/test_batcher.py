@@ -376,6 +376,35 @@ def test_runner_failure_answers_internal_and_the_batcher_keeps_serving(
     assert "poisoned batch" in caplog.text  # the traceback is logged, not sent
 
 
+def test_a_failing_request_fails_alone_when_batched_with_others(caplog: pytest.LogCaptureFixture) -> None:
+    runner = FakeRunner(blocking=True, poison=666.0)
+
+    async def main() -> None:
+        b = make(runner, max_queue_delay_s=0)
+        await b.start()
+        first = asyncio.ensure_future(b.submit(ids(1, 1), None))  # holds the runner at its gate
+        await wait_until(runner.entered.is_set)
+        good = asyncio.ensure_future(b.submit(ids(10, 2), None))
+        bad = asyncio.ensure_future(b.submit(ids(666, 1), None))
+        also_good = asyncio.ensure_future(b.submit(ids(20, 1), None))
+        await wait_until(lambda: b.queued_images == 4)
+        runner.gate.set()
+        np.testing.assert_array_equal(await first, ids(1, 1) * 2)
+        np.testing.assert_array_equal(await good, ids(10, 2) * 2)
+        np.testing.assert_array_equal(await also_good, ids(20, 1) * 2)
+        with pytest.raises(Internal) as info:
+            await bad
+        assert info.value.message == GENERIC_INTERNAL_MESSAGE
+        assert b.admitted_images == 0  # every image released, the failed one too
+        np.testing.assert_array_equal(await b.submit(ids(30, 3), None), ids(30, 3) * 2)
+        await b.close()
+
+    run(main)
+    # The merged batch of 4 failed; its three requests ran alone; only 666 failed again.
+    assert runner.sizes() == [1, 4, 2, 1, 1, 3], runner.sizes()
+    assert "running the 3 requests of the failed batch one by one" in caplog.text
+
+
 def test_single_client_never_waits_for_company() -> None:
     runner = FakeRunner()
 
