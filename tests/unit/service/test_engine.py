@@ -444,17 +444,21 @@ def test_softmax_is_stable() -> None:
     np.testing.assert_allclose(probs, [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], atol=1e-7)
 
 
-def test_a_tiny_single_image_is_decoded_on_the_event_loop(
+def test_a_single_image_is_decoded_on_the_event_loop_when_tiny_or_alone(
     repo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One small image for a small model skips the preprocessing pool (two thread hops cost more
-    than decoding it); anything bigger, or a small file declaring a big image, still uses the pool."""
-    from service.classify.engine import INLINE_MAX_BYTES
+    """The preprocessing pool is skipped (two thread hops cost more than they buy) for one tiny
+    image for a tiny model, always, and for one image of at most IDLE_INLINE_MAX_PIXELS when no other
+    classification is in progress. Anything else, or a small file declaring a bigger image than
+    the case allows (parsed from the header first), still goes to the pool."""
+    import threading
+
+    from service.classify.engine import IDLE_INLINE_MAX_PIXELS, INLINE_MAX_BYTES
 
     w, b = repo["weights"][("gray", 1)]
 
     async def main() -> None:
-        engine = ClassificationEngine(settings_for(repo["root"], models="gray"))
+        engine = ClassificationEngine(settings_for(repo["root"], models="gray", preprocess_threads=2))
         engine.load()
         await engine.start()
         model = engine.get("gray")
@@ -468,16 +472,51 @@ def test_a_tiny_single_image_is_decoded_on_the_event_loop(
 
         monkeypatch.setattr(engine, "_on_pool", counted)
         color = random_image(5)
-        probs, timings = await engine.classify_images(model, [png(color)], None)
-        assert pool_calls == [] and timings.decode_s > 0
-        np.testing.assert_allclose(probs, expected_probs([color], GRAY8, w, b), rtol=1e-4, atol=1e-6)
         declared_big = png(np.zeros((200, 200, 3), np.uint8))  # a small file, 40,000 pixels
         assert len(declared_big) <= INLINE_MAX_BYTES
+        medium = random_image(6, (300, 200))  # 60,000 pixels, a file far over INLINE_MAX_BYTES
+        assert len(png(medium)) > INLINE_MAX_BYTES
+        over = png(np.zeros((600, 600, 3), np.uint8))
+        assert 600 * 600 > IDLE_INLINE_MAX_PIXELS
+
+        # Alone: every single image up to the idle cap is decoded on the loop.
+        for image in (color, medium):
+            probs, timings = await engine.classify_images(model, [png(image)], None)
+            np.testing.assert_allclose(probs, expected_probs([image], GRAY8, w, b), rtol=1e-4, atol=1e-6)
+            assert timings.decode_s > 0
         await engine.classify_images(model, [declared_big], None)
+        assert pool_calls == []
+        await engine.classify_images(model, [over], None)
         await engine.classify_images(model, [png(color), png(color)], None)
         assert pool_calls == [1, 2]
         with pytest.raises(InvalidArgument, match="corrupt"):  # refused on the loop, as on the pool
             await engine.classify_images(model, [b"\x89PNG\r\n\x1a\n" + b"\x00" * 40], None)
+
+        # Busy: another request holds a pool thread (its decoding waits for `gate`).
+        gate = threading.Event()
+        blocker_images = [over]
+        prepare = engine._prepare
+
+        def gated(served: Any, images: list[bytes], *args: Any, **kwargs: Any) -> Any:
+            if images is blocker_images:
+                assert gate.wait(30)
+            return prepare(served, images, *args, **kwargs)
+
+        monkeypatch.setattr(engine, "_prepare", gated)
+        pool_calls.clear()
+        blocker = asyncio.create_task(engine.classify_images(model, blocker_images, None))
+        while pool_calls != [1]:
+            await asyncio.sleep(0.001)
+        probs, _ = await engine.classify_images(model, [png(color)], None)  # tiny: still inline
+        np.testing.assert_allclose(probs, expected_probs([color], GRAY8, w, b), rtol=1e-4, atol=1e-6)
+        assert pool_calls == [1]
+        probs, _ = await engine.classify_images(model, [png(medium)], None)
+        np.testing.assert_allclose(probs, expected_probs([medium], GRAY8, w, b), rtol=1e-4, atol=1e-6)
+        await engine.classify_images(model, [declared_big], None)
+        assert pool_calls == [1, 1, 1]
+        gate.set()
+        await blocker
+        assert engine._active == 0
         await engine.stop()
 
     run(main)
