@@ -137,6 +137,56 @@ def other_cpu_users(exclude: set[int]) -> list[str]:
     return busy
 
 
+@dataclass
+class CpuSplit:
+    """Cores used over a window: by the process's `top` busiest threads, its other threads, the
+    rest of the machine, and idle."""
+
+    top: float
+    rest_of_process: float
+    rest_of_machine: float
+    idle: float
+
+
+class CpuWindow:
+    """Per-thread CPU of one process (and the machine's) between construction and `split()`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._start = time.monotonic()
+        self._threads = self._thread_ticks()
+        self._machine = self._machine_ticks()
+
+    def _thread_ticks(self) -> dict[str, int]:
+        out = {}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue  # the thread ended
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[task.name] = int(fields[11]) + int(fields[12])
+        return out
+
+    @staticmethod
+    def _machine_ticks() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    def split(self, top: int) -> CpuSplit:
+        hz = os.sysconf("SC_CLK_TCK")
+        seconds = time.monotonic() - self._start
+        now = self._thread_ticks()
+        used = sorted((t - self._threads.get(k, 0) for k, t in now.items()), reverse=True)
+        total, idle = self._machine_ticks()
+        span = total - self._machine[0]
+        cores = os.cpu_count() or 1
+        idle_cores = (idle - self._machine[1]) / span * cores if span else 0.0
+        process = sum(used) / hz / seconds
+        top_cores = sum(used[:top]) / hz / seconds
+        return CpuSplit(top_cores, process - top_cores, max(0.0, cores - idle_cores - process), idle_cores)
+
+
 # --- repository and inputs --------------------------------------------------------------------------
 
 
@@ -361,9 +411,18 @@ def part_resnet(args: argparse.Namespace, paths: dict[str, Path], report: Report
                    ratio=f"{c1.completed / c1.seconds:.1f} req/s")  # fmt: skip
         dist, mean = batch_distribution(h0, h1)
         report.add("resnet50 served c=1", "batch sizes (/metrics)", f"mean {mean:.2f}: {dist}")
+        floor_p50 = floor_latency(paths["resnet50"].parent, request, args.seconds)
+        report.add("resnet50 minimal Python server c=1 (bench.floor)", "latency p50 (JPEG 224)",
+                   ms(floor_p50), f"raw b1 p50 {ms(latency.p50_s)}",
+                   f"+{(floor_p50 - latency.p50_s) * 1e3:.1f} ms "
+                   f"(served - floor {(p50 - floor_p50) * 1e3:+.1f} ms)", "context", None)  # fmt: skip
 
+        cpu = CpuWindow(server.process.pid)
         c16 = run_load(server.address, request, concurrency=16, processes=args.client_procs,
                        duration_s=args.seconds)  # fmt: skip
+        # ONNX Runtime's intra-op threads (one per core: the runner thread and its pool) are the
+        # server's busiest; everything else shares the same cores with them.
+        split = cpu.split(top=os.cpu_count() or 1)
         h2 = server.batch_histogram("resnet50")
         rate = c16.completed / c16.seconds
         report.add("resnet50 served c=16", "throughput (JPEG 224)", f"{rate:.1f} img/s",
@@ -374,15 +433,35 @@ def part_resnet(args: argparse.Namespace, paths: dict[str, Path], report: Report
                    f"{ms(pct(c16.latencies_s, 99))}", ratio=f"errors {c16.errors}")  # fmt: skip
         dist, mean = batch_distribution(h1, h2)
         report.add("resnet50 served c=16", "batch sizes (/metrics)", f"mean {mean:.2f}: {dist}")
+        report.add("resnet50 served c=16", "CPU, cores (whole load incl. warm-up)",
+                   f"ORT threads {split.top:.2f}, rest of server {split.rest_of_process:.2f}, "
+                   f"clients + others {split.rest_of_machine:.2f}, idle {split.idle:.2f}",
+                   ratio=f"non-ORT {(split.rest_of_process + split.rest_of_machine) / rate * 1e3:.1f} ms/img",
+                   target="context", ok=None)  # fmt: skip
         for r in (c1, c16):
             if r.error_samples:
                 report.notes.append(f"resnet50 errors: {r.error_samples[:3]}")
         report.raw["resnet50_served"] = {
-            "c1": {"p50": p50, "p99": p99, "p999": p999, "n": c1.completed},
-            "c16": {"images_per_s": rate, "n": c16.completed},
+            "c1": {"p50": p50, "p99": p99, "p999": p999, "n": c1.completed, "floor_p50": floor_p50},
+            "c16": {"images_per_s": rate, "n": c16.completed, "cpu": split.__dict__},
         }
     finally:
         server.stop()
+
+
+def floor_latency(model_dir: Path, request: Any, seconds: float) -> float:
+    """c=1 p50 of bench.floor (the minimal inline Python server) for this model and request."""
+    from bench.load import run_load
+
+    floor = Child([sys.executable, "-m", "bench.floor", str(model_dir)])
+    try:
+        address = floor.wait_for(r"listening (\S+)", 180)[1]
+        result = run_load(address, request, concurrency=1, processes=1, duration_s=seconds)
+    finally:
+        floor.stop()
+    if result.errors:
+        raise RuntimeError(f"bench.floor answered errors: {result.error_samples}")
+    return pct(result.latencies_s, 50)
 
 
 def part_style(args: argparse.Namespace, report: Report) -> None:
@@ -420,31 +499,52 @@ def part_style(args: argparse.Namespace, report: Report) -> None:
     )
 
 
-def part_lenet(args: argparse.Namespace, report: Report) -> None:
+def part_lenet(args: argparse.Namespace, paths: dict[str, Path], report: Report) -> None:
     from bench.load import echo_response, run_load
     from service._proto.cnnserve.v1 import inference_pb2 as pb
 
     request = pb.ClassifyRequest(model="lenet5", top_k=5, image=pb.ImageInput(encoded=digit_png()))
     log(f"lenet5: server vs bare echo (request {request.ByteSize()} B, echo response "
         f"{echo_response().ByteSize()} B), concurrency {args.lenet_concurrency}")  # fmt: skip
+    lenet_dir = paths["lenet5"].parent
     echo = Child([sys.executable, "-m", "bench.load", "echo"])
+    floor = Child([sys.executable, "-m", "bench.floor", str(lenet_dir)])
+    bare = Child([sys.executable, "-m", "bench.floor", str(lenet_dir), "--no-model"])
     server = Server(args.repository, "--workers", "0")
     try:
         echo_address = echo.wait_for(r"listening (\S+)", 60)[1]
-        with_real = []
-        with_echo = []
+        floor_address = floor.wait_for(r"listening (\S+)", 120)[1]
+        bare_address = bare.wait_for(r"listening (\S+)", 120)[1]
+        with_real: list[Any] = []
+        with_echo: list[Any] = []
+        with_floor: list[Any] = []
+        with_bare: list[Any] = []
         half = args.seconds / 2
-        # A/B/A/B so drifting background load hits both sides alike.
+        # A/B/C/D twice so drifting background load hits every side alike.
         for _ in range(2):
-            for address, out in ((echo_address, with_echo), (server.address, with_real)):
+            for address, out in ((echo_address, with_echo), (server.address, with_real),
+                                 (floor_address, with_floor), (bare_address, with_bare)):  # fmt: skip
                 out.append(run_load(address, request, concurrency=args.lenet_concurrency,
                                     processes=args.client_procs, duration_s=half))  # fmt: skip
-        real_rate = sum(r.completed for r in with_real) / (2 * half)
-        echo_rate = sum(r.completed for r in with_echo) / (2 * half)
+        real_rate, echo_rate, floor_rate, bare_rate = (
+            sum(r.completed for r in runs) / (2 * half)
+            for runs in (with_real, with_echo, with_floor, with_bare)
+        )
         errors = sum(r.errors for r in with_real)
         report.add("lenet5 Classify", f"requests/s (c={args.lenet_concurrency})", f"{real_rate:.0f} req/s",
                    f"bare grpc.aio echo {echo_rate:.0f} req/s", f"{real_rate / echo_rate:.2f}",
                    f">= {ECHO_TARGET}", real_rate / echo_rate >= ECHO_TARGET)  # fmt: skip
+        report.add("lenet5 minimal Python server (bench.floor)",
+                   "requests/s: decode, preprocess, ORT, respond",
+                   f"{floor_rate:.0f} req/s", f"echo {echo_rate:.0f} req/s",
+                   f"{floor_rate / echo_rate:.2f} (served/floor {real_rate / floor_rate:.2f})", "context",
+                   None)  # fmt: skip
+        report.add("lenet5 minimal Python server, no model", "requests/s: decode, preprocess, respond",
+                   f"{bare_rate:.0f} req/s", f"echo {echo_rate:.0f} req/s", f"{bare_rate / echo_rate:.2f}",
+                   "context", None)  # fmt: skip
+        floor_errors = [r.error_samples[:2] for r in (*with_floor, *with_bare) if r.errors]
+        if floor_errors:
+            report.notes.append(f"lenet5 minimal server errors: {floor_errors}")
         lat = [x for r in with_real for x in r.latencies_s]
         elat = [x for r in with_echo for x in r.latencies_s]
         report.add("lenet5 Classify", "latency p50 / p99", f"{ms(pct(lat, 50))} / {ms(pct(lat, 99))}",
@@ -465,10 +565,14 @@ def part_lenet(args: argparse.Namespace, report: Report) -> None:
             if r.error_samples:
                 report.notes.append(f"lenet5 errors: {r.error_samples[:3]}")
                 break
-        report.raw["lenet5"] = {"served_rps": real_rate, "echo_rps": echo_rate, "stream_ips": srate}
+        report.raw["lenet5"] = {
+            "served_rps": real_rate, "echo_rps": echo_rate, "stream_ips": srate,
+            "floor_rps": floor_rate, "floor_no_model_rps": bare_rate,
+        }  # fmt: skip
     finally:
         server.stop()
-        echo.stop()
+        for child in (echo, floor, bare):
+            child.stop()
 
 
 def part_gradients(args: argparse.Namespace, report: Report) -> None:
@@ -613,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "style" in args.parts:
         part_style(args, report)
     if "lenet" in args.parts:
-        part_lenet(args, report)
+        part_lenet(args, paths, report)
     if "gradients" in args.parts:
         part_gradients(args, report)
     elapsed = time.perf_counter() - started
