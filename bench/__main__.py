@@ -626,10 +626,20 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
         "- Served load: one asyncio grpc.aio client ("
         + (f"{args.client_procs} spawned processes" if args.client_procs > 1 else "in the bench process")
         + f") with N tasks issuing requests back to back (c=N), {args.seconds:.0f} s windows after a warm-up"
-        " (lenet: echo/server/echo/server halves). Throughput counts completions inside the window;"
+        " (lenet: echo/server/floor/floor-without-model, twice, in halves). Throughput counts"
+        " completions inside the window;"
         " latencies are client-side, of those completions.",
         "  Requests: a 224x224 JPEG (q90) for resnet50 (decoded and preprocessed by the server), a 32x32"
         " PNG for lenet5. The echo server answers a fixed 5-class response to the same request.",
+        "- Floor: `bench.floor`, a bare grpc.aio server doing only the essential work of a Classify"
+        " inline on its event loop with the service's own code (decode with the pixel cap and EXIF,"
+        " preprocess, one ONNX Runtime call per request on a session built like the service's,"
+        " softmax, top-k, response; no batching, no metrics, no thread hops); `--no-model` skips the"
+        " ONNX Runtime call. What a hand-rolled Python server reaches here: a target below it cannot"
+        " be met by a Python server on this machine.",
+        "- CPU at c=16: per-thread CPU of the server process from /proc over the whole load (warm-up"
+        " included); the busiest threads, one per core, are ONNX Runtime's intra-op threads; the"
+        " rest of the machine is the load client and any neighbour.",
         "- Raw ORT: `bench.raw_ort` session built exactly as the service builds it, back-to-back runs at"
         f" batch 1/8/16 (median of 3 interleaved rounds, {args.raw_seconds:.0f} s per size in all) and"
         f" {args.latency_iterations} batch-1 latency"
