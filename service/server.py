@@ -166,6 +166,18 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
             inner.cancel()
             shutting_down.cancel()
 
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """Every service name with its status (the stock servicer answers UNIMPLEMENTED with a
+        logged traceback). A handful of names: one per loaded model plus the fixed ones."""
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
     async def enter_graceful_shutdown(self) -> None:
         await super().enter_graceful_shutdown()
         self._shutting_down.set()

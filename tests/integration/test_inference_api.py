@@ -413,6 +413,13 @@ def test_health_per_service_and_model(server: ServerProcess) -> None:
         ), service
     error = rpc_error(stub.Check, health_pb2.HealthCheckRequest(service="model:ghost"), timeout=5)
     assert error.code() == grpc.StatusCode.NOT_FOUND
+    # List: every name at once; this server runs no gradient worker (--workers 0).
+    listed = stub.List(health_pb2.HealthListRequest(), timeout=5).statuses
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert {name: response.status for name, response in listed.items()} == {
+        "": serving, "cnnserve.v1.Inference": serving, "inference.GRPCInferenceService": serving,
+        "model:lenet5": serving, "model:resnet18": serving, "cnnserve.v1.Inference/gradients": not_serving,
+    }  # fmt: skip
 
 
 def test_reflection_lists_our_services(server: ServerProcess) -> None:
