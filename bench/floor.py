@@ -36,7 +36,7 @@ from export.preprocessing import Preprocessing
 from service import images
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-from service.classify.engine import _softmax
+from service.classify.engine import softmax
 from service.servicers import top_classes
 from service.settings import Settings
 
@@ -68,7 +68,7 @@ class FloorServicer(pb_grpc.InferenceServicer):
             logits = self.session.run(x)
         else:
             logits = np.zeros((1, self.num_classes), dtype=np.float32)
-        probabilities = _softmax(logits)[0]
+        probabilities = softmax(logits)[0]
         return pb.ClassifyResponse(
             model=self.name,
             version=self.version,

@@ -95,7 +95,7 @@ class ModelCatalog:
         from export import repository
         from export.checkpoints import sha256_file
         from export.errors import RepositoryError
-        from service.classify.engine import _choose, _loaded_model, parse_model_selection
+        from service.classify.engine import choose_versions, loaded_model, parse_model_selection
         from service.classify.session import ModelLoadError
 
         settings = self._settings
@@ -115,7 +115,7 @@ class ModelCatalog:
             raise ModelLoadError(f"no models found in the repository {root}")
         failures: list[str] = []
         provider = _torch_provider(settings)
-        for version in _choose(available, selection):
+        for version in choose_versions(available, selection):
             label = f"{version.name}:{version.version}"
             try:
                 weights = version.weights_path
@@ -125,7 +125,7 @@ class ModelCatalog:
                     raise ModelLoadError(f"{weights} has {size} bytes, metadata.json says {entry['bytes']}")
                 if sha256_file(weights) != entry["sha256"]:
                     raise ModelLoadError(f"{weights}: sha256 differs from metadata.json")
-                model = _loaded_model(version.metadata, provider=provider, path=Path(version.path))
+                model = loaded_model(version.metadata, provider=provider, path=Path(version.path))
             except (OSError, RuntimeError, KeyError) as exc:
                 failures.append(f"{label}: {exc}")
                 log.error("not computing with %s: %s", label, exc)

@@ -152,7 +152,7 @@ def parse_model_selection(spec: str) -> dict[str, Selection] | None:
     return selection
 
 
-def _choose(
+def choose_versions(
     available: dict[str, dict[int, repository.ModelVersion]], selection: dict[str, Selection] | None
 ) -> list[repository.ModelVersion]:
     """The versions to load. A name or version that is not in the repository is a configuration
@@ -179,7 +179,8 @@ def _choose(
 # --- the engine --------------------------------------------------------------------------------
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of [n, K] logits, computed in float64, returned as float32."""
     z = logits.astype(np.float64)
     z -= z.max(axis=1, keepdims=True)  # stable: the largest exponent is 0
     np.exp(z, out=z)
@@ -242,7 +243,7 @@ class ClassificationEngine:
             available.setdefault(version.name, {})[version.version] = version
         if not available:
             raise ModelLoadError(f"no models found in the repository {root}")
-        chosen = _choose(available, selection)
+        chosen = choose_versions(available, selection)
 
         failures: list[str] = []
         for version in chosen:
@@ -274,7 +275,7 @@ class ClassificationEngine:
         # Raises naming the file whose size or sha256 differs from metadata.json.
         repository.verify_files(version)
         meta = version.metadata
-        model = _loaded_model(meta, provider="", path=Path(version.path))
+        model = loaded_model(meta, provider="", path=Path(version.path))
         session = ModelSession(
             Path(version.path) / "model.onnx",
             settings=settings,
@@ -516,9 +517,9 @@ class ClassificationEngine:
 
     async def _softmax(self, logits: np.ndarray) -> np.ndarray:
         if logits.size <= _INLINE_SOFTMAX_VALUES:
-            return _softmax(logits)
+            return softmax(logits)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _softmax, logits)
+        return await loop.run_in_executor(self._pool, softmax, logits)
 
     async def _on_pool(self, jobs: Iterable[Callable[[], T]], deadline: float | None) -> list[T]:
         """Run jobs on the preprocessing pool concurrently and return their results in order. The
@@ -558,7 +559,7 @@ def _check_deadline(deadline: float | None, when: str) -> None:
         raise DeadlineExceeded(f"deadline exceeded {when}", reason="deadline")
 
 
-def _loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = None) -> LoadedModel:
+def loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = None) -> LoadedModel:
     """metadata.json -> LoadedModel, checking what the service relies on."""
     try:
         inp, out = meta["input"], meta["output"]
@@ -606,4 +607,13 @@ def _loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = No
     )
 
 
-__all__ = ["ClassificationEngine", "LoadedModel", "Selection", "Timings", "parse_model_selection"]
+__all__ = [
+    "ClassificationEngine",
+    "LoadedModel",
+    "Selection",
+    "Timings",
+    "choose_versions",
+    "loaded_model",
+    "parse_model_selection",
+    "softmax",
+]

@@ -439,7 +439,7 @@ def test_deadline(repo: dict[str, Any]) -> None:
 
 def test_softmax_is_stable() -> None:
     logits = np.array([[1000.0, 1000.0, -1000.0], [-1e4, 0.0, 1e4]], dtype=np.float32)
-    probs = engine_mod._softmax(logits)
+    probs = engine_mod.softmax(logits)
     assert np.isfinite(probs).all()
     np.testing.assert_allclose(probs, [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], atol=1e-7)
 
