@@ -606,7 +606,8 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
         "Written by `make bench` (`python -m bench"
         + (" --quick" if args.quick else "")
         + f"`, {elapsed / 60:.1f} min). Every served number is compared with a baseline measured in the"
-        " same run (raw ONNX Runtime in-process, a bare grpc.aio echo server, raw PyTorch loops).",
+        " same run (raw ONNX Runtime in-process, a bare grpc.aio echo server, a minimal Python server"
+        " doing only the essential work (bench.floor), raw PyTorch loops).",
         "",
         "## Machine",
         "",
