@@ -60,8 +60,8 @@ protos: $(STAMP) ## Regenerate the committed gRPC stubs from protos/
 
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check export service tests
-	$(VENV)/bin/mypy export service
+	$(VENV)/bin/ruff check export service tests bench
+	$(VENV)/bin/mypy export service bench
 
 .PHONY: bench
 bench: $(STAMP) ## Benchmarks against in-process baselines; prints ratios

@@ -720,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     machine = machine_lines()
-    busy = other_cpu_users({os.getpid()})
+    busy_at_start = other_cpu_users({os.getpid()})
     report = Report()
     paths = build_repository(args.repository)
     if "resnet" in args.parts:
@@ -732,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "gradients" in args.parts:
         part_gradients(args, report)
     elapsed = time.perf_counter() - started
-    busy = (busy, other_cpu_users({os.getpid()}))
+    busy = (busy_at_start, other_cpu_users({os.getpid()}))
     print("\n".join(machine))
     print()
     print(report.table())

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -95,7 +96,7 @@ async def _stream_load(
         credits = asyncio.Semaphore(window)
         stop = asyncio.Event()
 
-        async def requests():  # type: ignore[no-untyped-def]
+        async def requests() -> AsyncIterator[pb.ClassifyStreamRequest]:
             i = 0
             while not stop.is_set():
                 await credits.acquire()

@@ -23,13 +23,14 @@ from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.cli import main as cnnserve
 from service.client import default_channel_options
 
-
 CPU: dict[str, float] = {}  # client CPU seconds per image of the last round
 
 
 def raw(address: str, model: str, payloads: list[bytes]) -> float:
     requests = [
-        pb.ClassifyStreamRequest(id=str(i), request=pb.ClassifyRequest(model=model, image=pb.ImageInput(encoded=p)))
+        pb.ClassifyStreamRequest(
+            id=str(i), request=pb.ClassifyRequest(model=model, image=pb.ImageInput(encoded=p))
+        )
         for i, p in enumerate(payloads)
     ]
     with grpc.insecure_channel(address, options=default_channel_options()) as channel:
@@ -54,7 +55,9 @@ def scored(address: str, model: str, directory: Path, out: Path, window: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--address", required=True)
     parser.add_argument("--model", default="lenet5")
     parser.add_argument("--count", type=int, default=2000)
