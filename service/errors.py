@@ -7,7 +7,9 @@ so a client never sees UNKNOWN or a stack trace.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+from typing import TypeVar
 
 import grpc
 
@@ -72,3 +74,33 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
         return exc.code, exc.message, exc.reason
     log.error("unexpected error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE, "internal"
+
+
+# --- responses over the send limit ------------------------------------------------------------------
+
+# The send limit (settings.max_message_bytes) of the server handling the current call, set for each
+# call by service.servicers.MalformedRequestInterceptor. A response over it would fail inside gRPC
+# core: RESOURCE_EXHAUSTED with gRPC's own message and a logged traceback, after the call was
+# already counted OK. `checked_response` refuses it first, naming the setting.
+RESPONSE_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "cnnserve_response_limit", default=None
+)
+
+
+M = TypeVar("M")
+
+
+def checked_response(message: M) -> M:
+    """`message` (a protobuf message) if it fits the current call's send limit; else
+    ResourceExhausted naming the limit."""
+    limit = RESPONSE_LIMIT.get()
+    byte_size = getattr(message, "ByteSize", None)
+    if limit is not None and byte_size is not None:
+        size = int(byte_size())
+        if size > limit:
+            raise ResourceExhausted(
+                f"the response would be {size} bytes, over this server's max_message_bytes of {limit}; "
+                "ask for fewer images, a smaller top_k or smaller outputs",
+                reason="response_too_large",
+            )
+    return message

@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.errors import ServiceError
+from service.errors import ServiceError, checked_response
 from service.metrics import INFLIGHT
 from service.servicers import SERVED_CAPABILITIES, InferenceServicer, Rpc, ServingState, unary
 from service.settings import Settings
@@ -312,7 +312,7 @@ class ForwardingInferenceServicer(InferenceServicer):
             assert self._tier.stub is not None, "WorkerTier.open() was not called"
             call = rpc_factory(self._tier.stub)(request, timeout=self._timeout(context))
             async for message in call:
-                yield message
+                yield checked_response(message)
         except grpc.aio.AioRpcError as exc:
             failure = self._fail(method, exc)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never UNKNOWN

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 from service import images
-from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from service.errors import DeadlineExceeded, InvalidArgument, Unavailable, checked_response
 from service.metrics import INFLIGHT
 from service.worker import tasks
 from service.worker.rendering import pil_to_array
@@ -466,13 +466,13 @@ class GradientRpcs:
                     if not getter.done():
                         getter.cancel()
                 if getter.done() and not getter.cancelled():
-                    yield progress_message(progress_proto(getter.result()))
+                    yield checked_response(progress_message(progress_proto(getter.result())))
                     continue
                 break
             while not updates.empty():  # reported before the job finished
-                yield progress_message(progress_proto(updates.get_nowait()))
+                yield checked_response(progress_message(progress_proto(updates.get_nowait())))
             result = job.result()
-            yield result_message(result)
+            yield checked_response(result_message(result))
         except asyncio.CancelledError:
             rpc.cancelled(context)
             raise

@@ -229,7 +229,8 @@ class Server:
             options=grpc_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             # A body that is not a valid message: INVALID_ARGUMENT naming the type (grpc.aio: UNKNOWN).
-            interceptors=[MalformedRequestInterceptor()],
+            # It also tells errors.checked_response the send limit of each call.
+            interceptors=[MalformedRequestInterceptor(settings.max_message_bytes)],
         )
         services = self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -23,7 +23,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from service import errors, images
-from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from service.errors import RESPONSE_LIMIT, DeadlineExceeded, InvalidArgument, Unavailable, checked_response
 from service.gradients import GradientRpcs, served_capabilities
 from service.metrics import INFLIGHT, REJECTIONS, REQUEST_DURATION, REQUESTS, child
 from service.settings import Settings
@@ -203,7 +203,7 @@ async def unary(method: str, context: grpc.aio.ServicerContext, work: Callable[[
     inflight = child(INFLIGHT, method)
     inflight.inc()
     try:
-        response = await work(rpc)
+        response = checked_response(await work(rpc))
     except asyncio.CancelledError:
         rpc.cancelled(context)
         raise
@@ -228,12 +228,15 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
     Without it grpc.aio parses the body before any servicer code runs and answers a parse failure
     with UNKNOWN and the parser's exception text. Applies to every service of the server (health
-    and reflection too): `grpc.aio.server(interceptors=[MalformedRequestInterceptor()])`. Malformed
-    requests to our two APIs are counted (code INVALID_ARGUMENT, reason "malformed", model "").
+    and reflection too): `grpc.aio.server(interceptors=[MalformedRequestInterceptor(limit)])`.
+    Malformed requests to our two APIs are counted (code INVALID_ARGUMENT, reason "malformed",
+    model ""). It also sets the call's send limit (`max_response_bytes`, the server's
+    max_message_bytes) for `errors.checked_response`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_response_bytes: int | None = None) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._limit = max_response_bytes
 
     async def intercept_service(
         self,
@@ -246,12 +249,15 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         method = str(handler_call_details.method)
         wrapped = self._wrapped.get(method)
         if wrapped is None:
-            wrapped = self._wrapped[method] = _parsing_handler(handler, method)
+            wrapped = self._wrapped[method] = _parsing_handler(handler, method, self._limit)
         return wrapped
 
 
-def _parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """`handler` with the request parsing moved into its behaviour (MalformedRequestInterceptor)."""
+def _parsing_handler(
+    handler: grpc.RpcMethodHandler, method: str, limit: int | None = None
+) -> grpc.RpcMethodHandler:
+    """`handler` with the request parsing moved into its behaviour, and `limit` as the call's
+    RESPONSE_LIMIT (MalformedRequestInterceptor)."""
     parse = handler.request_deserializer
     message_type = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
     type_name = message_type.full_name if message_type is not None else "request"
@@ -291,6 +297,7 @@ def _parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMet
         inner_uu = handler.unary_unary
 
         async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            RESPONSE_LIMIT.set(limit)  # this call's task only
             result = inner_uu(await parse_one(raw, context), context)
             return await result if inspect.isawaitable(result) else result
 
@@ -299,6 +306,7 @@ def _parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMet
         inner_su = handler.stream_unary
 
         async def stream_unary(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            RESPONSE_LIMIT.set(limit)
             result = inner_su(parse_stream(raws, context), context)
             return await result if inspect.isawaitable(result) else result
 
@@ -308,6 +316,7 @@ def _parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMet
     if inspect.isasyncgenfunction(inner_stream):
 
         async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            RESPONSE_LIMIT.set(limit)
             request = (
                 parse_stream(requests, context) if request_streaming else await parse_one(requests, context)
             )
@@ -317,6 +326,7 @@ def _parsing_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMet
     else:  # writes with context.write() and returns None (e.g. health's Watch)
 
         async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
+            RESPONSE_LIMIT.set(limit)
             request = (
                 parse_stream(requests, context) if request_streaming else await parse_one(requests, context)
             )
@@ -594,6 +604,7 @@ class InferenceServicer(GradientRpcs, pb_grpc.InferenceServicer):
             if not item.HasField("request"):
                 raise InvalidArgument("stream item has no request", reason="invalid_argument")
             result = await self._classify_one(item.request, context, rpc)
+            response = checked_response(pb.ClassifyStreamResponse(id=item.id, result=result))
         except asyncio.CancelledError:
             rpc.cancelled(context)
             raise
@@ -601,7 +612,7 @@ class InferenceServicer(GradientRpcs, pb_grpc.InferenceServicer):
             code, message = rpc.failed(exc)
             return pb.ClassifyStreamResponse(id=item.id, error=pb.Status(code=code.value[0], message=message))
         rpc.succeeded()
-        return pb.ClassifyStreamResponse(id=item.id, result=result)
+        return response
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext

@@ -97,7 +97,8 @@ class Settings(BaseSettings):
         64 * 1024 * 1024,
         ge=1024,
         description="Largest gRPC message sent; also received, but never less than max_images_per_request "
-        "224x224 float32 images. Larger: RESOURCE_EXHAUSTED (from gRPC).",
+        "224x224 float32 images. A larger request: RESOURCE_EXHAUSTED (from gRPC); a larger answer: "
+        "RESOURCE_EXHAUSTED naming this setting.",
     )
     max_deadline_s: float = Field(
         600.0,
