@@ -408,13 +408,17 @@ def test_every_setting_in_the_manifests_is_a_valid_settings_field(render: Any, d
         Settings.model_validate(fields)
 
 
-def test_worker_address_points_at_the_worker_service(render: Any) -> None:
+def test_worker_address_points_at_the_headless_worker_service(render: Any) -> None:
     for directory in APPLIED:
         objects = render(directory)
         values = effective_settings(objects, tier_container(one(objects, "Deployment", "cnnserve")))
         host, port = values["CNNSERVE_WORKER_ADDRESS"].rsplit(":", 1)
         service = one(objects, "Service", host.split(".")[0])
         assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+        # Headless: DNS gives every ready worker pod, and the forwarding channel's round_robin
+        # spreads jobs over them (a virtual IP would pin each serving pod to one worker pod).
+        assert service["spec"].get("clusterIP") == "None"
+        assert not service["spec"].get("publishNotReadyAddresses", False)
         worker = one(objects, "Deployment", "cnnserve-worker")
         assert selects(
             {"matchLabels": service["spec"]["selector"]}, worker["spec"]["template"]["metadata"]["labels"]
