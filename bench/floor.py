@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.load import CHANNEL_OPTIONS
+from bench.load import serve_baseline
 from bench.raw_ort import open_session
 from export.preprocessing import Preprocessing
 from service import images
@@ -78,18 +77,7 @@ class FloorServicer(pb_grpc.InferenceServicer):
 
 
 async def serve(model_dir: Path, *, run_model: bool, port: int = 0) -> None:
-    servicer = FloorServicer(model_dir, run_model=run_model)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print(f"listening 127.0.0.1:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    await serve_baseline(FloorServicer(model_dir, run_model=run_model), port)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

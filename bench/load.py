@@ -192,12 +192,14 @@ def echo_response() -> pb.ClassifyResponse:
     )
 
 
-async def _serve_echo() -> None:
+async def serve_baseline(servicer: pb_grpc.InferenceServicer, port: int = 0) -> None:
+    """Serve `servicer` (a baseline: the echo server, bench.floor) on 127.0.0.1, print
+    "listening 127.0.0.1:PORT" and run until SIGTERM or SIGINT."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    pb_grpc.add_InferenceServicer_to_server(EchoServicer(echo_response()), server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"listening 127.0.0.1:{port}", flush=True)
+    print(f"listening 127.0.0.1:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -236,7 +238,7 @@ def _style_job(size: int) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if sys.argv[1:] == ["echo"]:
-        asyncio.run(_serve_echo())
+        asyncio.run(serve_baseline(EchoServicer(echo_response())))
     elif len(sys.argv) == 3 and sys.argv[1] == "style":
         _style_job(int(sys.argv[2]))
     else:
