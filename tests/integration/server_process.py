@@ -92,18 +92,22 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         self.wait_listening(timeout)
+        self.wait_serving("", timeout)
+
+    def wait_serving(self, service: str, timeout: float = 180.0) -> None:
+        """Until health `service` is SERVING (e.g. GRADIENTS_SERVICE: a gradient worker is up)."""
         stub = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status == SERVING:
+                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status == SERVING:
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server not SERVING after {timeout}s:\n{self.log}")
+        raise RuntimeError(f"health {service!r} not SERVING after {timeout}s:\n{self.log}")
 
     @property
     def channel(self) -> grpc.Channel:

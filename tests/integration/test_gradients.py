@@ -7,7 +7,6 @@ end to end is test_stylize.py (marked slow: it exports and serves a real VGG-19)
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,11 +44,7 @@ def _health(server: ServerProcess, service: str) -> int:
 
 @pytest.fixture(scope="module")
 def stub(gradient_server: ServerProcess) -> pb_grpc.InferenceStub:
-    deadline = time.monotonic() + 120
-    while _health(gradient_server, GRADIENTS_SERVICE) != health_pb2.HealthCheckResponse.SERVING:
-        assert time.monotonic() < deadline, f"gradient workers not SERVING:\n{gradient_server.log}"
-        assert gradient_server.process.poll() is None, gradient_server.log
-        time.sleep(0.2)
+    gradient_server.wait_serving(GRADIENTS_SERVICE, timeout=120)
     return pb_grpc.InferenceStub(gradient_server.channel)
 
 

@@ -8,14 +8,12 @@ too large and a top-5 answer or a loss report is not."""
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from server_process import ServerProcess, module_server
 
@@ -93,13 +91,7 @@ def test_stream_item_over_the_limit_gets_its_own_status(server: ServerProcess) -
 
 
 def test_streamed_gradient_message_over_the_limit_ends_the_call_naming_it(server: ServerProcess) -> None:
-    health = health_pb2_grpc.HealthStub(server.channel)
-    deadline = time.monotonic() + 120
-    while health.Check(health_pb2.HealthCheckRequest(service=GRADIENTS_SERVICE), timeout=5).status != (
-        health_pb2.HealthCheckResponse.SERVING
-    ):
-        assert time.monotonic() < deadline, f"gradient workers not SERVING:\n{server.log}"
-        time.sleep(0.2)
+    server.wait_serving(GRADIENTS_SERVICE, timeout=120)
     buf = io.BytesIO()
     noise = np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     Image.fromarray(noise).save(buf, format="PNG")

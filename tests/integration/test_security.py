@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -576,11 +575,7 @@ def test_gradient_caps(caps_server: ServerProcess, caps_stub: pb_grpc.InferenceS
     assert_names_cap(rpc_error(caps_stub.Explain, explain, timeout=TIMEOUT_S), "max_task_batch")
 
     # The cost cap is checked by the running worker pool: wait for it.
-    health = health_pb2_grpc.HealthStub(caps_server.channel)
-    deadline = time.monotonic() + 180
-    while health.Check(health_pb2.HealthCheckRequest(service=GRADIENTS_SERVICE), timeout=5).status != SERVING:
-        assert time.monotonic() < deadline and caps_server.process.poll() is None, caps_server.log
-        time.sleep(0.2)
+    caps_server.wait_serving(GRADIENTS_SERVICE, timeout=180)
     one = pb.ExplainRequest(model="resnet18", images=[tensor(1)])
     assert_names_cap(rpc_error(caps_stub.Explain, one, timeout=TIMEOUT_S), "max_task_cost", with_value=False)
     # Within every cap, a job runs.

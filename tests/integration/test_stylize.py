@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,11 +57,7 @@ def _health(server: ServerProcess, service: str) -> int:
 
 @pytest.fixture(scope="module")
 def stub(vgg_server: ServerProcess) -> pb_grpc.InferenceStub:
-    deadline = time.monotonic() + 180
-    while _health(vgg_server, GRADIENTS_SERVICE) != health_pb2.HealthCheckResponse.SERVING:
-        assert time.monotonic() < deadline, f"gradient workers not SERVING:\n{vgg_server.log}"
-        assert vgg_server.process.poll() is None, vgg_server.log
-        time.sleep(0.2)
+    vgg_server.wait_serving(GRADIENTS_SERVICE, timeout=180)
     return pb_grpc.InferenceStub(vgg_server.channel)
 
 

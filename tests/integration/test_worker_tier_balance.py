@@ -6,13 +6,11 @@ pods and an `ipv4:` target for the DNS answer with two addresses."""
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from server_process import ServerProcess
 
@@ -56,12 +54,7 @@ def tier(demo_repository: Path) -> Iterator[tuple[list[ServerProcess], ServerPro
         started.append(frontend)
         for server in started:
             server.wait_ready()
-        health = health_pb2_grpc.HealthStub(frontend.channel)
-        deadline = time.monotonic() + 120
-        request = health_pb2.HealthCheckRequest(service=GRADIENTS_SERVICE)
-        while health.Check(request, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline, frontend.log
-            time.sleep(0.1)
+        frontend.wait_serving(GRADIENTS_SERVICE, timeout=120)
         yield workers, frontend
         for server in reversed(started):
             assert server.terminate(timeout=60) == 0, server.log
