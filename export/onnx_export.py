@@ -304,6 +304,18 @@ def verify(
     return result
 
 
+def verify_version(version: ModelVersion, model: nn.Module) -> Verification:
+    """The export's parity check again, for a committed version and a float32 `model` rebuilt from
+    its weights.pt (on the CPU): the same seeded batch, bound and top-1 rule as at export time, so a
+    rebuild that matches the exporter's network reproduces `metadata.json`'s `verification`.
+
+    Who rebuilds a network from a version (the gradient workers) runs this before trusting it: a
+    module built with other arguments than the exporter's (GoogLeNet's transform_input, say) computes
+    another function of the same weights, and this refuses it. Raises VerificationError.
+    """
+    return verify(version.onnx_path, model, version.input_shape, fp16=version.fp16)
+
+
 def exporter_versions() -> dict[str, str]:
     import onnxruntime
     import onnxscript

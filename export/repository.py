@@ -11,7 +11,8 @@ directory and every committed version holds metadata.json, so a version is never
 by two exporters racing for the same number (the loser gets `VersionExists`, or takes the next number
 when it did not ask for a specific one).
 
-Reading (the service uses only these): `scan`, `load_metadata`, `verify_files`, `latest`.
+Reading (the service uses only these): `scan`, `read_version`, `load_metadata`, `verify_files`,
+`latest`.
 """
 
 from __future__ import annotations
@@ -276,7 +277,15 @@ def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return validate_metadata(meta, str(path))
 
 
-def _read_version(directory: Path) -> ModelVersion:
+def read_version(directory: str | os.PathLike[str]) -> ModelVersion:
+    """Read and validate one committed version directory `DIR/<name>/<version>`.
+
+    Raises MetadataError when its metadata.json is missing or invalid, or names another model or
+    version than the directory it lies in. File hashes are not checked here: see `verify_files`.
+    """
+    directory = Path(directory)
+    if not _VERSION_RE.match(directory.name):
+        raise MetadataError(f"{directory} is not a version directory (DIR/<model>/<positive integer>)")
     meta = load_metadata(directory / METADATA)
     name, version = directory.parent.name, int(directory.name)
     if meta["name"] != name or meta["version"] != version:
@@ -318,7 +327,7 @@ def scan(root: str | os.PathLike[str], *, strict: bool = False) -> list[ModelVer
             continue
         for directory in sorted(_version_dirs(model_dir), key=lambda p: int(p.name)):
             try:
-                found.append(_read_version(directory))
+                found.append(read_version(directory))
             except RepositoryError as e:
                 if strict:
                     raise
