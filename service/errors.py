@@ -38,6 +38,14 @@ class NotFound(ServiceError):
     default_reason = "not_found"
 
 
+class FailedPrecondition(ServiceError):
+    """The request is well-formed but the model cannot do it in its present state (e.g. a version
+    whose PyTorch network failed the parity self-test is not offered for gradient RPCs)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "failed_precondition"
+
+
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "queue_full"

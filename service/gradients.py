@@ -22,7 +22,13 @@ import grpc
 import numpy as np
 
 from service import images
-from service.errors import DeadlineExceeded, InvalidArgument, Unavailable, checked_response
+from service.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    checked_response,
+)
 from service.metrics import INFLIGHT
 from service.worker import tasks
 from service.worker.rendering import pil_to_array
@@ -190,9 +196,9 @@ def tensor_proto(arr: np.ndarray) -> pb.Tensor:
     return pb.Tensor(shape=list(a.shape), dtype="float32", data=a.tobytes())
 
 
-def _score(model: LoadedModel, index: int, probability: float | None = None) -> pb.ClassScore:
+def _score(model: LoadedModel, index: int, probability: float) -> pb.ClassScore:
     label = model.labels[index] if index < len(model.labels) else ""
-    return pb.ClassScore(index=index, label=label, probability=probability or 0.0)
+    return pb.ClassScore(index=index, label=label, probability=probability)
 
 
 def explain_response(result: tasks.ExplainResult, model: LoadedModel, method: str) -> pb.ExplainResponse:
@@ -203,7 +209,7 @@ def explain_response(result: tasks.ExplainResult, model: LoadedModel, method: st
             saliency=tensor_proto(result.saliency[i]),
             png=result.pngs[i] if i < len(result.pngs) else b"",
             explained=_score(model, cls, float(result.probabilities[i])),
-            predicted=_score(model, int(result.predicted[i])),
+            predicted=_score(model, int(result.predicted[i]), float(result.predicted_probabilities[i])),
         )
         if result.plain is not None:
             e.plain_gradient.CopyFrom(tensor_proto(result.plain[i]))
@@ -280,6 +286,12 @@ class GradientRpcs:
                 f"model {model.name!r} version {model.version} ({model.architecture}) "
                 f"does not support {kind}",
                 reason="unsupported",
+            )
+        refused = refused_reason(pool, model)
+        if refused is not None:
+            raise FailedPrecondition(
+                f"model {model.name!r} version {model.version} is not offered for gradient RPCs: {refused}",
+                reason="parity_failed",
             )
         return pool, model
 
@@ -489,9 +501,32 @@ class GradientRpcs:
             await context.abort(code, message)
 
 
-def served_capabilities(base: frozenset[str], pool: object | None) -> frozenset[str]:
-    """What ModelInfo.capabilities may list: the gradient RPCs only with a worker pool."""
-    return base | GRADIENT_CAPABILITIES if pool is not None else base
+def refused_reason(pool: object | None, model: LoadedModel) -> str | None:
+    """Why the gradient workers refused this model version (it failed their parity self-test with
+    model.onnx, service.worker.tasks._load_version), or None. A remote worker tier reports its own
+    refusals (FAILED_PRECONDITION from the tier); only a local pool's are known here."""
+    summary = getattr(pool, "ready_summary", None)
+    refused = summary.get("refused") if isinstance(summary, Mapping) else None
+    if not isinstance(refused, Mapping):
+        return None
+    reason = refused.get(f"{model.name}:{model.version}")
+    return str(reason) if reason is not None else None
 
 
-__all__ = ["DISABLED_MESSAGE", "GRADIENT_CAPABILITIES", "GradientRpcs", "served_capabilities"]
+def served_capabilities(
+    base: frozenset[str], pool: object | None, model: LoadedModel | None = None
+) -> frozenset[str]:
+    """What ModelInfo.capabilities may list: the gradient RPCs only with a worker pool, and not for
+    a `model` version the workers refused."""
+    if pool is None or (model is not None and refused_reason(pool, model) is not None):
+        return base
+    return base | GRADIENT_CAPABILITIES
+
+
+__all__ = [
+    "DISABLED_MESSAGE",
+    "GRADIENT_CAPABILITIES",
+    "GradientRpcs",
+    "refused_reason",
+    "served_capabilities",
+]

@@ -698,7 +698,7 @@ class InferenceServicer(GradientRpcs, pb_grpc.InferenceServicer):
             versions=versions,
             ready=self._state.ready,
             include_labels=include_labels,
-            served=served_capabilities(self._served, self._state.gradients),
+            served=served_capabilities(self._served, self._state.gradients, model),
         )
 
     async def ListModels(

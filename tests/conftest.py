@@ -4,6 +4,7 @@
 trained on the digits (25 epochs, seed 0, about 10 s) and resnet18 v1 with seeded random weights.
 Treat it as read-only; `model_repository_copy` gives a test its own copy to modify.
 `vgg19_repository` holds VGG-19 (the style network), built once and cached across sessions.
+`make_checkpoint(arch, path)` writes a checkpoint file with input-sensitive weights.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,3 +91,37 @@ def vgg19_repository() -> Path:
             (building / ".complete").touch()
             building.rename(final)  # atomic: a half-built repository is never found under `final`
     return final
+
+
+def _he_initialised(model: Any, seed: int) -> Any:
+    """Conv and linear weights drawn as He et al. (std sqrt(2 / fan_in)), biases 0. GoogLeNet's own
+    init (a truncated normal of std 0.01) lets its activations vanish to ~1e-11 logits and a uniform
+    softmax: an input transform then hardly moves them, so a test could not tell two networks apart."""
+    import torch
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint() -> Callable[..., Path]:
+    """make_checkpoint(arch, path, seed=7) -> path: a checkpoint file (a state_dict, as torchvision's
+    published checkpoints are, GoogLeNet's aux heads included) whose logits depend on the input."""
+
+    def make(arch: str, path: Path, seed: int = 7) -> Path:
+        import torch
+
+        from export.models import build
+
+        torch.save(_he_initialised(build(arch), seed).state_dict(), path)
+        return path
+
+    return make

@@ -66,6 +66,9 @@ class Stop:
 class Ready:
     pid: int
     init_s: float
+    # The state's `ready_summary()` when it has one (plain data): what the initializer wants the
+    # parent to know, e.g. the model versions it refused. None otherwise.
+    summary: Any = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,8 @@ def worker_main(
             pass
         conn.close()
         os._exit(EXIT_INIT_FAILED)
-    send(Ready(os.getpid(), time.monotonic() - started))
+    summarize = getattr(state, "ready_summary", None)
+    send(Ready(os.getpid(), time.monotonic() - started, summarize() if callable(summarize) else None))
 
     while True:
         try:

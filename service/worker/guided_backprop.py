@@ -73,6 +73,7 @@ class Explanation:
     classes: int64 (N,), the explained class of each sample.
     probabilities: float32 (N,), softmax probability of that class.
     predicted: int64 (N,), the model's top-1 class.
+    predicted_probabilities: float32 (N,), softmax probability of the top-1 class.
     plain: float32 (N, C, H, W), the plain input gradient, when asked for (or when it is the method).
     cam: float32 (N, H, W) in [0, 1], the upsampled Grad-CAM map (guided_gradcam only).
     cam_layer: the module whose output (or, for the automatic choice, whose input) Grad-CAM used.
@@ -82,6 +83,7 @@ class Explanation:
     classes: np.ndarray
     probabilities: np.ndarray
     predicted: np.ndarray
+    predicted_probabilities: np.ndarray
     plain: np.ndarray | None = None
     cam: np.ndarray | None = None
     cam_layer: str | None = None
@@ -334,7 +336,9 @@ def explain(
             guided = guided.detach()
             switch.on = False
 
-        probabilities = torch.softmax(logits.detach().float(), dim=1).gather(1, target_t[:, None])[:, 0]
+        softmax = torch.softmax(logits.detach().float(), dim=1)
+        probabilities = softmax.gather(1, target_t[:, None])[:, 0]
+        predicted_probabilities = softmax.gather(1, predicted[:, None])[:, 0]
 
     if method == "gradient":
         assert plain is not None
@@ -356,6 +360,7 @@ def explain(
         classes=target_t.cpu().numpy().astype(np.int64),
         probabilities=probabilities.cpu().numpy().astype(np.float32),
         predicted=predicted.cpu().numpy().astype(np.int64),
+        predicted_probabilities=predicted_probabilities.cpu().numpy().astype(np.float32),
         plain=to_np(plain) if (plain_gradient or method == "gradient") else None,
         cam=to_np(cam),
         cam_layer=cam_name,

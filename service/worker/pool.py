@@ -277,6 +277,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         self._crashes: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._job_finished = asyncio.Event()
         self._closed = asyncio.Event()
+        self._ready_summary: Any = None
         metrics.TASK_COST_BUDGET.set(self._budget)
 
     # --- public API -------------------------------------------------------------------------------
@@ -285,6 +286,13 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
     def alive_workers(self) -> int:
         """Workers that finished their initializer and have not died (health: NOT_SERVING at 0)."""
         return self._alive
+
+    @property
+    def ready_summary(self) -> Any:
+        """What the last worker to become ready reported about its state (the state's
+        `ready_summary()`, e.g. the model versions it refused), or None before any is ready. Every
+        worker runs the same initializer on the same config, so one report stands for all."""
+        return self._ready_summary
 
     @property
     def alive_generation(self) -> int:
@@ -760,6 +768,7 @@ class WorkerPool(Generic[StateT, TaskT, ResultT]):
         worker.state = "idle"
         worker.was_ready = True
         worker.pid = message.pid
+        self._ready_summary = message.summary
         self._alive_delta(+1)
         self._respawn_failures[worker.slot] = 0
         if not worker.ready.done():

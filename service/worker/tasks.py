@@ -33,7 +33,7 @@ The units ignore the architecture (a VGG-19 pixel costs more than a LeNet-5 pixe
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,13 +44,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 import numpy as np
 
 from export.preprocessing import Preprocessing
-from service.errors import InvalidArgument, NotFound
+from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.worker.rendering import SaliencyStyle, encode_png, saliency_png, to_float_image
 
 if TYPE_CHECKING:
     from torch import nn
 
     from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 TaskKind = Literal["explain", "dream", "stylize"]
 
@@ -352,6 +354,7 @@ class ExplainResult:
     classes: np.ndarray  # int64 (N,), the explained classes
     probabilities: np.ndarray  # float32 (N,), softmax probability of each explained class
     predicted: np.ndarray  # int64 (N,), top-1 classes
+    predicted_probabilities: np.ndarray  # float32 (N,), softmax probability of each top-1 class
     plain: np.ndarray | None  # float32 (N, C, H, W) when asked for
     cam: np.ndarray | None  # float32 (N, H, W) in [0, 1] for guided_gradcam
     cam_layer: str | None
@@ -611,14 +614,27 @@ class WorkerState:
     models: dict[tuple[str, int], TorchModel]
     device: str
     limits: Limits
+    # Versions that failed the parity self-test, with the reason: never used for a job.
+    refused: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def ready_summary(self) -> dict[str, Any]:
+        """What the pool reports to the serving process with Ready (pool.ready_summary): the
+        versions refused for gradient RPCs, as {"name:version": reason}."""
+        return {"refused": {f"{n}:{v}": reason for (n, v), reason in self.refused.items()}}
 
     def get(self, name: str, version: int) -> TorchModel:
-        """version 0 (or less) is the latest loaded version of `name`."""
+        """version 0 (or less) is the latest version of `name` the workers were given."""
         if version <= 0:
-            versions = [v for (n, v) in self.models if n == name]
+            versions = [v for (n, v) in (*self.models, *self.refused) if n == name]
             if not versions:
                 raise NotFound(f"model {name!r} is not loaded in the gradient workers")
             version = max(versions)
+        if (name, version) in self.refused:
+            raise FailedPrecondition(
+                f"model {name!r} version {version} is not offered for gradient RPCs: "
+                f"{self.refused[(name, version)]}",
+                reason="parity_failed",
+            )
         try:
             return self.models[(name, version)]
         except KeyError:
@@ -646,56 +662,73 @@ def worker_config(settings: Settings, version_dirs: Sequence[str | Path]) -> dic
     }
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
+class ParityError(RuntimeError):
+    """A version's rebuilt PyTorch network disagrees with its model.onnx (see `_load_version`)."""
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def __init__(self, key: tuple[str, int], message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _load_version(directory: Path, device: Any) -> TorchModel:
+    """Rebuild one repository version as the exporter built it, and prove it.
+
+    metadata.json is read and validated by export.repository (one reader, one schema), every file it
+    lists is checked (size, sha256), the module is built with the exporter's `build_kwargs` and loads
+    weights.pt strictly. Then the parity self-test (export.onnx_export.verify_version) runs the
+    module and model.onnx on ONNX Runtime's CPU provider on the export's fixed input, on the CPU
+    before the module moves to `device`: raises ParityError when they differ beyond the export's
+    bound, RuntimeError for anything else that stops the version from loading.
+    """
     import torch
 
+    from export import repository
+    from export.errors import ExportError, VerificationError
     from export.models import build, get_spec
+    from export.onnx_export import verify_version
 
-    meta_path = directory / "metadata.json"
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"cannot read {meta_path}: {exc}") from exc
-    if meta.get("schema_version") != 1:
-        raise RuntimeError(f"{meta_path}: unsupported schema_version {meta.get('schema_version')!r}")
-    architecture = meta["architecture"]
-    num_classes = int(meta["num_classes"])
-    weights = directory / "weights.pt"
-    expected = meta.get("files", {}).get("weights.pt", {}).get("sha256")
-    if not expected:
-        raise RuntimeError(f"{weights}: metadata.json records no sha256 for it; refusing to load it")
-    if _sha256(weights) != expected:
-        raise RuntimeError(f"{weights}: sha256 does not match metadata.json; refusing to load it")
-    spec = get_spec(architecture)
-    preprocessing = (
-        Preprocessing.from_dict(meta["preprocessing"]) if "preprocessing" in meta else spec.preprocessing
-    )
-    module = build(architecture, num_classes=num_classes)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+        version = repository.read_version(directory)
+        repository.verify_files(version)
+    except ExportError as exc:
+        raise RuntimeError(str(exc)) from None
+    label = f"{version.name}:{version.version}"
+    get_spec(version.architecture)  # UnknownArchitecture names the known ones
+    try:
+        module = build(version.architecture, num_classes=version.num_classes, **version.build_kwargs)
+    except TypeError as exc:
+        raise RuntimeError(
+            f"{label}: metadata.json's build_kwargs {version.build_kwargs} do not build "
+            f"{version.architecture}: {exc}"
+        ) from None
+    state = torch.load(version.weights_path, map_location="cpu", weights_only=True)
     module.load_state_dict(state, strict=True)
-    module = module.float().to(device).eval()
+    module = module.float().eval()
     for p in module.parameters():
         p.requires_grad_(False)  # workers never train; the algorithms take input gradients only
-    shape = tuple(int(s) for s in meta.get("input", {}).get("shape", spec.input_shape))
+    try:
+        parity = verify_version(version, module)
+    except VerificationError as exc:
+        raise ParityError(
+            version.key,
+            "the PyTorch network rebuilt from weights.pt disagrees with model.onnx "
+            f"(ONNX Runtime) on the export's fixed input: {exc}",
+        ) from None
+    log.info(
+        "%s: parity with model.onnx on ONNX Runtime: relative diff %.2g (bound %g)",
+        label,
+        parity.relative_diff,
+        parity.max_relative_diff,
+    )
     return TorchModel(
-        name=str(meta.get("name", directory.parent.name)),
-        version=int(meta.get("version", directory.name)),
-        architecture=architecture,
-        module=module,
-        num_classes=num_classes,
-        input_shape=(shape[0], shape[1], shape[2]),
-        preprocessing=preprocessing,
-        capabilities=dict(meta.get("capabilities", {})),
+        name=version.name,
+        version=version.version,
+        architecture=version.architecture,
+        module=module.to(device),
+        num_classes=version.num_classes,
+        input_shape=version.input_shape,
+        preprocessing=version.preprocessing,
+        capabilities=version.capabilities,
     )
 
 
@@ -706,7 +739,9 @@ def load_models(config: Mapping[str, Any]) -> WorkerState:
     config["device"]: "auto" (CUDA when torch.cuda.is_available()), "cpu" or "cuda";
     config["cuda_device_id"], config["torch_threads"] (0: leave torch's default), config["nice"]
     (lower this worker's CPU priority by that much; 0: unchanged), config["limits"].
-    Weights are checked against metadata.json's sha256 and loaded with weights_only=True, strictly.
+    Each version is rebuilt and checked as `_load_version` says; one that fails the parity self-test
+    is left out of `models` and listed in `refused` (its jobs answer FAILED_PRECONDITION), anything
+    else that stops a version from loading fails the worker's start.
     """
     import os
 
@@ -727,10 +762,23 @@ def load_models(config: Mapping[str, Any]) -> WorkerState:
         raise RuntimeError("device=cuda but torch.cuda.is_available() is false in the gradient worker")
     device = torch.device(f"cuda:{int(config.get('cuda_device_id', 0))}") if use_cuda else torch.device("cpu")
     models: dict[tuple[str, int], TorchModel] = {}
+    refused: dict[tuple[str, int], str] = {}
     for entry in config.get("models", []):
-        loaded = _load_version(Path(entry), device)
+        try:
+            loaded = _load_version(Path(entry), device)
+        except ParityError as exc:
+            # Explaining another network than the one that classified is worse than not explaining:
+            # the version keeps classifying (ONNX Runtime) but is not offered for gradient RPCs.
+            refused[exc.key] = str(exc)
+            log.error("not offering %s:%d for gradient RPCs: %s", *exc.key, exc)
+            continue
         models[(loaded.name, loaded.version)] = loaded
-    return WorkerState(models=models, device=str(device), limits=Limits(**dict(config.get("limits", {}))))
+    return WorkerState(
+        models=models,
+        device=str(device),
+        limits=Limits(**dict(config.get("limits", {}))),
+        refused=refused,
+    )
 
 
 def _check_capability(model: TorchModel, kind: TaskKind) -> None:
@@ -796,6 +844,7 @@ def _explain(model: TorchModel, task: ExplainTask, ctx: JobContext, started: flo
         classes=e.classes,
         probabilities=e.probabilities,
         predicted=e.predicted,
+        predicted_probabilities=e.predicted_probabilities,
         plain=e.plain,
         cam=e.cam,
         cam_layer=e.cam_layer,
@@ -900,6 +949,7 @@ __all__ = [
     "ExplainTask",
     "JobContext",
     "Limits",
+    "ParityError",
     "ProgressUpdate",
     "Result",
     "StyleParams",

@@ -208,6 +208,7 @@ class FakePool:
                 classes=np.array(task.targets or [3] * n, dtype=np.int64),
                 probabilities=np.full(n, 0.5, np.float32),
                 predicted=np.full(n, 3, np.int64),
+                predicted_probabilities=np.full(n, 0.75, np.float32),
                 plain=None,
                 cam=None,
                 cam_layer=None,

@@ -39,6 +39,7 @@ class FakePool:
         self.block = False
         self.cancelled = threading.Event()
         self.running = threading.Event()
+        self.ready_summary: Any = None  # WorkerPool.ready_summary: what the workers refused
 
     @property
     def alive_workers(self) -> int:
@@ -74,6 +75,7 @@ class FakePool:
                 classes=classes,
                 probabilities=np.full(n, 0.5, np.float32),
                 predicted=np.full(n, 3, np.int64),
+                predicted_probabilities=np.full(n, 0.75, np.float32),
                 plain=task.inputs if task.plain_gradient else None,
                 cam=None,
                 cam_layer=None,
@@ -254,6 +256,8 @@ def test_explain_tensor_and_targets(stub: pb_grpc.InferenceStub, pool: FakePool)
     saliency = np.frombuffer(e.saliency.data, "<f4").reshape(list(e.saliency.shape))
     assert saliency.shape == (3, 224, 224) and np.allclose(saliency, 0.5)
     assert e.explained.index == 4 and e.predicted.index == 3 and e.plain_gradient.shape == [3, 224, 224]
+    # each class with its own probability (the predicted one was always 0 before)
+    assert e.explained.probability == pytest.approx(0.5) and e.predicted.probability == pytest.approx(0.75)
     task = pool.submits[0][0]
     assert task.targets == (4, 4) and task.method == "guided_gradcam" and task.plain_gradient
 
@@ -318,6 +322,38 @@ def test_refusals_before_submit(stub: pb_grpc.InferenceStub, pool: FakePool, har
         err = error(call, request)
         assert err.code() == code and text in err.details(), (request, err.details())
     assert pool.submits == []
+
+
+def test_a_version_the_workers_refused_is_not_offered_for_gradient_rpcs(
+    stub: pb_grpc.InferenceStub, pool: FakePool
+) -> None:
+    before = stub.GetModel(pb.GetModelRequest(name="vgg19"), timeout=10)
+    assert pb.CAPABILITY_EXPLAIN in before.capabilities
+    reason = "the PyTorch network rebuilt from weights.pt disagrees with model.onnx (relative diff 0.3)"
+    pool.ready_summary = {"refused": {"vgg19:1": reason}}
+    try:
+        image = pb.ImageInput(encoded=png(40))
+        for call, request in (
+            (stub.Explain, pb.ExplainRequest(model="vgg19", images=[image])),
+            (stub.DreamUnary, pb.DreamRequest(model="vgg19", image=image)),
+            (
+                stub.StylizeUnary,
+                pb.StylizeRequest(model="vgg19", content=image, styles=[pb.StyleImage(image=image)]),
+            ),
+        ):
+            err = error(call, request)
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert err.details() == f"model 'vgg19' version 1 is not offered for gradient RPCs: {reason}"
+        assert pool.submits == []
+        info = stub.GetModel(pb.GetModelRequest(name="vgg19"), timeout=10)
+        assert list(info.capabilities) == [pb.CAPABILITY_CLASSIFY]
+        listed = {
+            m.name: list(m.capabilities) for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        }
+        assert listed["vgg19"] == [pb.CAPABILITY_CLASSIFY]
+    finally:
+        pool.ready_summary = None
+    assert stub.GetModel(pb.GetModelRequest(name="vgg19"), timeout=10).capabilities == before.capabilities
 
 
 def test_cancel_stops_the_job(stub: pb_grpc.InferenceStub, pool: FakePool) -> None:

@@ -30,6 +30,19 @@ def init_state() -> State:
     return State(pid=os.getpid(), initialized_at=time.time())
 
 
+@dataclass(frozen=True)
+class SummarizedState(State):
+    """A state that reports something to the parent when ready (as the gradient workers report the
+    model versions they refused)."""
+
+    def ready_summary(self) -> dict[str, Any]:
+        return {"refused": {"toy:2": "disagrees with its ONNX model"}, "pid": self.pid}
+
+
+def init_summarized() -> SummarizedState:
+    return SummarizedState(pid=os.getpid(), initialized_at=time.time())
+
+
 def init_fail() -> State:
     raise FileNotFoundError("no weights at /models/missing/weights.pt")
 

@@ -214,6 +214,18 @@ def test_default_target_is_the_predicted_class() -> None:
     np.testing.assert_array_equal(explicit.saliency, e.saliency)
 
 
+def test_the_predicted_class_comes_with_its_probability_whatever_the_target() -> None:
+    model = small_net()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        softmax = torch.softmax(model(x), 1)
+    targets = [(int(c) + 1) % 7 for c in softmax.argmax(1)]  # never the top-1
+    e = explain(model, x, targets)
+    np.testing.assert_allclose(e.predicted_probabilities, softmax.max(1).values.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(e.probabilities, softmax[torch.arange(4), targets].numpy(), rtol=1e-5)
+    assert (e.predicted_probabilities > e.probabilities).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # Model hygiene
 

@@ -144,6 +144,18 @@ def test_runs_jobs_and_returns_numpy_results_and_metrics() -> None:
     run(scenario)
 
 
+def test_a_state_with_a_ready_summary_reports_it_to_the_parent() -> None:
+    async def scenario() -> None:
+        async with started_pool(workers=1) as pool:
+            assert pool.ready_summary is None  # init_state has no summary
+        async with started_pool(workers=2, initializer=h.init_summarized) as pool:
+            summary = pool.ready_summary
+            assert summary["refused"] == {"toy:2": "disagrees with its ONNX model"}
+            assert summary["pid"] in pool.worker_pids
+
+    run(scenario)
+
+
 def test_progress_is_delivered_in_order_on_the_event_loop() -> None:
     async def scenario() -> None:
         loop_thread = threading.get_ident()

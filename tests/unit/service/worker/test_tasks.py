@@ -3,7 +3,6 @@ dispatch to the algorithms with progress and cancellation, picklability, and the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import subprocess
@@ -59,34 +58,18 @@ class Ctx:
         self.updates.append(update)
 
 
-def write_version(
-    root: Path, name: str, version: int, arch: str, model: torch.nn.Module, **meta: Any
-) -> Path:
-    """A repository version directory as export writes it (metadata.json schema 1 + weights.pt)."""
-    directory = root / name / str(version)
-    directory.mkdir(parents=True)
-    weights = directory / "weights.pt"
-    torch.save(model.state_dict(), weights)
-    spec_pre = DIGITS if arch == "lenet5" else IMAGENET
-    metadata = {
-        "schema_version": 1,
-        "name": name,
-        "version": version,
-        "architecture": arch,
-        "input": {
-            "name": "input",
-            "shape": [spec_pre.channels, spec_pre.crop, spec_pre.crop],
-            "dtype": "float32",
-        },
-        "output": {"name": "logits", "shape": [10 if arch == "lenet5" else 1000], "dtype": "float32"},
-        "num_classes": 10 if arch == "lenet5" else 1000,
-        "preprocessing": spec_pre.to_dict(),
-        "files": {"weights.pt": {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "bytes": 0}},
-        "capabilities": {"classify": True, "explain": True, "dream": True, "stylize": False},
-    }
-    metadata.update(meta)
-    (directory / "metadata.json").write_text(json.dumps(metadata))
-    return directory
+def write_version(root: Path, name: str, version: int, arch: str, model: torch.nn.Module) -> Path:
+    """A repository version as `python -m export` writes it for an in-memory model (model.onnx,
+    weights.pt and a schema-1 metadata.json), so the workers' parity self-test has the ONNX model to
+    check against. One change: every version offers explain and dream (metadata.json is not hashed),
+    so the jobs' plain-gradient path is tested on LeNet-5 too, which has no ReLU to guide."""
+    from export.onnx_export import export_to_repository
+
+    path = export_to_repository(arch, root, model=model, name=name, version=version).version.path
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["capabilities"].update(explain=True, dream=True)
+    (path / "metadata.json").write_text(json.dumps(meta))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +146,11 @@ def test_load_models_refuses_weights_that_do_not_match_their_checksum(tmp_path: 
     meta = json.loads((directory / "metadata.json").read_text())
     meta["files"]["weights.pt"]["sha256"] = "0" * 64
     (directory / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(RuntimeError, match="sha256 does not match"):
+    with pytest.raises(RuntimeError, match=r"weights\.pt sha256 .* differs from metadata\.json's"):
         load_models({"models": [str(directory)], "device": "cpu"})
     del meta["files"]["weights.pt"]["sha256"]
     (directory / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(RuntimeError, match="records no sha256"):
+    with pytest.raises(RuntimeError, match=r"files\['weights\.pt'\] must be"):
         load_models({"models": [str(directory)], "device": "cpu"})
 
 

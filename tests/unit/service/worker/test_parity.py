@@ -1,0 +1,120 @@
+"""The gradient workers compute with the network ONNX Runtime serves.
+
+For every architecture of the zoo (GoogLeNet with and without transform_input) a version is exported
+from a checkpoint file, as a user does with `python -m export onnx ARCH --weights FILE`, then loaded
+the way each worker process loads it (`load_models`). On the same input the worker's logits must
+equal ONNX Runtime's on model.onnx within 1e-4 relative (max |diff| / max |logit|).
+
+The load-time parity self-test is tested too: a version whose metadata.json lost the exporter's
+build arguments is refused for gradient jobs (FAILED_PRECONDITION, with the reason in the pool's
+ready summary) while the other versions load.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.models import ARCHITECTURES, build
+from export.onnx_export import export_to_repository
+from service.errors import FailedPrecondition
+from service.worker.tasks import WorkerState, load_models
+
+RELATIVE_BOUND = 1e-4
+
+# (architecture, build_kwargs given to the export; None: the exporter's own default)
+CASES = [(arch, None) for arch in ARCHITECTURES] + [("googlenet", {"transform_input": False})]
+
+
+def case_id(case: tuple[str, dict[str, bool] | None]) -> str:
+    arch, kwargs = case
+    return arch if kwargs is None else f"{arch}-" + "-".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+def fixed_input(shape: tuple[int, ...], batch: int = 2) -> np.ndarray:
+    """Not the export's verification batch (seed 0): an input the export never checked."""
+    return np.random.default_rng(1234).standard_normal((batch, *shape)).astype(np.float32)
+
+
+def ort_logits(onnx_path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": x})
+    return np.asarray(logits, dtype=np.float64)
+
+
+def relative(a: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(a - reference).max() / np.abs(reference).max())
+
+
+def load(directory: Path) -> WorkerState:
+    # What each worker process runs at start (the pool's initializer), the config as it crosses spawn.
+    config = {"models": [str(directory)], "device": "cpu", "torch_threads": 0}
+    return load_models(pickle.loads(pickle.dumps(config)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_worker_logits_equal_onnx_runtime_for_a_version_exported_from_a_checkpoint(
+    case: tuple[str, dict[str, bool] | None], tmp_path: Path, make_checkpoint: Callable[..., Path]
+) -> None:
+    arch, kwargs = case
+    weights = make_checkpoint(arch, tmp_path / f"{arch}.pth")
+    exported = export_to_repository(arch, tmp_path / "repository", weights=weights, build_kwargs=kwargs)
+    version = exported.version
+    if arch == "googlenet":  # torchvision's published weights expect the transform: the default
+        expected = True if kwargs is None else kwargs["transform_input"]
+        assert version.build_kwargs == {"transform_input": expected}
+
+    state = load(version.path)
+    assert state.refused == {}
+    model = state.get(version.name, version.version)
+    x = fixed_input(version.input_shape)
+    with torch.no_grad():
+        worker = model.module(torch.from_numpy(x)).double().numpy()
+    served = ort_logits(version.onnx_path, x)
+    assert relative(worker, served) <= RELATIVE_BOUND
+    assert (worker.argmax(1) == served.argmax(1)).all()
+
+    if arch == "googlenet":
+        # Control: the checkpoint is alive enough that the other transform_input setting (what the
+        # workers built before they read build_kwargs) is far outside the bound.
+        wrong = build(arch, transform_input=not version.build_kwargs["transform_input"])
+        wrong.load_state_dict(torch.load(version.weights_path, weights_only=True))
+        with torch.no_grad():
+            assert relative(wrong(torch.from_numpy(x)).double().numpy(), served) > 1e-2
+
+
+def test_a_version_failing_the_parity_self_test_is_refused_for_gradient_jobs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, make_checkpoint: Callable[..., Path]
+) -> None:
+    root = tmp_path / "repository"
+    weights = make_checkpoint("googlenet", tmp_path / "googlenet.pth")
+    good = export_to_repository("googlenet", root, weights=weights, name="inception").version
+    lost = export_to_repository("googlenet", root, weights=weights, name="inception").version
+    # metadata.json is not in its own sha256 manifest: a hand edit (or an older exporter) that drops
+    # build_kwargs makes the workers build GoogLeNet without the input transform ONNX Runtime applies.
+    meta = json.loads(lost.metadata_path.read_text())
+    del meta["build_kwargs"]
+    lost.metadata_path.write_text(json.dumps(meta))
+
+    config = {"models": [str(good.path), str(lost.path)], "device": "cpu"}
+    with caplog.at_level("ERROR", logger="service.worker.tasks"):
+        state = load_models(pickle.loads(pickle.dumps(config)))
+
+    assert list(state.models) == [("inception", 1)]
+    assert list(state.refused) == [("inception", 2)]
+    reason = state.refused[("inception", 2)]
+    assert "disagrees with model.onnx" in reason and "relative diff" in reason
+    assert "not offering inception:2 for gradient RPCs" in caplog.text
+    assert state.ready_summary() == {"refused": {"inception:2": reason}}
+    for version in (2, 0):  # 0 is the latest: never silently an older version instead
+        with pytest.raises(FailedPrecondition, match="'inception' version 2 is not offered") as info:
+            state.get("inception", version)
+        assert info.value.reason == "parity_failed"
+    assert state.get("inception", 1).version == 1
