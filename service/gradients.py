@@ -46,10 +46,12 @@ EXPLAIN_METHODS = {
     pb.EXPLAIN_METHOD_UNSPECIFIED: "guided_backprop",
     pb.EXPLAIN_METHOD_GUIDED_BACKPROP: "guided_backprop",
     pb.EXPLAIN_METHOD_GUIDED_GRADCAM: "guided_gradcam",
+    pb.EXPLAIN_METHOD_GRADCAM: "gradcam",
 }
 EXPLAIN_METHOD_ENUM = {
     "guided_backprop": pb.EXPLAIN_METHOD_GUIDED_BACKPROP,
     "guided_gradcam": pb.EXPLAIN_METHOD_GUIDED_GRADCAM,
+    "gradcam": pb.EXPLAIN_METHOD_GRADCAM,
 }
 OPTIMIZERS = {
     pb.STYLE_OPTIMIZER_UNSPECIFIED: "lbfgs",
@@ -213,6 +215,8 @@ def explain_response(result: tasks.ExplainResult, model: LoadedModel, method: st
         )
         if result.plain is not None:
             e.plain_gradient.CopyFrom(tensor_proto(result.plain[i]))
+        if result.cam is not None:
+            e.gradcam.CopyFrom(tensor_proto(result.cam[i]))
         explanations.append(e)
     return pb.ExplainResponse(
         model=result.model,

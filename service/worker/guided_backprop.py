@@ -61,7 +61,7 @@ from torch import nn
 from service.errors import Cancelled, InvalidArgument
 from service.worker.tasks import EXPLAIN_METHODS as METHODS
 
-Method = Literal["guided_backprop", "guided_gradcam", "gradient"]
+Method = Literal["guided_backprop", "guided_gradcam", "gradcam", "gradient"]
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,14 @@ class Explanation:
     """What `explain` returns; numpy arrays only.
 
     saliency: float32 (N, C, H, W), the raw signed map with respect to the *model input tensor*
-        (the normalized tensor, not pixels): guided backprop, guided Grad-CAM or the plain gradient.
+        (the normalized tensor, not pixels): guided backprop, guided Grad-CAM or the plain gradient;
+        for "gradcam", the Grad-CAM heatmap itself, float32 (N, 1, H, W) in [0, 1].
     classes: int64 (N,), the explained class of each sample.
     probabilities: float32 (N,), softmax probability of that class.
     predicted: int64 (N,), the model's top-1 class.
     predicted_probabilities: float32 (N,), softmax probability of the top-1 class.
     plain: float32 (N, C, H, W), the plain input gradient, when asked for (or when it is the method).
-    cam: float32 (N, H, W) in [0, 1], the upsampled Grad-CAM map (guided_gradcam only).
+    cam: float32 (N, H, W) in [0, 1], the upsampled Grad-CAM map (guided_gradcam and gradcam).
     cam_layer: the module whose output (or, for the automatic choice, whose input) Grad-CAM used.
     """
 
@@ -261,9 +262,10 @@ def explain(
 
     x: (N, C, H, W) model input (already normalized, as the ONNX model takes it).
     targets: one class per sample; None explains each sample's predicted (top-1) class.
-    method: "guided_backprop", "guided_gradcam" or "gradient" (plain input gradient).
+    method: "guided_backprop", "guided_gradcam", "gradcam" (the Grad-CAM heatmap alone, as the
+        saliency (N, 1, H, W)) or "gradient" (plain input gradient).
     plain_gradient: also return the plain gradient (costs one extra backward pass, no extra forward).
-    cam_layer: Grad-CAM feature map module (guided_gradcam only); None picks it automatically.
+    cam_layer: Grad-CAM feature map module (guided_gradcam and gradcam); None picks it automatically.
     should_stop: checked before every layer of the forward pass and at every layer of the backward
         passes (see `stop_checks`); when it returns true, service.errors.Cancelled is raised and the
         model is left as it came.
@@ -280,9 +282,9 @@ def explain(
     if targets is not None and len(targets) != n:
         raise InvalidArgument(f"got {len(targets)} targets for {n} inputs; give one per input or none")
 
-    need_guided = method != "gradient"
+    need_guided = method in ("guided_backprop", "guided_gradcam")
     need_plain = method != "guided_backprop" or plain_gradient
-    need_cam = method == "guided_gradcam"
+    need_cam = method in ("guided_gradcam", "gradcam")
 
     device = model_device(model)
     inp = x.detach().to(device=device, dtype=model_dtype(model)).clone().requires_grad_(True)
@@ -346,6 +348,9 @@ def explain(
     elif method == "guided_backprop":
         assert guided is not None
         saliency = guided
+    elif method == "gradcam":
+        assert cam is not None
+        saliency = cam[:, None]
     else:
         assert guided is not None and cam is not None
         saliency = guided * cam[:, None]

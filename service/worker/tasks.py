@@ -22,7 +22,7 @@ Cost units ("pass-pixels"): one input pixel through one forward *or* one backwar
 A forward+backward step over an H x W image costs 2*H*W. So:
 
 - explain: N*H*W * (1 forward + 1 backward, + 1 more backward when the plain gradient is also needed:
-  guided_gradcam, plain_gradient=True);
+  guided_gradcam, plain_gradient=True; gradient and gradcam take one plain backward only);
 - dream: sum over the octaves actually run of h_o*w_o * steps * 2, plus two forwards at the working
   size (the objective reported before and after);
 - stylize: content pixels * iterations * 2 (each L-BFGS evaluation or Adam step is a forward and a
@@ -75,7 +75,7 @@ DEFAULT_DREAM_LAYERS: dict[str, str] = {
     "lenet5": "features.4",  # C3's tanh
 }
 
-EXPLAIN_METHODS = ("guided_backprop", "guided_gradcam", "gradient")
+EXPLAIN_METHODS = ("guided_backprop", "guided_gradcam", "gradcam", "gradient")
 
 # Stylize needs VGG-19's `features` layout (style_transfer.VGG19_LAYERS).
 STYLE_ARCHITECTURES = ("vgg19",)
@@ -331,7 +331,7 @@ class ExplainTask:
 
     inputs: float32 (N, C, H, W), the model's input tensor (its ModelInfo input shape).
     targets: one class per input, or None for each input's predicted class.
-    method: "guided_backprop", "guided_gradcam" or "gradient".
+    method: "guided_backprop", "guided_gradcam", "gradcam" (the heatmap alone) or "gradient".
     render: also return one PNG per input ("signed" or "magnitude" rendering), or None.
     """
 
@@ -356,7 +356,7 @@ class ExplainResult:
     predicted: np.ndarray  # int64 (N,), top-1 classes
     predicted_probabilities: np.ndarray  # float32 (N,), softmax probability of each top-1 class
     plain: np.ndarray | None  # float32 (N, C, H, W) when asked for
-    cam: np.ndarray | None  # float32 (N, H, W) in [0, 1] for guided_gradcam
+    cam: np.ndarray | None  # float32 (N, H, W) in [0, 1] for guided_gradcam and gradcam
     cam_layer: str | None
     pngs: tuple[bytes, ...]  # one rendering per input when the task asked for it
     seconds: float
@@ -564,9 +564,10 @@ def estimate_cost(task: Task) -> float:
     if isinstance(task, ExplainTask):
         n, _, h, w = np.shape(task.inputs)
         # guided and plain gradients share the forward pass; each needs its own backward
+        # gradcam: one plain backward gives dScore/dA and the plain input gradient together
         backward = (
             1
-            if task.method == "gradient"
+            if task.method in ("gradient", "gradcam")
             else 1 + int(task.method == "guided_gradcam" or task.plain_gradient)
         )
         return float(n * h * w * (1 + backward))
@@ -836,7 +837,12 @@ def _explain(model: TorchModel, task: ExplainTask, ctx: JobContext, started: flo
     )
     # one batched pass: every image is done at once (counts the images as the job's steps)
     ctx.progress(ProgressUpdate(kind="explain", step=len(x), total_steps=len(x), losses={}))
-    pngs = tuple(saliency_png(s, task.render) for s in e.saliency) if task.render else ()
+    if not task.render:
+        pngs: tuple[bytes, ...] = ()
+    elif task.method == "gradcam":  # already a [0, 1] heatmap: drawn as it is, white = 1
+        pngs = tuple(encode_png(s[0]) for s in e.saliency)
+    else:
+        pngs = tuple(saliency_png(s, task.render) for s in e.saliency)
     return ExplainResult(
         model=model.name,
         version=model.version,

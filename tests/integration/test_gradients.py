@@ -107,6 +107,32 @@ def test_explain_resnet18(stub: pb_grpc.InferenceStub, gradient_server: ServerPr
     _still_serving(gradient_server)
 
 
+def test_explain_gradcam_alone_and_with_guided_backprop(stub: pb_grpc.InferenceStub) -> None:
+    image = pb.ImageInput(encoded=_png(64))
+    heatmaps = {}
+    for method in (pb.EXPLAIN_METHOD_GRADCAM, pb.EXPLAIN_METHOD_GUIDED_GRADCAM):
+        request = pb.ExplainRequest(model="resnet18", images=[image], target_classes=[7], method=method)
+        response = stub.Explain(request, timeout=60)
+        assert response.method == method
+        (e,) = response.explanations
+        assert list(e.gradcam.shape) == [224, 224] and e.gradcam.dtype == "float32"
+        heatmaps[method] = np.frombuffer(e.gradcam.data, dtype="<f4").reshape(224, 224)
+        assert heatmaps[method].min() >= 0 and heatmaps[method].max() == pytest.approx(1.0)
+        if method == pb.EXPLAIN_METHOD_GRADCAM:  # the saliency is the heatmap itself, drawn as is
+            assert list(e.saliency.shape) == [1, 224, 224]
+            np.testing.assert_array_equal(np.frombuffer(e.saliency.data, "<f4"), heatmaps[method].ravel())
+            png = np.asarray(_open(e.png))
+            assert png.shape == (224, 224)
+            np.testing.assert_allclose(png / 255.0, heatmaps[method], atol=1 / 255)
+        else:
+            assert list(e.saliency.shape) == [3, 224, 224]
+    np.testing.assert_allclose(
+        heatmaps[pb.EXPLAIN_METHOD_GRADCAM], heatmaps[pb.EXPLAIN_METHOD_GUIDED_GRADCAM], atol=1e-5
+    )
+    plain = stub.Explain(pb.ExplainRequest(model="resnet18", images=[image]), timeout=60)
+    assert not plain.explanations[0].HasField("gradcam")  # guided backprop computes no Grad-CAM
+
+
 def test_dream_streams_progress_then_final_png(stub: pb_grpc.InferenceStub) -> None:
     request = pb.DreamRequest(
         model="resnet18", image=pb.ImageInput(encoded=_png(64)), steps=2, octaves=1, preview_every=1, jitter=4

@@ -20,6 +20,7 @@ class ExplainMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPLAIN_METHOD_UNSPECIFIED: _ClassVar[ExplainMethod]
     EXPLAIN_METHOD_GUIDED_BACKPROP: _ClassVar[ExplainMethod]
     EXPLAIN_METHOD_GUIDED_GRADCAM: _ClassVar[ExplainMethod]
+    EXPLAIN_METHOD_GRADCAM: _ClassVar[ExplainMethod]
 
 class StyleOptimizer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ CAPABILITY_STYLIZE: Capability
 EXPLAIN_METHOD_UNSPECIFIED: ExplainMethod
 EXPLAIN_METHOD_GUIDED_BACKPROP: ExplainMethod
 EXPLAIN_METHOD_GUIDED_GRADCAM: ExplainMethod
+EXPLAIN_METHOD_GRADCAM: ExplainMethod
 STYLE_OPTIMIZER_UNSPECIFIED: StyleOptimizer
 STYLE_OPTIMIZER_LBFGS: StyleOptimizer
 STYLE_OPTIMIZER_ADAM: StyleOptimizer
@@ -268,18 +270,20 @@ class ExplainRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., target_classes: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., include_plain_gradient: _Optional[bool] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("saliency", "png", "explained", "predicted", "plain_gradient")
+    __slots__ = ("saliency", "png", "explained", "predicted", "plain_gradient", "gradcam")
     SALIENCY_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
     EXPLAINED_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     PLAIN_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    GRADCAM_FIELD_NUMBER: _ClassVar[int]
     saliency: Tensor
     png: bytes
     explained: ClassScore
     predicted: ClassScore
     plain_gradient: Tensor
-    def __init__(self, saliency: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., explained: _Optional[_Union[ClassScore, _Mapping]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., plain_gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    gradcam: Tensor
+    def __init__(self, saliency: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., explained: _Optional[_Union[ClassScore, _Mapping]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., plain_gradient: _Optional[_Union[Tensor, _Mapping]] = ..., gradcam: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("model", "version", "method", "explanations", "seconds")

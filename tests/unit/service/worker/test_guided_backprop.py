@@ -301,6 +301,12 @@ def test_guided_gradcam_is_guided_backprop_times_the_upsampled_cam() -> None:
     assert named.cam_layer == "features.36"
     np.testing.assert_allclose(named.cam, gc.cam, rtol=1e-5, atol=1e-6)  # the same tensor, named
 
+    alone = explain(model, x, [5], method="gradcam")  # the heatmap by itself, no guided pass
+    assert alone.saliency.shape == (1, 1, 64, 64) and alone.cam_layer == "avgpool"
+    np.testing.assert_allclose(alone.saliency[:, 0], gc.cam, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(alone.cam, alone.saliency[:, 0])
+    assert alone.plain is None and alone.probabilities == pytest.approx(gc.probabilities)
+
 
 # --------------------------------------------------------------------------------------------------
 # Behavioural oracles
@@ -417,7 +423,8 @@ class StopAfter:
 
 
 @pytest.mark.parametrize(
-    ("method", "backward_passes"), [("guided_backprop", 1), ("guided_gradcam", 2), ("gradient", 1)]
+    ("method", "backward_passes"),
+    [("guided_backprop", 1), ("guided_gradcam", 2), ("gradcam", 1), ("gradient", 1)],
 )
 def test_should_stop_is_checked_at_every_layer_of_every_pass(method: str, backward_passes: int) -> None:
     model = small_net()

@@ -347,6 +347,7 @@ def test_estimate_cost_in_pass_pixels() -> None:
     assert estimate_cost(ExplainTask("m", 1, x, method="gradient")) == 4 * 32 * 32 * 2
     assert estimate_cost(ExplainTask("m", 1, x, plain_gradient=True)) == 4 * 32 * 32 * 3
     assert estimate_cost(ExplainTask("m", 1, x, method="guided_gradcam")) == 4 * 32 * 32 * 3
+    assert estimate_cost(ExplainTask("m", 1, x, method="gradcam")) == 4 * 32 * 32 * 2
 
     octaves = [(96, 96), (69, 69), (49, 49), (35, 35)]  # the default 4 octaves at 1.4
     expected = sum(h * w for h, w in octaves) * 10 * 2 + 2 * 96 * 96
