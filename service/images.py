@@ -96,6 +96,30 @@ def _effective_max_pixels(max_pixels: int) -> int:
     return max_pixels if pillow_cap is None else min(max_pixels, pillow_cap)
 
 
+def _too_many_pixels(width: int, height: int, limit: int) -> InvalidArgument:
+    """The one message for an image over the pixel cap, whoever noticed it (our header check or
+    Pillow's decompression-bomb check): Pillow's own wording never reaches a client."""
+    return InvalidArgument(
+        f"image is {width}x{height} = {width * height:,} pixels; at most {limit:,} are allowed "
+        "(max_image_pixels)",
+        reason="too_many_pixels",
+    )
+
+
+def _declared_size(data: bytes, pillow_format: str) -> tuple[int, int] | None:
+    """The size an image's header declares, parsed by the format's own Pillow plugin without
+    Image.open's decompression-bomb check (the check is in open(), not in the plugin), for the
+    message about an image that check refused. No pixel is decoded. None if it cannot be read."""
+    Image.init()
+    try:
+        factory, _ = Image.OPEN[pillow_format]
+        with factory(io.BytesIO(data), "") as header_only:  # type: ignore[arg-type]
+            width, height = header_only.size
+            return int(width), int(height)
+    except Exception:  # noqa: BLE001 - only a message depends on it
+        return None
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode an encoded JPEG, PNG or WebP image, EXIF orientation applied.
 
@@ -130,12 +154,15 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         # open() parses the header only. `formats` keeps every other plugin away from client bytes.
         image = Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # Pillow's own cap (the warning arrives as an exception where warnings are errors).
-        raise InvalidArgument(
-            f"image declares too many pixels (more than {limit:,} allowed: max_image_pixels): {exc}",
-            reason="too_many_pixels",
-        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own cap (the warning arrives as an exception where warnings are errors): never
+        # above ours (_effective_max_pixels), so the image is over our cap too; say so our way.
+        size = _declared_size(data, fmt)
+        if size is None:
+            raise InvalidArgument(
+                f"image declares more than {limit:,} pixels (max_image_pixels)", reason="too_many_pixels"
+            ) from None
+        raise _too_many_pixels(*size, limit) from None
     except Exception as exc:  # noqa: BLE001 - see below: a header the opener cannot parse is corrupt
         raise InvalidArgument(
             f"corrupt {fmt} image: cannot read its header ({exc})", reason="corrupt_image"
@@ -150,11 +177,7 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if width <= 0 or height <= 0:
         raise InvalidArgument(f"corrupt {fmt} image: size {width}x{height}", reason="corrupt_image")
     if width * height > limit:
-        raise InvalidArgument(
-            f"image is {width}x{height} = {width * height:,} pixels; at most {limit:,} are allowed "
-            "(max_image_pixels)",
-            reason="too_many_pixels",
-        )
+        raise _too_many_pixels(width, height, limit)
     return image
 
 
@@ -165,10 +188,10 @@ def load_image(image: Image.Image) -> Image.Image:
     try:
         # load() decodes everything now: a truncated file raises instead of yielding grey pixels.
         image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidArgument(
-            f"image declares too many pixels (max_image_pixels): {exc}", reason="too_many_pixels"
-        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's cap met while decoding (open_image checked the header against ours already).
+        width, height = image.size
+        raise _too_many_pixels(width, height, Image.MAX_IMAGE_PIXELS or width * height) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure on client bytes means a bad file
         # Pillow's decoders signal bad data with OSError, SyntaxError, ValueError, struct.error,
         # IndexError... depending on the codec; all of them mean the client sent a broken file.

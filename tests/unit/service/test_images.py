@@ -138,8 +138,14 @@ def test_header_bomb_is_refused_without_allocating() -> None:
     assert len(bomb) < 48 * 1024
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     for max_pixels in (MAX, 10**12):  # our cap, then Pillow's own (never raised by us)
-        reason, _ = reason_of(bomb, max_pixels=max_pixels)
+        reason, message = reason_of(bomb, max_pixels=max_pixels)
         assert reason == "too_many_pixels"
+        # One form whoever refused it, with the declared size; never Pillow's own wording.
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        assert message == (
+            f"image is 20000x20000 = 400,000,000 pixels; at most {limit:,} are allowed (max_image_pixels)"
+        )
+        assert "decompression bomb" not in message.lower() and "Image size" not in message
     # Under Pillow's limits but over ours: refused by our own check of the header.
     reason, message = reason_of(png_declaring(8_000, 8_000), max_pixels=MAX)
     assert reason == "too_many_pixels" and "8000x8000" in message
@@ -152,10 +158,11 @@ def test_pillow_bomb_warning_is_an_error_even_when_warnings_are_ignored() -> Non
     # still, so only Pillow's signal stands between this image and a 100 MB decode.
     data = png_declaring(10_000, 10_000)
     assert Image.MAX_IMAGE_PIXELS is not None and 10_000 * 10_000 > Image.MAX_IMAGE_PIXELS
-    assert reason_of(data, max_pixels=10**12)[0] == "too_many_pixels"  # pytest: warnings are errors
-    with warnings.catch_warnings():
+    expected = f"image is 10000x10000 = 100,000,000 pixels; at most {Image.MAX_IMAGE_PIXELS:,} are allowed"
+    assert reason_of(data, max_pixels=10**12) == ("too_many_pixels", expected + " (max_image_pixels)")
+    with warnings.catch_warnings():  # pytest: warnings are errors; here, as in production, they are not
         warnings.simplefilter("ignore")
-        assert reason_of(data, max_pixels=10**12)[0] == "too_many_pixels"
+        assert reason_of(data, max_pixels=10**12) == ("too_many_pixels", expected + " (max_image_pixels)")
     assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # untouched: no global side effect
 
 
