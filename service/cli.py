@@ -86,7 +86,10 @@ def settings_from_args(
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a rule across fields: its message names them
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             source = _flag(field) if field in overrides else f"{ENV_PREFIX}{field.upper()}"
             problems.append(f"{source}: {error['msg']} (got {error.get('input')!r})")
         parser.error("; ".join(problems))

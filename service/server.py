@@ -82,7 +82,7 @@ def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.http2.max_ping_strikes", 2),
         # Rotate connections so clients behind L4 load balancers spread onto new replicas.
         ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
-        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.connection_age_grace_s)),
         # Never share a port with another process silently (Linux SO_REUSEPORT would).
         ("grpc.so_reuseport", 0),
     ]

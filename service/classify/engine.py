@@ -297,7 +297,8 @@ class ClassificationEngine:
             max_batch = min(max_batch, session.batch_limit)
         if session.provider == CUDA and settings.cuda_fixed_batch:
             session.fix_batch_size(max_batch)  # every batch then runs (and warms up) at one shape
-        warmup_s = session.warmup(range(1, max_batch + 1))
+        warmup_sizes = settings.warmup_sizes(max_batch)
+        warmup_s = session.warmup(warmup_sizes)
         model = replace(model, provider=session.provider)
         batcher = DynamicBatcher(
             session.run,
@@ -309,12 +310,12 @@ class ClassificationEngine:
             item_shape=model.input_shape,
         )
         log.info(
-            "loaded %s:%d on %s in %.2f s (warm-up of batch sizes 1..%d: %.2f s)",
+            "loaded %s:%d on %s in %.2f s (warm-up of batch sizes %s: %.2f s)",
             model.name,
             model.version,
             session.provider,
             time.perf_counter() - started,
-            max_batch,
+            ",".join(map(str, warmup_sizes)) or "none",
             warmup_s,
         )
         return _Served(model, session, batcher)

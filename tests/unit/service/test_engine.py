@@ -288,6 +288,12 @@ def test_warmup_covers_every_batch_size_and_metrics_are_set(
     monkeypatch.setattr(ModelSession, "warmup", recording)
     ClassificationEngine(settings_for(repo["root"], models="gray", max_batch_size=5)).load()
     assert sizes == [[1, 2, 3, 4, 5]]
+    # warmup_batch_sizes limits it (a list: sizes over the batch limit skipped; none: no warm-up)
+    for setting, expected in (("8,1,4,4", [1, 4]), ("none", [])):
+        sizes.clear()
+        settings = settings_for(repo["root"], models="gray", max_batch_size=5, warmup_batch_sizes=setting)
+        ClassificationEngine(settings).load()
+        assert sizes == [expected]
     labels = {"model": "gray", "version": "1", "provider": "CPUExecutionProvider", "trained": "false"}
     assert metrics.registry.get_sample_value("cnnserve_model_info", labels) == 1
     assert (
