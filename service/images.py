@@ -113,7 +113,7 @@ def _declared_size(data: bytes, pillow_format: str) -> tuple[int, int] | None:
     Image.init()
     try:
         factory, _ = Image.OPEN[pillow_format]
-        with factory(io.BytesIO(data), "") as header_only:  # type: ignore[arg-type]
+        with factory(io.BytesIO(data), "") as header_only:
             width, height = header_only.size
             return int(width), int(height)
     except Exception:  # noqa: BLE001 - only a message depends on it
