@@ -46,6 +46,7 @@ from torch import nn
 
 from export.checkpoints import load_weights
 from export.errors import UsageError, VerificationError
+from export.preprocessing import describe_input
 from export.repository import ONNX_FILE, WEIGHTS_FILE, ModelVersion, VersionWriter, check_name
 
 DEFAULT_OPSET = 18
@@ -448,7 +449,12 @@ def export_to_repository(
             "name": name,
             "version": 0,  # set by commit
             "architecture": arch,
-            "input": {"name": INPUT_NAME, "shape": list(spec.input_shape), "dtype": dtype},
+            "input": {
+                "name": INPUT_NAME,
+                "shape": list(spec.input_shape),
+                "dtype": dtype,
+                "description": describe_input(spec.preprocessing),
+            },
             "output": {"name": OUTPUT_NAME, "shape": [spec.num_classes], "dtype": dtype},
             "num_classes": spec.num_classes,
             "preprocessing": spec.preprocessing.to_dict(),

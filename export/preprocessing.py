@@ -114,3 +114,30 @@ def _normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.
 # LeNet-5 on the UCI digits: the 8x8 images rendered to 32x32 grayscale (export.digits), then
 # normalized with the training split's pixel mean and std (a test recomputes them).
 DIGITS = Preprocessing(color_mode="L", resize=32, crop=32, mean=(0.3055,), std=(0.3235,))
+
+
+def describe_input(p: Preprocessing) -> str:
+    """What an image sent to a model with this preprocessing should show, for people: metadata.json's
+    `input.description` when the exporter wrote one, and ModelInfo.input_description.
+
+    The digits convention matters most: the UCI digits are bright strokes on a dark ground, tightly
+    cropped, so a black-on-white drawing reads as another digit (a hand-drawn 7 scored `4 0.60`, its
+    inverse `7 0.986`). No `invert` option is offered: the polarity is the training data's, and a
+    server-side flip per model would only move the surprise to the users who send UCI-like images.
+    """
+    if p == DIGITS:
+        return (
+            "one handwritten digit, white (bright) strokes on a black background, tightly cropped and "
+            "centred, as in the UCI digits LeNet-5 was trained on; invert a black-on-white drawing "
+            "before sending it. Any size: it is resized to 32x32 grayscale"
+        )
+    mode = "grayscale" if p.color_mode == "L" else "RGB"
+    if p == IMAGENET:
+        return (
+            "a photo of one ImageNet object class, any size, RGB; the shorter side is resized to 256 "
+            "and the centre 224x224 cropped, so keep the object in the middle"
+        )
+    return (
+        f"a {mode} image, any size; the shorter side is resized to {p.resize} and the centre "
+        f"{p.crop}x{p.crop} cropped"
+    )

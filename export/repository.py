@@ -183,6 +183,14 @@ def validate_metadata(meta: Any, where: str = METADATA) -> dict[str, Any]:
             f"{where}: {key}",
         )
         _require(sub, "dtype", sub.get("dtype") in DTYPES, " or ".join(DTYPES), f"{where}: {key}")
+    if "description" in meta["input"]:
+        _require(
+            meta["input"],
+            "description",
+            isinstance(meta["input"]["description"], str),
+            "a string",
+            f"{where}: input",
+        )
     if meta["input"]["dtype"] != meta["output"]["dtype"]:
         raise MetadataError(f"{where}: input dtype {meta['input']['dtype']} differs from output dtype")
     req("preprocessing", lambda v: isinstance(v, dict), "an object")

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from export.preprocessing import describe_input
 from service import errors, images
 from service.errors import RESPONSE_LIMIT, DeadlineExceeded, InvalidArgument, Unavailable, checked_response
 from service.gradients import GradientRpcs, served_capabilities
@@ -451,6 +452,8 @@ def model_info(
         ),
         trained=model.trained,
         trained_on=model.trained_on or "",
+        # Repositories exported before metadata.json carried it: derived from the preprocessing.
+        input_description=str(meta.get("input", {}).get("description") or describe_input(p)),
         parameters=model.parameters,
         flops=model.flops,
         execution_provider=model.provider,

@@ -178,6 +178,9 @@ def test_list_models_and_get_model(stub: pb_grpc.InferenceStub) -> None:
     assert lenet.parameters > 50_000 and lenet.flops > 0
     assert lenet.execution_provider.endswith("ExecutionProvider")
     assert pb.CAPABILITY_CLASSIFY in lenet.capabilities and lenet.ready
+    # the convention at the point of use: what the export wrote into metadata.json
+    assert "white (bright) strokes on a black background" in lenet.input_description
+    assert "invert a black-on-white drawing" in lenet.input_description
     resnet = models["resnet18"]
     assert not resnet.trained and resnet.trained_on == ""
     assert (

@@ -98,6 +98,15 @@ def test_capabilities_follow_the_architecture(exported: dict[str, ExportResult])
     assert onnx_export.STYLIZE_ARCHITECTURES == {"vgg19"}
 
 
+def test_metadata_describes_the_expected_input(exported: dict[str, ExportResult]) -> None:
+    from export.preprocessing import describe_input
+
+    for arch in FAST:
+        version = exported[arch].version
+        assert version.metadata["input"]["description"] == describe_input(version.preprocessing)
+    assert "white (bright) strokes" in exported["lenet5"].version.metadata["input"]["description"]
+
+
 @pytest.mark.parametrize("arch", ["lenet5", "resnet18"])
 def test_fp16_export_has_float16_io_and_meets_its_bound(tmp_path: Path, arch: str) -> None:
     result = export_to_repository(arch, tmp_path, fp16=True)

@@ -46,6 +46,17 @@ def test_every_pixel_value_maps_exactly() -> None:
     np.testing.assert_array_equal(to_tensor(image, p), _arithmetic(image, p))
 
 
+def test_every_preprocessing_describes_its_input() -> None:
+    from export.preprocessing import describe_input
+
+    assert "white (bright) strokes on a black background" in describe_input(DIGITS)
+    assert "224x224" in describe_input(IMAGENET) and "RGB" in describe_input(IMAGENET)
+    other = Preprocessing(color_mode="L", resize=64, crop=48, mean=(0.5,), std=(0.5,))
+    assert describe_input(other) == (
+        "a grayscale image, any size; the shorter side is resized to 64 and the centre 48x48 cropped"
+    )
+
+
 def test_out_is_written_in_place() -> None:
     image = Image.fromarray(np.full((40, 50, 3), 200, dtype=np.uint8), "RGB")
     batch = np.zeros((2, 3, 32, 32), dtype=np.float32)

@@ -327,6 +327,7 @@ def test_commit_refuses_metadata_that_would_not_read_back(model_repository_copy:
             "field 'capabilities' must be an object of booleans",
         ),
         (lambda m: m.update(trained="yes"), "field 'trained' must be true or false"),
+        (lambda m: m["input"].update(description=3), "input: field 'description' must be a string"),
     ],
 )
 def test_metadata_validation_names_the_field(model_repository: Path, mutate: Any, message: str) -> None:

@@ -333,6 +333,8 @@ def test_list_and_get_model(stub: pb_grpc.InferenceStub) -> None:
     assert info.trained and info.trained_on == "digits"
     assert info.parameters == 61706 and info.flops == 429_000
     assert info.execution_provider == "CPUExecutionProvider"
+    # metadata.json (here: without input.description, as exported before it existed) -> derived
+    assert info.input_description.startswith("one handwritten digit, white (bright) strokes on a black")
     # metadata.json says explain is possible, but this server does not serve Explain (yet).
     assert list(info.capabilities) == [pb.CAPABILITY_CLASSIFY]
     assert info.ready

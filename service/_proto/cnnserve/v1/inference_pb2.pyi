@@ -216,7 +216,7 @@ class Preprocessing(_message.Message):
     def __init__(self, color_mode: _Optional[str] = ..., resize: _Optional[int] = ..., crop: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "architecture", "input", "output", "num_classes", "labels_count", "labels", "preprocessing", "trained", "trained_on", "parameters", "flops", "execution_provider", "capabilities", "ready")
+    __slots__ = ("name", "version", "versions", "architecture", "input", "output", "num_classes", "labels_count", "labels", "preprocessing", "trained", "trained_on", "parameters", "flops", "execution_provider", "capabilities", "ready", "input_description")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class ModelInfo(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -251,7 +252,8 @@ class ModelInfo(_message.Message):
     execution_provider: str
     capabilities: _containers.RepeatedScalarFieldContainer[Capability]
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., trained: _Optional[bool] = ..., trained_on: _Optional[str] = ..., parameters: _Optional[int] = ..., flops: _Optional[int] = ..., execution_provider: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    input_description: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., trained: _Optional[bool] = ..., trained_on: _Optional[str] = ..., parameters: _Optional[int] = ..., flops: _Optional[int] = ..., execution_provider: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., ready: _Optional[bool] = ..., input_description: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "version", "images", "target_classes", "method", "include_plain_gradient")
