@@ -17,7 +17,6 @@ they are training bookkeeping, not weights, and BatchNorm fills them in itself.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -32,17 +31,10 @@ import torch
 from torch import nn
 
 from export.errors import CheckpointError
+from export.repository import sha256_file
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 MAX_LISTED = 5  # keys named per category in an error message; the rest are counted
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _one_line(text: str, limit: int = 200) -> str:

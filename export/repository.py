@@ -18,6 +18,7 @@ Reading (the service uses only these): `scan`, `read_version`, `load_metadata`, 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -31,7 +32,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from export.checkpoints import sha256_file
 from export.errors import IntegrityError, MetadataError, RepositoryError, VersionExists
 from export.preprocessing import Preprocessing
 
@@ -50,6 +50,16 @@ _VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # a plain file name: no "/", no ".."
 _COMMIT_ATTEMPTS = 20
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in chunks. Lives here, torch-free, so that reading a repository
+    (the serving process) never imports PyTorch."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

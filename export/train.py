@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.checkpoints import sha256_file
 from export.digits import SPLIT_DESCRIPTION, load_split
 from export.errors import ExportError, UsageError
 from export.preprocessing import DIGITS
+from export.repository import sha256_file
 
 DEFAULT_EPOCHS = 25
 DEFAULT_SEED = 0

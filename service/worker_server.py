@@ -93,8 +93,8 @@ class ModelCatalog:
         # The serving tier's own selection and metadata checks, so both tiers agree on what a model
         # is. (This imports onnxruntime's Python module, ~25 MB; no session is ever created here.)
         from export import repository
-        from export.checkpoints import sha256_file
         from export.errors import RepositoryError
+        from export.repository import sha256_file
         from service.classify.engine import choose_versions, loaded_model, parse_model_selection
         from service.classify.session import ModelLoadError
 

@@ -1,0 +1,22 @@
+"""The classification side of the serving process never imports PyTorch: it reads the repository,
+runs ONNX Runtime and answers gRPC. torch costs ~1 s of start-up and hundreds of MB of memory in
+every process that imports it (the gradient worker processes import it on purpose)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize("module", ["service.classify.engine", "export.repository", "service.worker.tasks"])
+def test_importing_the_module_does_not_import_torch(module: str) -> None:
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "False", f"importing {module} imports torch"
