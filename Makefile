@@ -8,6 +8,16 @@ REPOSITORY ?= model_repository
 GRPC_PORT ?= 8500
 METRICS_PORT ?= 9090
 PYTEST_ARGS ?=
+# Models to serve, in `cnnserve serve --models` syntax: NAME, NAME:VERSION[+VERSION...] or NAME:all,
+# comma-separated, e.g. `make serve MODELS=lenet5,resnet50`. Empty: every model in the repository.
+MODELS ?=
+
+comma := ,
+# The model names MODELS selects (versions dropped, each name once), space-separated.
+model_names = $(sort $(foreach item,$(subst $(comma), ,$(MODELS)),$(firstword $(subst :, ,$(item)))))
+# Of those, the ones with no version in the repository yet: what `serve` builds with `export demo`.
+missing_models = $(strip $(foreach name,$(model_names),$(if $(wildcard $(REPOSITORY)/$(name)/*/metadata.json),,$(name))))
+commas = $(subst $(eval) ,$(comma),$(strip $(1)))
 
 .DEFAULT_GOAL := help
 
@@ -29,14 +39,22 @@ $(REPOSITORY)/.demo-complete: | $(STAMP)
 	$(PY) -m export demo --repository $(REPOSITORY)
 	touch $@
 
+# The marker means "the whole demo set is built": a build of some models (MODELS=...) writes none.
 .PHONY: demo
-demo: $(STAMP) ## Build (or verify) the demo model repository in ./model_repository
+demo: $(STAMP) ## Build (or verify) the demo model repository in ./model_repository; MODELS=a,b: only those
+ifeq ($(strip $(MODELS)),)
 	$(PY) -m export demo --repository $(REPOSITORY)
 	touch $(REPOSITORY)/.demo-complete
+else
+	$(PY) -m export demo --repository $(REPOSITORY) --models $(call commas,$(model_names))
+endif
 
+# MODELS=...: only the selected models that are not in the repository yet are built (a model of
+# your own already there is served as it is), and only the selected ones are loaded.
 .PHONY: serve
-serve: $(REPOSITORY)/.demo-complete ## Build the demo repository if missing, then start the server
-	$(VENV)/bin/cnnserve serve --repository $(REPOSITORY) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+serve: $(if $(strip $(MODELS)),$(STAMP),$(REPOSITORY)/.demo-complete) ## Build the demo models if missing, then start the server; MODELS=lenet5,resnet50: only those
+	$(if $(missing_models),$(PY) -m export demo --repository $(REPOSITORY) --models $(call commas,$(missing_models)))
+	$(VENV)/bin/cnnserve serve --repository $(REPOSITORY)$(if $(strip $(MODELS)), --models '$(strip $(MODELS))') --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 .PHONY: test
 test: $(STAMP) ## Run the default test suite (everything but slow and gpu tests)

@@ -10,6 +10,7 @@ from client_python's default collectors on the same registry.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -107,6 +108,47 @@ WORKERS_ALIVE = Gauge("cnnserve_workers_alive", "Gradient worker processes alive
 TASK_CANCELLATIONS = Counter(
     "cnnserve_task_cancellations_total", "Gradient jobs stopped by cancellation or deadline.", ["task"],
 )
+
+
+# --- series created at 0 when a model loads -------------------------------------------------------
+# A labelled counter has no series until its first increment, and increase()/rate() need two
+# samples of a series: a counter born at 1 hides its first event, so
+# `increase(cnnserve_engine_restarts_total[15m]) > 0` never fired on a pod's first engine restart.
+# Every per-model counter is therefore created at 0 when the model loads, for the label values that
+# are known then and form a small fixed set: the RPC methods that serve the model (as servicers.py
+# labels them) with code OK, and queue_full, the classification path's load shedding, which
+# CnnserveQueueFullRejections watches. Other codes and reasons depend on the client or, for
+# gradient RPCs, on the tier (cost_budget where jobs run, resource_exhausted or worker_unreachable
+# where they are forwarded): they appear when they happen. At most 18 series per model.
+CLASSIFY_METHODS = ("Classify", "ClassifyBatch", "ClassifyStream", "ModelInfer")
+# Gradient task kind (LoadedModel.capabilities, TASK_STEPS' `task`) -> the RPCs that run it.
+TASK_METHODS: dict[str, tuple[str, ...]] = {
+    "explain": ("Explain",),
+    "dream": ("Dream", "DreamUnary"),
+    "stylize": ("Stylize", "StylizeUnary"),
+}
+
+
+def init_classify_series(model: str) -> None:
+    """Create the classification counters of `model` at 0 (a server that classifies with it)."""
+    ENGINE_RESTARTS.labels(model=model)
+    IMAGES.labels(model=model)
+    for method in CLASSIFY_METHODS:
+        REQUESTS.labels(method, model, "OK")
+        REJECTIONS.labels(method, model, "queue_full")
+
+
+def init_gradient_series(model: str, capabilities: Mapping[str, bool], *, runs_jobs: bool) -> None:
+    """Create the gradient RPC counters of `model` at 0 for each task its capabilities allow (a
+    server that answers gradient RPCs), and the job counters where the jobs run (`runs_jobs`: a
+    local worker pool or `cnnserve worker`, not a serving tier that forwards them)."""
+    for task, methods in TASK_METHODS.items():
+        if not capabilities.get(task):
+            continue
+        for method in methods:
+            REQUESTS.labels(method, model, "OK")
+        if runs_jobs:
+            TASK_STEPS.labels(task=task, model=model)
 
 
 @functools.lru_cache(maxsize=8192)

@@ -289,6 +289,12 @@ class Server:
             raise StartupError(f"no model could be loaded from {self.settings.repository}: {exc}") from exc
         await self.engine.start()  # type: ignore[attr-defined]
         self._engine_started = True
+        # Every per-model counter at 0 before the first scrape of a ready server (metrics.py: why).
+        answers_gradients = self.tier is not None or self.settings.workers > 0 or self.pool is not None
+        for model in self.engine.models():
+            metrics.init_classify_series(model.name)
+            if answers_gradients:
+                metrics.init_gradient_series(model.name, model.capabilities, runs_jobs=self.tier is None)
         if self.state.draining:
             return
         for name in self._health_names():

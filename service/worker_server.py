@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from service import metrics
 from service.errors import NotFound, ServiceError
 from service.forwarding import TIER_METADATA
 from service.server import (
@@ -283,6 +284,9 @@ class WorkerServer(Server):
             raise StartupError(f"no model could be loaded from {settings.repository}: {exc}") from exc
         await self.engine.start()  # type: ignore[attr-defined]
         self._engine_started = True
+        # The gradient counters of every model at 0 (metrics.py: why); no classification here.
+        for model in self.engine.models():
+            metrics.init_gradient_series(model.name, model.capabilities, runs_jobs=True)
         pool = self.pool if self.pool is not None else self._make_pool()
         self.pool = pool
         self.state.gradients = pool

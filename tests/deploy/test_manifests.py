@@ -13,8 +13,11 @@ import contextlib
 import copy
 import io
 import re
+import shlex
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +106,14 @@ def effective_settings(objects: list[dict[str, Any]], container: dict[str, Any])
 
 
 def setting(values: dict[str, str], field: str) -> float:
-    """A numeric setting as the server will read it: the manifest's value, else Settings' default."""
+    """A numeric setting as the server will read it: the manifest's value, else Settings' default
+    (max_connection_age_grace_s unset follows max_task_duration_s: Settings.connection_age_grace_s)."""
     raw = values.get(f"CNNSERVE_{field.upper()}")
     if raw is None:
-        return float(SETTINGS_DEFAULTS[field].default)
+        default = SETTINGS_DEFAULTS[field].default
+        if default is None and field == "max_connection_age_grace_s":
+            return setting(values, "max_task_duration_s")
+        return float(default)
     return float(raw)
 
 
@@ -379,17 +386,20 @@ def test_grace_check_falls_back_to_settings_defaults(render: Any) -> None:
     for key in (
         "CNNSERVE_MAX_TASK_DURATION_S",
         "CNNSERVE_GRACE_PERIOD_S",
-        "CNNSERVE_MAX_CONNECTION_AGE_GRACE_S",
     ):
         data.pop(key)
+    assert "CNNSERVE_MAX_CONNECTION_AGE_GRACE_S" not in data  # unset: follows the job duration
     values = effective_settings(objects, tier_container(one(objects, "Deployment", "cnnserve")))
     assert setting(values, "max_task_duration_s") == Settings.model_fields["max_task_duration_s"].default
     assert setting(values, "grace_period_s") == Settings.model_fields["grace_period_s"].default
-    # Settings' default drain and connection-age grace (30 s each) are shorter than its default job
-    # duration (300 s): the manifests must override them, and the check must notice when they do not.
+    # Settings' default drain (30 s) is shorter than its default job duration (300 s): the manifests
+    # must override it, and the check must notice when they do not. The connection-age grace follows
+    # the job duration when unset, so its default holds; a smaller explicit value is caught.
     problems = shutdown_problems(objects)
-    assert any("max_connection_age_grace_s" in p for p in problems)
+    assert not any("max_connection_age_grace_s" in p for p in problems)
     assert any("grace_period_s < max_task_duration_s" in p for p in problems)
+    data["CNNSERVE_MAX_CONNECTION_AGE_GRACE_S"] = "30"
+    assert any("max_connection_age_grace_s < max_task_duration_s" in p for p in shutdown_problems(objects))
 
 
 @pytest.mark.parametrize("directory", APPLIED, ids=_id)
@@ -625,7 +635,10 @@ def test_model_export_job_writes_the_repository(render: Any) -> None:
     spec = job["spec"]["template"]["spec"]
     assert spec["restartPolicy"] == "Never"
     (container,) = spec["containers"]
-    assert container["command"] == ["python", "-m", "export", "demo", "--repository", "/models"]
+    assert job_steps(job) == [
+        ["python", "-m", "export", "demo", "--repository", "/models"],
+        ["touch", f"/models/{DEMO_MARKER}"],
+    ]
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
     assert not mount.get("readOnly")
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
@@ -659,30 +672,214 @@ def test_readme_states_the_validated_kubernetes_version() -> None:
     assert (ROOT / "deploy" / "k8s" / "base" / "cnnserve.env").exists()
 
 
-def test_wait_for_models_init_container_waits_for_a_complete_version(render: Any, tmp_path: Path) -> None:
-    """Run the init container's script as the pod would: it must block on an empty repository and on
-    a version still being built (.tmp-*), and finish once a version directory has its metadata.json."""
+# --- wait-for-models: pods start with the whole model set ----------------------------------------------
+
+# Written into the repository root by the cnnserve-models Job (and `make demo`) after the last model.
+DEMO_MARKER = ".demo-complete"
+
+
+def job_script(job: dict[str, Any]) -> str:
+    """The shell script the model export Job runs (`/bin/sh -c SCRIPT`)."""
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = [*container.get("command", []), *container.get("args", [])]
+    assert command[:2] == ["/bin/sh", "-c"] and len(command) == 3, command
+    script: str = command[2]
+    return script
+
+
+def job_steps(job: dict[str, Any]) -> list[list[str]]:
+    """The Job script's commands, one argv per line (comments and `set -e` left out)."""
+    lines = [line.strip() for line in job_script(job).splitlines()]
+    assert "set -e" in lines, "without set -e a failed export would still write the marker"
+    return [shlex.split(line) for line in lines if line and not line.startswith("#") and line != "set -e"]
+
+
+def wait_for_models_script(objects: list[dict[str, Any]], deployment: str) -> str:
+    """The source the wait-for-models init container of `deployment` runs, followed through its
+    command, volume mount and ConfigMap as the kubelet would."""
+    spec = one(objects, "Deployment", deployment)["spec"]["template"]["spec"]
+    (init,) = [c for c in spec["initContainers"] if c["name"] == "wait-for-models"]
+    program, path = init["command"]
+    assert program == "python" and not init.get("args"), init["command"]
+    (mount,) = [m for m in init["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    data: dict[str, str] = one(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+    return data[path.removeprefix(mount["mountPath"].rstrip("/") + "/")]
+
+
+def _init_scripts(render: Any) -> str:
+    """The one script both tiers' init containers run, in base and both overlays."""
     scripts = set()
     for directory in APPLIED:
+        objects = render(directory)
         for name in TIERS:
-            spec = one(render(directory), "Deployment", name)["spec"]["template"]["spec"]
+            scripts.add(wait_for_models_script(objects, name))
+            # CNNSERVE_REPOSITORY and CNNSERVE_MODELS reach the init container as they reach the server.
+            spec = one(objects, "Deployment", name)["spec"]["template"]["spec"]
             (init,) = [c for c in spec["initContainers"] if c["name"] == "wait-for-models"]
-            assert init["command"][:2] == ["python", "-c"]
-            scripts.add(init["command"][2])
-    env = {"CNNSERVE_REPOSITORY": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    (tmp_path / "resnet50" / ".tmp-1-x1y2").mkdir(parents=True)
-    (tmp_path / "resnet50" / ".tmp-1-x1y2" / "metadata.json").write_text("{}")
-    for script in scripts:
-        with pytest.raises(subprocess.TimeoutExpired) as waited:
-            subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=2)
-        assert b"waiting for a model version" in (waited.value.stdout or b"")
-    (tmp_path / "resnet50" / "1").mkdir()
-    (tmp_path / "resnet50" / "1" / "metadata.json").write_text("{}")
-    for script in scripts:
-        done = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30
+            assert init["envFrom"] == tier_container(one(objects, "Deployment", name))["envFrom"], name
+    (script,) = scripts
+    return script
+
+
+def _fake_export(bin_dir: Path, *, fail: bool = False) -> Path:
+    """A `python` for the Job's script that does what `python -m export demo` does to the volume,
+    in its order: each version is built under .tmp-* and renamed into place, lenet5 first. Between
+    the two models it waits for the file `release` next to bin_dir, so a test can look at the
+    repository mid-Job. Its argv goes to `argv`."""
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(
+        textwrap.dedent(
+            f"""\
+            #!/bin/sh
+            printf '%s\\n' "$@" > '{bin_dir.parent}/argv'
+            repo="$5"
+            publish() {{
+                mkdir -p "$repo/$1/.tmp-1-abc" && echo '{{}}' > "$repo/$1/.tmp-1-abc/metadata.json"
+                mv "$repo/$1/.tmp-1-abc" "$repo/$1/1"
+            }}
+            publish lenet5
+            while [ ! -e '{bin_dir.parent}/release' ]; do sleep 0.05; done
+            {"exit 1" if fail else "publish resnet50"}
+            """
         )
-        assert done.returncode == 0, done.stderr
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+def _run_job(script: str, repository: Path, bin_dir: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["/bin/sh", "-c", script.replace("/models", str(repository))],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(path: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _init_env(repository: Path, models: str = "") -> dict[str, str]:
+    return {"CNNSERVE_REPOSITORY": str(repository), "CNNSERVE_MODELS": models, "PATH": "/usr/bin:/bin"}
+
+
+def _blocks(script: str, env: dict[str, str], seconds: float = 2.0) -> str:
+    """Run the init script; it must still be waiting after `seconds`. Returns what it logged."""
+    with pytest.raises(subprocess.TimeoutExpired) as waited:
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=seconds
+        )
+    out = waited.value.stdout or b""
+    return out.decode() if isinstance(out, bytes) else out
+
+
+def _finishes(script: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_pods_wait_until_the_model_job_has_exported_every_model(render: Any, tmp_path: Path) -> None:
+    """The init container as rendered, against the Job's own script as rendered (its `python -m
+    export demo` simulated): a pod must not start while only LeNet-5 is exported, and must start
+    once the Job is done, without a restart."""
+    script = _init_scripts(render)
+    job = job_script(one(render(K8S / "models"), "Job", "cnnserve-models"))
+    repository = tmp_path / "models"
+    repository.mkdir()
+    env = _init_env(repository)
+    log = _blocks(script, env)  # empty volume
+    assert f"waiting for {repository / DEMO_MARKER}" in log and "Found so far: nothing yet" in log, log
+
+    bin_dir = tmp_path / "bin"
+    _fake_export(bin_dir)
+    with _run_job(job, repository, bin_dir) as exporting:
+        _wait_for(repository / "lenet5" / "1" / "metadata.json")
+        # Mid-Job: one complete version on the volume. The pod goes on waiting, and says why.
+        with subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as pod:
+            try:
+                with pytest.raises(subprocess.TimeoutExpired):
+                    pod.wait(timeout=2)
+                (tmp_path / "release").touch()
+                assert exporting.wait(timeout=20) == 0
+                # The same init container process sees the marker at its next poll: the pod starts.
+                assert pod.wait(timeout=20) == 0
+            finally:
+                pod.kill()
+                exporting.kill()
+            log, _ = pod.communicate()
+    assert (tmp_path / "argv").read_text().split() == [
+        "-m",
+        "export",
+        "demo",
+        "--repository",
+        str(repository),
+    ]
+    assert "waiting for" in log and "Found so far: lenet5/1" in log, log
+    assert log.rstrip().endswith("model repository ready: lenet5/1, resnet50/1"), log
+    assert _finishes(script, env).strip() == "model repository ready: lenet5/1, resnet50/1"
+
+
+def test_a_failed_model_job_writes_no_marker(render: Any, tmp_path: Path) -> None:
+    script = _init_scripts(render)
+    job = job_script(one(render(K8S / "models"), "Job", "cnnserve-models"))
+    repository = tmp_path / "models"
+    repository.mkdir()
+    _fake_export(tmp_path / "bin", fail=True)
+    (tmp_path / "release").touch()
+    with _run_job(job, repository, tmp_path / "bin") as exporting:
+        assert exporting.wait(timeout=20) != 0
+    assert (repository / "lenet5" / "1").is_dir() and not (repository / DEMO_MARKER).exists()
+    assert "Found so far: lenet5/1" in _blocks(script, _init_env(repository))
+
+
+def test_wait_for_models_without_the_job_says_how_to_proceed(render: Any, tmp_path: Path) -> None:
+    """Own models copied onto the volume, no Job, no CNNSERVE_MODELS: the pod waits for the marker,
+    and its log names both ways out."""
+    script = _init_scripts(render)
+    (tmp_path / "mine" / "3").mkdir(parents=True)
+    (tmp_path / "mine" / "3" / "metadata.json").write_text("{}")
+    log = _blocks(script, _init_env(tmp_path))
+    assert str(tmp_path / DEMO_MARKER) in log and "CNNSERVE_MODELS" in log and "mine/3" in log, log
+    (tmp_path / DEMO_MARKER).touch()
+    assert _finishes(script, _init_env(tmp_path)).strip() == "model repository ready: mine/3"
+
+
+def test_wait_for_models_honours_cnnserve_models(render: Any, tmp_path: Path) -> None:
+    """With CNNSERVE_MODELS set the pod waits for exactly those models (and pinned versions), with
+    or without a marker; versions still being built (.tmp-*) do not count."""
+    script = _init_scripts(render)
+    env = _init_env(tmp_path, "lenet5, resnet50:2")
+    (tmp_path / "lenet5" / "1").mkdir(parents=True)
+    (tmp_path / "lenet5" / "1" / "metadata.json").write_text("{}")
+    for version in ("1", ".tmp-2-x1y2"):
+        (tmp_path / "resnet50" / version).mkdir(parents=True)
+        (tmp_path / "resnet50" / version / "metadata.json").write_text("{}")
+    (tmp_path / DEMO_MARKER).touch()  # a marker does not stand in for a model the settings name
+    log = _blocks(script, env)
+    assert "waiting for resnet50 version 2: the models CNNSERVE_MODELS=lenet5, resnet50:2 selects" in log, log
+    assert "lenet5 (any" not in log
+    (tmp_path / DEMO_MARKER).unlink()
+    (tmp_path / "resnet50" / ".tmp-2-x1y2").rename(tmp_path / "resnet50" / "2")
+    assert _finishes(script, env).strip() == "model repository ready: lenet5/1, resnet50/1, resnet50/2"
+
+    missing_model = _blocks(script, _init_env(tmp_path, "lenet5,vgg19:all"))
+    assert "waiting for vgg19 (any version)" in missing_model, missing_model
+    # A malformed selection is the server's to report (with its precise message), not a silent hang.
+    assert "malformed" in _finishes(script, _init_env(tmp_path, "lenet5:latest"))
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -709,14 +906,19 @@ def _container_argv(render: Any) -> list[tuple[str, str, list[str]]]:
     for directory in kustomization_dirs():
         for where, template in pod_templates(render(directory)):
             for container in template["spec"]["containers"]:
-                argv = [
-                    re.sub(r"\$\(\w+\)", "3", a)
-                    for a in [*container.get("command", []), *container.get("args", [])]
-                ]
-                if container.get("command", [])[:3] == ["python", "-m", "export"]:
-                    out.append((f"{_id(directory)} {where}", "export", argv[3:]))
-                elif not container.get("command"):  # the image's ENTRYPOINT: cnnserve
-                    out.append((f"{_id(directory)} {where}", "cnnserve", argv))
+                command = [*container.get("command", []), *container.get("args", [])]
+                # A shell script (the model export Job): each of its lines is a command.
+                lines = (
+                    [shlex.split(line) for line in command[2].splitlines() if line.strip()]
+                    if command[:2] == ["/bin/sh", "-c"]
+                    else [command]
+                )
+                for line in lines:
+                    argv = [re.sub(r"\$\(\w+\)", "3", a) for a in line]
+                    if argv[:3] == ["python", "-m", "export"]:
+                        out.append((f"{_id(directory)} {where}", "export", argv[3:]))
+                    elif not container.get("command"):  # the image's ENTRYPOINT: cnnserve
+                        out.append((f"{_id(directory)} {where}", "cnnserve", argv))
     return out
 
 
@@ -733,5 +935,6 @@ def test_container_commands_parse_with_the_real_command_lines(render: Any) -> No
         complaint = _parses(parsers[program], argv)
         assert complaint == "", f"{where}: {program} {' '.join(argv)}: {complaint}"
         checked[f"{program} {argv[0]}"] += 1
-    # serve and worker in base, cpu and gpu at least
+    # serve and worker in base, cpu and gpu at least; the model export Job's demo build
     assert checked["cnnserve serve"] >= 3 and checked["cnnserve worker"] >= 3, checked
+    assert checked["export demo"] >= 1, checked

@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -154,7 +154,7 @@ def test_promtool_check_rules() -> None:
 def test_promtool_alert_unit_tests() -> None:
     result = run_promtool("test", "rules", ALERT_TESTS.name, cwd=PROMETHEUS_DIR)
     assert result.returncode == 0, result.stdout + result.stderr
-    # The unit tests must exercise at least the error-rate and worker-restart alerts.
+    # The unit tests must exercise at least the error-rate and both restart alerts.
     tested = {
         t["alertname"]
         for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
@@ -163,6 +163,7 @@ def test_promtool_alert_unit_tests() -> None:
     assert {
         "CnnserveHighErrorRate",
         "CnnserveWorkerRestarts",
+        "CnnserveEngineRestarts",
         "CnnserveQueueSaturated",
         "CnnserveNoReadyReplicas",
     } <= tested
@@ -557,6 +558,31 @@ def _png() -> bytes:
 
 
 @pytest.mark.integration
+def test_per_model_counters_exist_at_zero_once_ready(cnnserve: Any) -> None:
+    """A ready server already exports its models' counters at 0, so the first increment is a step
+    rate() and increase() see (CnnserveEngineRestarts fires on the first restart), and they are the
+    series the RPCs then increment."""
+    from service.client import CnnserveClient
+
+    def value(name: str, **labels: str) -> float | None:
+        return cast(float | None, cnnserve.metrics().get((name, frozenset(labels.items()))))
+
+    lenet = {"model": "lenet5"}
+    assert value("cnnserve_engine_restarts_total", **lenet) == 0
+    assert value("cnnserve_images_total", **lenet) == 0
+    for method in ("Classify", "ClassifyBatch", "ClassifyStream", "ModelInfer"):
+        assert value("cnnserve_requests_total", method=method, code="OK", **lenet) == 0, method
+        assert value("cnnserve_rejections_total", method=method, reason="queue_full", **lenet) == 0, method
+    # --workers 0: no gradient RPCs are answered, so none of their series is created.
+    assert not [key for key in cnnserve.metrics() if key[0] == "cnnserve_task_steps_total"]
+
+    with CnnserveClient(cnnserve.address, timeout_s=10) as client:
+        client.classify(_png(), model="lenet5")
+    assert value("cnnserve_requests_total", method="Classify", code="OK", **lenet) == 1
+    assert value("cnnserve_images_total", **lenet) == 1
+
+
+@pytest.mark.integration
 def test_real_prometheus_scrapes_cnnserve(cnnserve: Any, tmp_path: Path) -> None:
     prometheus_binary = require_tool("prometheus", "the integration test runs a real Prometheus server")
     from service.client import CnnserveClient, CnnserveError
@@ -628,6 +654,11 @@ def test_real_prometheus_scrapes_cnnserve(cnnserve: Any, tmp_path: Path) -> None
         prometheus.wait_for(
             "cnnserve_execution_provider_info", lambda r: any(float(s["value"][1]) == 1 for s in r)
         )
+        # The engine-restart alert's increase() has a series at 0 to rise from (created at load).
+        restarts = prometheus.wait_for(
+            'increase(cnnserve_engine_restarts_total{job="cnnserve", model="lenet5"}[1m])', lambda r: bool(r)
+        )
+        assert float(restarts[0]["value"][1]) == 0
 
         # Every shipped rule evaluated without error, and with a healthy target the availability page is
         # silent (proves the job label the rules expect is the one scraped).
