@@ -15,6 +15,17 @@ How cnnserve models look through it (also in docs/API.md):
 * Every ModelInferResponse carries the parameter "execution_provider" (string).
 * ServerMetadata.extensions: "classification", "encoded_image_input", "probabilities_output",
   "grpc_health_v1", and "execution_provider:<ONNX Runtime provider>" for each provider in use.
+
+Triton's read-only additions to this service, with Triton's message names and field numbers:
+
+* ModelConfig: the subset of Triton's ModelConfig a client needs to batch and shape requests,
+  from the model and the server settings (`model_config`).
+* RepositoryIndex: every loaded model version, state "READY" (or "UNAVAILABLE" with the reason
+  while the server is not ready); cnnserve has one repository, so repository_name must be empty.
+* ModelStatistics: counts and durations read from the Prometheus metrics the server keeps
+  (`model_statistics` says which metric feeds which field, and what is approximate).
+
+Triton's other additions (`TRITON_UNIMPLEMENTED`) answer UNIMPLEMENTED with what to do instead.
 """
 
 from __future__ import annotations
@@ -23,26 +34,33 @@ import asyncio
 import math
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
 import service
-from service import images
-from service.errors import InvalidArgument
+from service import images, metrics
+from service.errors import InvalidArgument, ServiceError
 from service.metrics import DECODE_DURATION, PREPROCESS_DURATION
 from service.servicers import Rpc, ServingState, to_model_dtype, unary
 
 from ._proto.inference import grpc_predict_v2_pb2 as pb
 from ._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from ._proto.inference import model_config_pb2 as mc
 
 if TYPE_CHECKING:
     from service.classify.engine import LoadedModel
 
 PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
 PROBABILITIES = "probabilities"
+# service.classify.providers.CUDA (not imported from there: that module loads onnxruntime).
+CUDA_PROVIDER = "CUDAExecutionProvider"
+_CONFIG_DATATYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16}
+# The RPCs whose requests run the classification engine: what ModelStatistics counts as inferences.
+INFERENCE_METHODS = frozenset({"ModelInfer", "Classify", "ClassifyBatch", "ClassifyStream"})
 EXTENSIONS = ("classification", "encoded_image_input", "probabilities_output", "grpc_health_v1")
 _DATATYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 
@@ -204,6 +222,80 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @staticmethod
     def _logits_name(model: LoadedModel) -> str:
         return str((model.metadata or {}).get("output", {}).get("name", "logits"))
+
+    # --- Triton's read-only extensions -----------------------------------------------------------
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        """Triton's configuration of a model version (`model_config`); NOT_FOUND for an unknown
+        model or version."""
+
+        async def work(rpc: Rpc) -> pb.ModelConfigResponse:
+            model = self._resolve(request.name, request.version)
+            rpc.model = model.name
+            return pb.ModelConfigResponse(config=model_config(model, self._state))
+
+        return await unary("ModelConfig", context, work)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        """Every loaded model version: state "READY", or "UNAVAILABLE" with the reason while the
+        server does not accept inferences (loading, shutting down); `ready` keeps only the READY
+        ones. Versions in the repository that were not loaded are not listed."""
+
+        async def work(rpc: Rpc) -> pb.RepositoryIndexResponse:
+            if request.repository_name:
+                raise InvalidArgument(
+                    f"repository_name {request.repository_name!r}: this server has one model repository; "
+                    "send repository_name empty",
+                    reason="invalid_argument",
+                )
+            ready, reason = self._state.ready, ""
+            if not ready:
+                reason = "the server is shutting down" if self._state.draining else "models are still loading"
+            return pb.RepositoryIndexResponse(
+                models=[
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=m.name,
+                        version=str(m.version),
+                        state="READY" if ready else "UNAVAILABLE",
+                        reason=reason,
+                    )
+                    for m in self._state.engine.models()
+                    if ready or not request.ready
+                ]
+            )
+
+        return await unary("RepositoryIndex", context, work)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Statistics of the loaded versions of one model (`name`; `version` narrows it to one), or
+        of every model when `name` is empty (`model_statistics`)."""
+
+        async def work(rpc: Rpc) -> pb.ModelStatisticsResponse:
+            if request.name:
+                model = self._resolve(request.name, request.version)
+                rpc.model = model.name
+                models = (
+                    [model]
+                    if request.version
+                    else [m for m in self._state.engine.models() if m.name == model.name]
+                )
+            elif request.version:
+                raise InvalidArgument(
+                    f"version {request.version!r} without a model name; name the model, or send "
+                    "neither for every model",
+                    reason="invalid_argument",
+                )
+            else:
+                models = self._state.engine.models()
+            return pb.ModelStatisticsResponse(model_stats=model_statistics(models))
+
+        return await unary("ModelStatistics", context, work)
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -387,3 +479,205 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 out.shape.extend(values.shape)
                 response.raw_output_contents.append(np.ascontiguousarray(values, dtype="<f4").tobytes())
         return response
+
+
+# --- Triton extensions: configuration, statistics, the RPCs this server does not serve -------------
+
+
+def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
+    """Triton's ModelConfig of a loaded model version, from the model and the server settings.
+
+    max_batch_size is the largest request that runs as one batch: min(max_batch_size,
+    max_images_per_request). (A larger request, up to max_images_per_request, is accepted too and
+    split over several batches; an ONNX model with a fixed batch dimension below max_batch_size
+    runs smaller batches than this says.) dims leave the batch dimension out, as Triton's do. One
+    instance group of one instance (one ONNX Runtime session per version): KIND_GPU on
+    settings.cuda_device_id when the model runs on CUDA, else KIND_CPU. dynamic_batching carries
+    max_queue_delay_s; cnnserve has no preferred batch sizes.
+    """
+    settings = state.settings
+    gpu = model.provider == CUDA_PROVIDER
+    classes = [model.num_classes]
+    return mc.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=min(settings.max_batch_size, settings.max_images_per_request),
+        input=[
+            mc.ModelInput(
+                name=GRPCInferenceServicer._input_name(model),
+                data_type=_CONFIG_DATATYPES[np.dtype(model.input_dtype).name],
+                format=mc.ModelInput.FORMAT_NCHW,
+                dims=list(model.input_shape),
+            )
+        ],
+        output=[
+            mc.ModelOutput(
+                name=GRPCInferenceServicer._logits_name(model), data_type=mc.TYPE_FP32, dims=classes
+            ),
+            mc.ModelOutput(name=PROBABILITIES, data_type=mc.TYPE_FP32, dims=classes),
+        ],
+        dynamic_batching=mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=round(settings.max_queue_delay_s * 1_000_000)
+        ),
+        instance_group=[
+            mc.ModelInstanceGroup(
+                name=model.name,
+                kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
+                count=1,
+                gpus=[settings.cuda_device_id] if gpu else [],
+            )
+        ],
+    )
+
+
+class _Samples:
+    """The current samples of one Prometheus metric whose name ends in `suffix` (`_total` of a
+    counter, `_count` or `_sum` of a histogram), read once per RPC."""
+
+    def __init__(self, metric: Any, suffix: str) -> None:
+        self._samples: list[tuple[dict[str, str], float]] = [
+            (sample.labels, float(sample.value))
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.name == family.name + suffix
+        ]
+
+    def total(self, model: str, **match: Collection[str]) -> float:
+        """The sum over the samples of `model` whose other labels take one of the `match` values."""
+        return sum(
+            value
+            for labels, value in self._samples
+            if labels.get("model") == model and all(labels.get(k) in v for k, v in match.items())
+        )
+
+
+def _ns(seconds: float) -> int:
+    return max(0, round(seconds * 1e9))
+
+
+def _duration(count: float, seconds: float) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=max(0, round(count)), ns=_ns(seconds))
+
+
+def model_statistics(models: Sequence[LoadedModel]) -> list[pb.ModelStatistics]:
+    """Triton's ModelStatistics of each model version, read from the server's Prometheus metrics
+    (service/metrics.py). The metrics are labelled by model name, not version: with several versions
+    of one model loaded, each version's entry carries the totals of all of them.
+
+    * inference_count: cnnserve_images_total (images classified, every RPC of the engine).
+    * execution_count: cnnserve_batch_size count (ONNX Runtime runs).
+    * success.count: cnnserve_requests_total with code OK, fail.count: with any other code, of the
+      RPCs that run the engine (INFERENCE_METHODS; ClassifyStream counts items). success.ns:
+      cnnserve_request_duration_seconds sum of those RPCs, failed calls included (the latency
+      histogram has no code label); fail.ns: 0.
+    * queue: cnnserve_queue_wait_seconds (count: requests taken into a batch).
+    * compute_input: cnnserve_decode_duration_seconds + cnnserve_preprocess_duration_seconds
+      (count: images decoded and preprocessed on the server; raw tensors add nothing).
+    * compute_infer: cnnserve_inference_duration_seconds (count: batches, not requests, so
+      ns / count is the time of one batch, the time each request in it waited for the model).
+    * compute_output: 0 (the softmax and serialisation are not measured).
+    * last_inference: 0 (no metric records when); batch_stats: empty (cnnserve_batch_size's
+      buckets merge batch sizes, and no duration is kept per size).
+    """
+    images_total = _Samples(metrics.IMAGES, "_total")
+    batches = _Samples(metrics.BATCH_SIZE, "_count")
+    requests = _Samples(metrics.REQUESTS, "_total")
+    request_seconds = _Samples(metrics.REQUEST_DURATION, "_sum")
+    queue_count, queue_seconds = _Samples(metrics.QUEUE_WAIT, "_count"), _Samples(metrics.QUEUE_WAIT, "_sum")
+    decode_seconds = _Samples(metrics.DECODE_DURATION, "_sum")
+    preprocess_count = _Samples(metrics.PREPROCESS_DURATION, "_count")
+    preprocess_seconds = _Samples(metrics.PREPROCESS_DURATION, "_sum")
+    infer_count = _Samples(metrics.INFERENCE_DURATION, "_count")
+    infer_seconds = _Samples(metrics.INFERENCE_DURATION, "_sum")
+    failed_codes = [code.name for code in grpc.StatusCode if code is not grpc.StatusCode.OK]
+
+    stats = []
+    for m in models:
+        name = m.name
+        stats.append(
+            pb.ModelStatistics(
+                name=name,
+                version=str(m.version),
+                inference_count=round(images_total.total(name)),
+                execution_count=round(batches.total(name)),
+                inference_stats=pb.InferStatistics(
+                    success=_duration(
+                        requests.total(name, method=INFERENCE_METHODS, code=["OK"]),
+                        request_seconds.total(name, method=INFERENCE_METHODS),
+                    ),
+                    fail=_duration(requests.total(name, method=INFERENCE_METHODS, code=failed_codes), 0.0),
+                    queue=_duration(queue_count.total(name), queue_seconds.total(name)),
+                    compute_input=_duration(
+                        preprocess_count.total(name),
+                        decode_seconds.total(name) + preprocess_seconds.total(name),
+                    ),
+                    compute_infer=_duration(infer_count.total(name), infer_seconds.total(name)),
+                    compute_output=pb.StatisticDuration(),
+                ),
+            )
+        )
+    return stats
+
+
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "unimplemented"
+
+
+_NO_MANAGEMENT = (
+    "cnnserve has no model management API: models are read once at startup from --repository "
+    "(--models chooses which); restart the server to change them"
+)
+_NO_SHARED_MEMORY = (
+    "cnnserve has no shared memory: send inputs in raw_input_contents and read outputs from "
+    "raw_output_contents"
+)
+# Triton's additions to inference.GRPCInferenceService that this server does not serve, with what
+# it answers (UNIMPLEMENTED). They are not in grpc_predict_v2.proto, so reflection does not list them.
+TRITON_UNIMPLEMENTED = {
+    "ModelStreamInfer": "streaming inference is not supported: call ModelInfer (concurrent calls are "
+    "batched together), or cnnserve.v1.Inference/ClassifyStream",
+    "RepositoryModelLoad": _NO_MANAGEMENT,
+    "RepositoryModelUnload": _NO_MANAGEMENT,
+    "SystemSharedMemoryStatus": _NO_SHARED_MEMORY,
+    "SystemSharedMemoryRegister": _NO_SHARED_MEMORY,
+    "SystemSharedMemoryUnregister": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryStatus": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryRegister": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryUnregister": _NO_SHARED_MEMORY,
+    "TraceSetting": "cnnserve has no request tracing: see its Prometheus metrics and per-request Timings",
+    "LogSettings": "log settings are fixed at startup: --log-level and --log-format",
+}
+_STREAMING = frozenset({"ModelStreamInfer"})
+
+
+def _unimplemented_handler(method: str, message: str) -> grpc.RpcMethodHandler:
+    """A handler answering UNIMPLEMENTED `message`; it reads no request (no deserializer), so any
+    body gets the same clear answer, and counts the call in the request metrics."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work(rpc: Rpc) -> Any:
+            raise Unimplemented(f"inference.GRPCInferenceService/{method} is not implemented: {message}")
+
+        return await unary(method, context, work)
+
+    if method in _STREAMING:
+
+        async def refuse_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await refuse(None, context)
+            yield b""  # never reached: refuse always aborts; the yield makes this a response stream
+
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def add_triton_unimplemented_to_server(server: grpc.aio.Server) -> None:
+    """Answer TRITON_UNIMPLEMENTED's methods with UNIMPLEMENTED and their message (instead of gRPC's
+    bare "Method not found!")."""
+    service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    handler = grpc.method_handlers_generic_handler(
+        service_name,
+        {method: _unimplemented_handler(method, message) for method, message in TRITON_UNIMPLEMENTED.items()},
+    )
+    server.add_generic_rpc_handlers((handler,))

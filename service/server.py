@@ -34,12 +34,11 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from service import metrics
+from service import metrics, reflection
 from service.forwarding import ForwardingInferenceServicer, WorkerTier
 from service.metrics_http import MetricsHTTPServer
-from service.oip import GRPCInferenceServicer
+from service.oip import GRPCInferenceServicer, add_triton_unimplemented_to_server
 from service.servicers import Engine, InferenceServicer, MalformedRequestInterceptor, ServingState
 from service.settings import Settings
 
@@ -234,7 +233,8 @@ class Server:
         )
         services = self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        # Reflection v1 and v1alpha (service/reflection.py), listing both and everything above.
+        reflection.enable_server_reflection((*services, HEALTH_SERVICE), server)
         for name in ("", *services, GRADIENTS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = _address(settings.host, settings.grpc_port)
@@ -278,6 +278,7 @@ class Server:
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             GRPCInferenceServicer(self.state), server
         )
+        add_triton_unimplemented_to_server(server)  # Triton's RPCs we lack: UNIMPLEMENTED saying why
         return (INFERENCE_SERVICE, OIP_SERVICE)
 
     async def load(self) -> None:

@@ -3,25 +3,79 @@
     python tools/gen_protos.py            # write service/_proto/
     python tools/gen_protos.py --out DIR  # write DIR/service/_proto/ instead (the staleness test)
 
-protoc runs with `-Iservice/_proto=protos`, so a proto at protos/cnnserve/v1/inference.proto is
-known to protoc as service/_proto/cnnserve/v1/inference.proto and the generated code imports
-`service._proto.cnnserve.v1.inference_pb2` as a normal package path: no import rewriting.
+protoc runs with `-Iprotos`, so each file's descriptor is named by its path under protos/
+(`cnnserve/v1/inference.proto`, `inference/grpc_predict_v2.proto`): the names server reflection
+reports and grpcurl, Postman and `import` lines in clients' own .proto files expect. protoc then
+writes imports of the other generated modules as `from cnnserve.v1 import inference_pb2`, which
+would need protos/ on sys.path; `rewrite_imports` turns exactly those lines (and the module name
+the generated classes report) into `service._proto.cnnserve.v1`, and leaves every other import
+(`grpc`, `google.protobuf`) alone. Nothing else in the generated code changes.
+
 Requires grpcio-tools (a runtime dependency, so the server's environment can regenerate).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 PACKAGE = "service/_proto"
+PACKAGE_MODULE = PACKAGE.replace("/", ".")
 
 
 def proto_files() -> list[Path]:
     return sorted(PROTO_ROOT.rglob("*.proto"))
+
+
+def module_name(proto: str) -> str:
+    """`cnnserve/v1/inference.proto` -> `cnnserve.v1.inference_pb2`, as protoc names its module."""
+    return proto.removesuffix(".proto").replace("/", ".") + "_pb2"
+
+
+def rewrite_imports(text: str, modules: Iterable[str]) -> str:
+    """Generated code with each import of one of `modules` (protoc's names for the modules it
+    generates, e.g. `cnnserve.v1.inference_pb2`) moved under service._proto.
+
+    Rewrites the three forms protoc writes: `from a.b import c_pb2 as x` (*_pb2.py, *_pb2_grpc.py,
+    *.pyi), `import c_pb2 as x` (a .proto at the top of protos/) and the module name passed to
+    `_builder.BuildTopDescriptorsAndMessages` (the generated classes' __module__). A line naming any
+    other module (`import grpc`, `from google.protobuf import ...`) is left as it is.
+    """
+    ours = set(modules)
+
+    def from_import(match: re.Match[str]) -> str:
+        package, name = match.group("package"), match.group("name")
+        if f"{package}.{name}" not in ours:
+            return match.group(0)
+        return f"from {PACKAGE_MODULE}.{package} import {name}{match.group('rest')}"
+
+    def plain_import(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in ours:
+            return match.group(0)
+        return f"from {PACKAGE_MODULE} import {name}{match.group('rest')}"
+
+    def builder(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in ours:
+            return match.group(0)
+        return f"{match.group('head')}'{PACKAGE_MODULE}.{name}'"
+
+    text = re.sub(
+        r"^from (?P<package>[\w.]+) import (?P<name>\w+)(?P<rest>(?: as \w+)?)$",
+        from_import,
+        text,
+        flags=re.M,
+    )
+    text = re.sub(r"^import (?P<name>\w+)(?P<rest>(?: as \w+)?)$", plain_import, text, flags=re.M)
+    return re.sub(
+        r"(?P<head>_builder\.BuildTopDescriptorsAndMessages\(DESCRIPTOR, )'(?P<name>[\w.]+)'", builder, text
+    )
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -32,22 +86,30 @@ def generate(out_root: Path) -> list[Path]:
     import grpc_tools
     from grpc_tools import protoc
 
-    out_root.mkdir(parents=True, exist_ok=True)
+    package_dir = out_root / PACKAGE
+    package_dir.mkdir(parents=True, exist_ok=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    sources = [f"{PACKAGE}/{p.relative_to(PROTO_ROOT).as_posix()}" for p in proto_files()]
+    sources = [p.relative_to(PROTO_ROOT).as_posix() for p in proto_files()]
     args = [
         "grpc_tools.protoc",
-        f"-I{PACKAGE}={PROTO_ROOT}",
+        f"-I{PROTO_ROOT}",
         f"-I{well_known}",
-        f"--python_out={out_root}",
-        f"--pyi_out={out_root}",
-        f"--grpc_python_out={out_root}",
+        f"--python_out={package_dir}",
+        f"--pyi_out={package_dir}",
+        f"--grpc_python_out={package_dir}",
         *sources,
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    modules = {module_name(source) for source in sources}
+    for source in sources:
+        stem = package_dir / source.removesuffix(".proto")
+        for generated in (Path(f"{stem}_pb2.py"), Path(f"{stem}_pb2.pyi"), Path(f"{stem}_pb2_grpc.py")):
+            text = generated.read_text()
+            rewritten = rewrite_imports(text, modules)
+            if rewritten != text:
+                generated.write_text(rewritten)
     # Package markers, so `service._proto.cnnserve.v1` imports as regular packages.
-    package_dir = out_root / PACKAGE
     for directory in [package_dir, *(d for d in package_dir.rglob("*") if d.is_dir())]:
         if directory.name == "__pycache__":
             continue

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
@@ -431,8 +432,8 @@ def test_reflection_lists_our_services(server: ServerProcess) -> None:
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
     )
     assert sorted(s.name for s in response.list_services_response.service) == [
-        "cnnserve.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-        "inference.GRPCInferenceService",
+        "cnnserve.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection", "inference.GRPCInferenceService",
     ]  # fmt: skip
     (described,) = stub.ServerReflectionInfo(
         iter(
@@ -440,7 +441,8 @@ def test_reflection_lists_our_services(server: ServerProcess) -> None:
         ),
         timeout=10,
     )
-    assert described.file_descriptor_response.file_descriptor_proto
+    first = described.file_descriptor_response.file_descriptor_proto[0]
+    assert descriptor_pb2.FileDescriptorProto.FromString(first).name == "inference/grpc_predict_v2.proto"
 
 
 def test_cnnserve_classify_command(server: ServerProcess, tmp_path: Path) -> None:

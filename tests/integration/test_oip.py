@@ -4,7 +4,8 @@ tritonclient[grpc] cannot be installed next to this project (it pins protobuf < 
 stubs need protobuf >= 7.35), so `TritonStyleClient` reproduces what tritonclient.grpc puts on the
 wire: InferInput.set_data_from_numpy -> raw_input_contents; BYTES as 4-byte little-endian length
 prefixed elements; InferRequestedOutput(name, class_count=k) -> parameters["classification"];
-InferResult.as_numpy -> raw_output_contents at the output's index.
+InferResult.as_numpy -> raw_output_contents at the output's index. Triton's read-only extensions
+(get_model_config, get_model_repository_index, get_inference_statistics) are plain unary calls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from export.preprocessing import DIGITS, to_tensor
 from service._proto.cnnserve.v1 import inference_pb2, inference_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service._proto.inference import model_config_pb2 as mc
+from service.oip import TRITON_UNIMPLEMENTED
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +111,20 @@ class TritonStyleClient:
             if output.class_count:
                 requested.parameters["classification"].int64_param = output.class_count
         return InferResult(self._stub.ModelInfer(request, timeout=timeout))
+
+    def get_model_config(self, model_name: str, model_version: str = "") -> pb.ModelConfigResponse:
+        return self._stub.ModelConfig(
+            pb.ModelConfigRequest(name=model_name, version=model_version), timeout=10
+        )
+
+    def get_model_repository_index(self) -> pb.RepositoryIndexResponse:
+        return self._stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+
+    def get_inference_statistics(
+        self, model_name: str = "", model_version: str = ""
+    ) -> pb.ModelStatisticsResponse:
+        request = pb.ModelStatisticsRequest(name=model_name, version=model_version)
+        return self._stub.ModelStatistics(request, timeout=10)
 
 
 @pytest.fixture
@@ -255,3 +272,83 @@ def test_infer_bytes_gif_is_invalid(client: TritonStyleClient) -> None:
     with pytest.raises(grpc.RpcError) as info:
         client.infer("lenet5", [inp])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "GIF" in info.value.details()
+
+
+# --- Triton's extensions ---------------------------------------------------------------------------
+
+
+def test_model_config_from_the_server_settings(client: TritonStyleClient) -> None:
+    """The session server: --max-images-per-request 8 (below max_batch_size 16), --max-queue-delay-s 0.01."""
+    gpu = "execution_provider:CUDAExecutionProvider" in client.get_server_metadata().extensions
+    config = client.get_model_config("lenet5").config
+    assert (config.name, config.platform, config.backend, config.max_batch_size) == (
+        "lenet5",
+        "onnxruntime_onnx",
+        "onnxruntime",
+        MAX_IMAGES,
+    )
+    assert [(i.name, i.data_type, i.format, list(i.dims)) for i in config.input] == [
+        ("input", mc.TYPE_FP32, mc.ModelInput.FORMAT_NCHW, [1, 32, 32])
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("logits", mc.TYPE_FP32, [10]),
+        ("probabilities", mc.TYPE_FP32, [10]),
+    ]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 10_000
+    (group,) = config.instance_group
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    assert (group.kind, group.count) == (kind, 1)
+    assert list(client.get_model_config("resnet18", "1").config.input[0].dims) == [3, 224, 224]
+    for name, version, code in [
+        ("ghost", "", "NOT_FOUND"),
+        ("lenet5", "2", "NOT_FOUND"),
+        ("", "", "INVALID_ARGUMENT"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            client.get_model_config(name, version)
+        assert info.value.code().name == code, info.value.details()
+
+
+def test_repository_index_lists_the_loaded_versions(client: TritonStyleClient) -> None:
+    index = client.get_model_repository_index()
+    assert [(m.name, m.version, m.state, m.reason) for m in index.models] == [
+        ("lenet5", "1", "READY", ""),
+        ("resnet18", "1", "READY", ""),
+    ]
+
+
+def test_inference_statistics_follow_the_requests(server: ServerProcess, client: TritonStyleClient) -> None:
+    def lenet5() -> pb.ModelStatistics:
+        (stats,) = client.get_inference_statistics("lenet5").model_stats
+        assert (stats.name, stats.version) == ("lenet5", "1")
+        return stats
+
+    before = lenet5()
+    batch = digit_batch(held_out(3))
+    inp = InferInput("input", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch)
+    client.infer("lenet5", [inp])
+    after = lenet5()
+    assert after.inference_count - before.inference_count == 3
+    assert after.execution_count - before.execution_count == 1  # one request alone: one batch
+    b, a = before.inference_stats, after.inference_stats
+    assert (a.success.count - b.success.count, a.fail.count - b.fail.count) == (1, 0)
+    assert a.success.ns > b.success.ns
+    assert a.queue.count - b.queue.count == 1
+    assert a.compute_infer.count - b.compute_infer.count == 1 and a.compute_infer.ns > b.compute_infer.ns
+    assert a.compute_input.count == b.compute_input.count  # a raw tensor: nothing decoded
+    # The same numbers as the server's own /metrics.
+    assert after.inference_count == server.sample("cnnserve_images_total", model="lenet5")
+    every = client.get_inference_statistics().model_stats
+    assert [(s.name, s.version) for s in every] == [("lenet5", "1"), ("resnet18", "1")]
+    with pytest.raises(grpc.RpcError) as info:
+        client.get_inference_statistics("ghost")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_triton_rpcs_we_do_not_serve_say_why(server: ServerProcess) -> None:
+    for method in ("RepositoryModelLoad", "SystemSharedMemoryRegister", "LogSettings"):
+        with pytest.raises(grpc.RpcError) as info:
+            server.channel.unary_unary(f"/inference.GRPCInferenceService/{method}")(b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert TRITON_UNIMPLEMENTED[method] in info.value.details()

@@ -1,7 +1,9 @@
 """Security properties of a real `python -m service serve` (issue 6, SECURITY.md):
 
-1. Attack surface: reflection lists exactly our two APIs, health and reflection; no exposed method
-   loads or unloads models, takes a path or URL, or touches shared memory; the metrics port answers
+1. Attack surface: reflection lists exactly our two APIs, health and reflection (v1 and v1alpha); no
+   exposed method loads or unloads models, takes a path or URL, or touches shared memory (Triton's
+   ModelConfig, RepositoryIndex and ModelStatistics are read-only views of the loaded models, and
+   its other management RPCs answer UNIMPLEMENTED); the metrics port answers
    only GET /metrics and GET /healthz (404 for everything else); both listeners bind the configured
    address only.
 2. Model integrity: a model whose bytes differ from metadata.json's sha256 is refused at startup
@@ -39,6 +41,7 @@ from server_process import ServerProcess, module_server
 from export import repository
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
+from service._proto.grpc.reflection.v1 import reflection_pb2 as reflection_v1_pb2
 from service._proto.inference import grpc_predict_v2_pb2 as oip
 from service._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from service.classify import session as session_mod
@@ -73,13 +76,13 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
 OUR_SERVICES = [
     "cnnserve.v1.Inference",
     "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
     "inference.GRPCInferenceService",
 ]
 # What other model servers expose and we must not: model management (Triton's repository API,
 # TorchServe's management API, TF Serving's ModelService), shared memory, config, tracing, logging.
 MANAGEMENT_METHODS = [
-    "/inference.GRPCInferenceService/RepositoryIndex",
     "/inference.GRPCInferenceService/RepositoryModelLoad",
     "/inference.GRPCInferenceService/RepositoryModelUnload",
     "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
@@ -88,8 +91,6 @@ MANAGEMENT_METHODS = [
     "/inference.GRPCInferenceService/CudaSharedMemoryStatus",
     "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
     "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
-    "/inference.GRPCInferenceService/ModelConfig",
-    "/inference.GRPCInferenceService/ModelStatistics",
     "/inference.GRPCInferenceService/TraceSetting",
     "/inference.GRPCInferenceService/LogSettings",
     "/inference.GRPCInferenceService/ModelStreamInfer",
@@ -98,7 +99,6 @@ MANAGEMENT_METHODS = [
     "/tensorflow.serving.ModelService/HandleReloadConfigRequest",
     "/cnnserve.v1.Inference/LoadModel",
     "/cnnserve.v1.Inference/UnloadModel",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.channelz.v1.Channelz/GetServers",
     "/grpc.admin.v1.Admin/Get",
 ]
@@ -108,6 +108,12 @@ FORBIDDEN_METHOD = re.compile(
     r"|file|url|path|fetch|import|export|save|delete|update|control",
     re.IGNORECASE,
 )
+# Triton's read-only additions to the Open Inference Protocol, whose names match FORBIDDEN_METHOD:
+# they answer from the models already loaded and take a model name and version, nothing else.
+READ_ONLY_METHODS = {
+    "inference.GRPCInferenceService.ModelConfig",
+    "inference.GRPCInferenceService.RepositoryIndex",
+}
 # A request field with one of these words would name something outside the request: a path, a URL,
 # a shared-memory region, a host to contact.
 FORBIDDEN_FIELD = re.compile(
@@ -118,11 +124,12 @@ FORBIDDEN_FIELD = re.compile(
 # Reflection's own request fields are the exception: they name .proto files and symbols of the
 # server's in-memory descriptor pool (read-only), never the filesystem; `host` is unused by gRPC.
 REFLECTION_FIELDS = {
-    "grpc.reflection.v1alpha.ServerReflectionRequest.host",
-    "grpc.reflection.v1alpha.ServerReflectionRequest.file_by_filename",
-    "grpc.reflection.v1alpha.ServerReflectionRequest.file_containing_symbol",
-    "grpc.reflection.v1alpha.ServerReflectionRequest.file_containing_extension",
+    f"grpc.reflection.{version}.ServerReflectionRequest.{field}"
+    for version in ("v1", "v1alpha")
+    for field in ("host", "file_by_filename", "file_containing_symbol", "file_containing_extension")
 }
+# RepositoryIndexRequest.repository_name names no path: any name but "" is refused (INVALID_ARGUMENT).
+ALLOWED_FIELDS = REFLECTION_FIELDS | {"inference.RepositoryIndexRequest.repository_name"}
 
 
 def reflect(channel: grpc.Channel, request: reflection_pb2.ServerReflectionRequest) -> Any:
@@ -185,9 +192,10 @@ def test_no_exposed_method_manages_models_takes_a_path_or_touches_shared_memory(
         service = pool.FindServiceByName(name)
         for method in service.methods:
             methods.append(method.full_name)
-            assert not FORBIDDEN_METHOD.search(method.name), f"{method.full_name} looks like management"
+            if method.full_name not in READ_ONLY_METHODS:
+                assert not FORBIDDEN_METHOD.search(method.name), f"{method.full_name} looks like management"
             for field_name, type_name in request_fields(method.input_type):
-                if field_name in REFLECTION_FIELDS:
+                if field_name in ALLOWED_FIELDS:
                     continue
                 short = field_name.rsplit(".", 1)[1]
                 assert not FORBIDDEN_FIELD.search(short), f"{method.full_name}: request field {field_name}"
@@ -196,7 +204,7 @@ def test_no_exposed_method_manages_models_takes_a_path_or_touches_shared_memory(
     # a broken reflection answer cannot pass vacuously, and nothing is exposed beyond them.
     defined = {
         m.full_name
-        for module in (pb, oip, health_pb2, reflection_pb2)
+        for module in (pb, oip, health_pb2, reflection_v1_pb2, reflection_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for m in service.methods
     }

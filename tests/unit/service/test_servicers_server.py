@@ -91,6 +91,7 @@ def test_reflection_lists_only_our_services() -> None:
         assert sorted(s.name for s in response.list_services_response.service) == [
             "cnnserve.v1.Inference",
             "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
             "inference.GRPCInferenceService",
         ]

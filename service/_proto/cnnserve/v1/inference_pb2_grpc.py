@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service._proto.cnnserve.v1 import inference_pb2 as service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2
+from service._proto.cnnserve.v1 import inference_pb2 as cnnserve_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/_proto/cnnserve/v1/inference_pb2_grpc.py depends on'
+        + ' but the generated code in cnnserve/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class InferenceStub:
         """
         self.Classify = channel.unary_unary(
                 '/cnnserve.v1.Inference/Classify',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.ClassifyBatch = channel.unary_unary(
                 '/cnnserve.v1.Inference/ClassifyBatch',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchResponse.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchResponse.FromString,
                 _registered_method=True)
         self.ClassifyStream = channel.stream_stream(
                 '/cnnserve.v1.Inference/ClassifyStream',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/cnnserve.v1.Inference/ListModels',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/cnnserve.v1.Inference/GetModel',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/cnnserve.v1.Inference/Explain',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.FromString,
                 _registered_method=True)
         self.Dream = channel.unary_stream(
                 '/cnnserve.v1.Inference/Dream',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResponse.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.DreamResponse.FromString,
                 _registered_method=True)
         self.DreamUnary = channel.unary_unary(
                 '/cnnserve.v1.Inference/DreamUnary',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResult.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.DreamResult.FromString,
                 _registered_method=True)
         self.Stylize = channel.unary_stream(
                 '/cnnserve.v1.Inference/Stylize',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.FromString,
                 _registered_method=True)
         self.StylizeUnary = channel.unary_unary(
                 '/cnnserve.v1.Inference/StylizeUnary',
-                request_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
-                response_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResult.FromString,
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.StylizeResult.FromString,
                 _registered_method=True)
 
 
@@ -175,53 +175,53 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
             ),
             'ClassifyBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.ClassifyBatch,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchResponse.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchResponse.SerializeToString,
             ),
             'ClassifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ClassifyStream,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.SerializeToString,
             ),
             'Dream': grpc.unary_stream_rpc_method_handler(
                     servicer.Dream,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResponse.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.DreamRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.DreamResponse.SerializeToString,
             ),
             'DreamUnary': grpc.unary_unary_rpc_method_handler(
                     servicer.DreamUnary,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResult.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.DreamRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.DreamResult.SerializeToString,
             ),
             'Stylize': grpc.unary_stream_rpc_method_handler(
                     servicer.Stylize,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.SerializeToString,
             ),
             'StylizeUnary': grpc.unary_unary_rpc_method_handler(
                     servicer.StylizeUnary,
-                    request_deserializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.FromString,
-                    response_serializer=service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResult.SerializeToString,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.StylizeResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -249,8 +249,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/Classify',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -276,8 +276,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/ClassifyBatch',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchResponse.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.ClassifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -303,8 +303,8 @@ class Inference:
             request_iterator,
             target,
             '/cnnserve.v1.Inference/ClassifyStream',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -330,8 +330,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/ListModels',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -357,8 +357,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/GetModel',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -384,8 +384,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/Explain',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.ExplainRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -411,8 +411,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/Dream',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResponse.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.DreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -438,8 +438,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/DreamUnary',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.DreamResult.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.DreamRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.DreamResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -465,8 +465,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/Stylize',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.StylizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -492,8 +492,8 @@ class Inference:
             request,
             target,
             '/cnnserve.v1.Inference/StylizeUnary',
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
-            service_dot___proto_dot_cnnserve_dot_v1_dot_inference__pb2.StylizeResult.FromString,
+            cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.StylizeResult.FromString,
             options,
             channel_credentials,
             insecure,
