@@ -8,7 +8,7 @@ from service.cli import main
 
 
 def _argv(argv: list[str]) -> list[str]:
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         return ["serve", *argv]
     return argv
 

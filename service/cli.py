@@ -5,6 +5,11 @@
     cnnserve worker [--grpc-port N] ...                     run the gradient-worker tier (the same
                                                              settings; ports 8600/9091 by default)
     cnnserve classify IMAGE... --model M [--top-k K]        classify images on a running server
+    cnnserve score DIR... --model M --output FILE           classify a folder into JSONL/CSV (resumable)
+    cnnserve models [--json]                                the models a running server serves
+    cnnserve --version
+
+Exit status of the client commands (classify, score, models): EXIT_STATUS below.
 
 Precedence for `serve`: flag > CNNSERVE_* environment variable > default. The flags are generated
 from `service.settings.Settings.model_fields`, so a new setting is a new flag with its description
@@ -19,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
+import os
+import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -31,6 +39,13 @@ from pydantic import Field, ValidationError
 from service.settings import Settings
 
 ENV_PREFIX = str(Settings.model_config.get("env_prefix", ""))
+
+EXIT_STATUS = """exit status (classify, score, models):
+  0    every image classified (models: listed)
+  1    an image failed: unreadable, or answered with an error (score: an error row in the output)
+  2    usage error, or the server could not be reached or failed the call as a whole
+  130  stopped by SIGINT, 143 by SIGTERM (score: the rows written are kept; rerun to resume)
+  141  standard output closed early (e.g. `| head`)"""
 
 
 class WorkerSettings(Settings):
@@ -147,6 +162,17 @@ def register_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 # --- classify ----------------------------------------------------------------------------------
 
 
+def _call_failed(command: str, address: str, exc: Any) -> int:
+    """Report a CnnserveError that failed a whole command (exit status 2), with a hint where to
+    look when no gRPC server answered at all."""
+    from service.client import connection_hint, not_connected
+
+    print(f"cnnserve {command}: {exc.code.name}: {exc.message}", file=sys.stderr)
+    if not_connected(exc.code, exc.message):
+        print(f"cnnserve {command}: {connection_hint(address)}", file=sys.stderr)
+    return 2
+
+
 def _classify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from service.client import CnnserveClient, CnnserveError, StreamResult
 
@@ -154,6 +180,10 @@ def _classify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     payloads: list[tuple[str, bytes]] = []
     failed = False
     for index, path in enumerate(paths):
+        if os.path.isdir(path):
+            print(f"{path}: error: a directory; use `cnnserve score` for folders", file=sys.stderr)
+            failed = True
+            continue
         try:
             payloads.append((str(index), Path(path).read_bytes()))
         except OSError as exc:
@@ -167,8 +197,7 @@ def _classify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ):
                 results[int(item.id)] = item
     except CnnserveError as exc:
-        print(f"cnnserve classify: {exc.code.name}: {exc.message}", file=sys.stderr)
-        return 1
+        return _call_failed("classify", args.address, exc)
     records: list[dict[str, Any]] = []
     for index, path in enumerate(paths):
         answer = results.get(index)
@@ -206,19 +235,107 @@ def register_classify(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser = subparsers.add_parser(
         "classify",
         help="classify images on a running server",
-        description="Send images (JPEG, PNG, WebP) to a running server and print the top-k classes of each. "
-        "Exit status 1 if any image failed.",
+        description="Send images (JPEG, PNG, WebP) to a running server and print the top-k classes of each "
+        "(for a folder, use `cnnserve score`).",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--model", required=True, help="model name (see ListModels)")
+    parser.add_argument("--model", required=True, help="model name (see `cnnserve models`)")
     parser.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
     parser.add_argument("--top-k", type=int, default=0, help="classes per image (default: the server's, 5)")
     parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")
     parser.add_argument(
-        "--timeout", type=float, default=60.0, help="deadline in seconds (default %(default)s)"
+        "--timeout", type=float, default=60.0, help="deadline per image in seconds (default %(default)s)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.set_defaults(func=_classify, subparser=parser)
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def _capabilities(info: Any) -> list[str]:
+    from service._proto.cnnserve.v1 import inference_pb2 as pb
+
+    return [pb.Capability.Name(c).removeprefix("CAPABILITY_").lower() for c in info.capabilities]
+
+
+def _model_record(info: Any) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "versions": list(info.versions),
+        "architecture": info.architecture,
+        "trained": info.trained,
+        "trained_on": info.trained_on,
+        "capabilities": _capabilities(info),
+        "execution_provider": info.execution_provider,
+        "ready": info.ready,
+        "num_classes": info.num_classes,
+        "input_shape": list(info.input.shape),
+    }
+
+
+def _models_table(models: Sequence[Any]) -> list[str]:
+    rows = [["MODEL", "VERSION", "ARCHITECTURE", "TRAINED", "CAPABILITIES", "PROVIDER", "READY"]]
+    for info in models:
+        version = str(info.version)
+        if len(info.versions) > 1 and info.version == max(info.versions):
+            version += " (latest)"  # what version 0 addresses
+        if not info.trained:
+            trained = "no (random weights)"
+        else:
+            trained = f"yes ({info.trained_on})" if info.trained_on else "yes"
+        rows.append(
+            [
+                info.name,
+                version,
+                info.architecture,
+                trained,
+                ",".join(_capabilities(info)) or "-",
+                info.execution_provider or "-",
+                "yes" if info.ready else "no",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from service.client import CnnserveClient, CnnserveError
+
+    try:
+        with CnnserveClient(args.address, timeout_s=args.timeout) as client:
+            models = client.list_models()
+    except CnnserveError as exc:
+        return _call_failed("models", args.address, exc)
+    if args.json:
+        print(json.dumps([_model_record(m) for m in models], indent=2))
+    elif not models:
+        print("no models loaded")
+    else:
+        print("\n".join(_models_table(models)))
+    return 0
+
+
+def register_models(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="list the models a running server serves",
+        description="List every loaded model version (ListModels): architecture, whether its weights are "
+        "trained, the RPCs served for it, the ONNX Runtime execution provider, readiness.",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="deadline in seconds (default %(default)s)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=_models, subparser=parser)
 
 
 # Subcommand registrars, in --help order. Others append theirs (e.g. worker, score).
@@ -236,23 +353,51 @@ def _register_score(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 COMMANDS.append(_register_score)
+COMMANDS.append(register_models)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cnnserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without `pip install`
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cnnserve", description="CNN inference service: ONNX Runtime classification over gRPC."
+        prog="cnnserve",
+        description="CNN inference service: ONNX Runtime classification over gRPC.",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"cnnserve {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in COMMANDS:
         register(subparsers)
     return parser
 
 
+def _stdout_closed() -> int:
+    """Our reader went away (`cnnserve score ... | head -3`): stop quietly, as Unix tools do. Python
+    would also print "Exception ignored ... BrokenPipeError" when it flushes sys.stdout at exit, so
+    standard output is pointed at /dev/null first."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture stdout)
+        pass
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Each subcommand sets func(args, its parser) and subparser (for its usage errors).
-    status: int = args.func(args, args.subparser)
+    try:
+        status: int = args.func(args, args.subparser)
+    except BrokenPipeError:
+        return _stdout_closed()
     return status
 
 

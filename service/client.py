@@ -6,8 +6,10 @@
         result = client.classify(Path("cat.jpg").read_bytes(), model="resnet50", top_k=3)
         print(result.classes[0].label, result.classes[0].probability)
 
-Images are encoded bytes (JPEG/PNG/WebP), a path to such a file, or a preprocessed numpy array
-(float32/float16, [C, H, W] or [1, C, H, W]).
+Images are encoded bytes (JPEG/PNG/WebP) or a path to such a file, sent as they are; a PIL image
+or a uint8 numpy array of pixels ([H, W] grayscale, [H, W, C] with C 1, 3 or 4), encoded as PNG
+(lossless: the server sees exactly these pixels); or a preprocessed numpy array (float32/float16,
+[C, H, W] or [1, C, H, W]).
 
 The default channel configuration (`default_channel_options`):
 
@@ -46,8 +48,12 @@ Retry policy (what a rolling update needs to lose nothing; tests/integration/tes
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import queue
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +61,12 @@ from typing import Any, Union
 
 import grpc
 import numpy as np
+from PIL import Image
 
 from ._proto.cnnserve.v1 import inference_pb2 as pb
 from ._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 
-ImageLike = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", np.ndarray]
+ImageLike = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", np.ndarray, Image.Image]
 
 INFERENCE_SERVICE = "cnnserve.v1.Inference"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -167,11 +174,44 @@ class StreamResult:
     error: CnnserveError | None = None
 
 
+# Modes PNG stores as they are; any other (CMYK, YCbCr, F, ...) is converted to RGB first.
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})
+
+
+def _png(image: Image.Image) -> bytes:
+    if image.mode not in _PNG_MODES:
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    # Level 1: lossless all the same, and several times faster to encode than the default 6; the
+    # few percent of extra bytes cost less than the CPU on any network worth serving over.
+    image.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _pixels(array: np.ndarray) -> Image.Image:
+    """A uint8 [H, W] or [H, W, C] (C 1, 3, 4: L, RGB, RGBA) array as a PIL image."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(
+            f"uint8 pixels must be [H, W] or [H, W, C] with C 1, 3 or 4, got shape {list(array.shape)} "
+            "(a preprocessed tensor is float32 or float16)"
+        )
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
 def image_input(image: ImageLike) -> pb.ImageInput:
-    """An image (encoded bytes, a file path, or a preprocessed array) as an ImageInput message."""
+    """An image as an ImageInput message: encoded bytes or a file path as they are, a PIL image or
+    uint8 pixels as a PNG, a float32/float16 array as a preprocessed tensor (module docstring)."""
+    if isinstance(image, Image.Image):
+        return pb.ImageInput(encoded=_png(image))
     if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            return pb.ImageInput(encoded=_png(_pixels(image)))
         if image.dtype not in (np.float32, np.float16):
-            raise TypeError(f"tensor images must be float32 or float16, got {image.dtype}")
+            raise TypeError(
+                f"array images must be uint8 pixels or a float32/float16 tensor, got {image.dtype}"
+            )
         data = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
         return pb.ImageInput(
             tensor=pb.Tensor(shape=list(data.shape), dtype=data.dtype.name, data=data.tobytes())
@@ -285,42 +325,54 @@ class CnnserveClient:
         version: int = 0,
         top_k: int = 0,
         timeout_s: float | None = None,
+        stream_timeout_s: float | None = None,
     ) -> Iterator[StreamResult]:
         """Classify (id, image) pairs over one stream; yields one StreamResult per pair as each
         completes (not necessarily in order). Per-item failures come back as StreamResult.error;
         a failure of the whole stream raises CnnserveError. `images` is consumed lazily, from a
         background thread, so it may be a generator producing images as they arrive.
+
+        `timeout_s` is each item's deadline (default: the client's), counted from when the stream
+        takes the item: an item not answered in time comes back as a DEADLINE_EXCEEDED error and
+        its late answer is dropped. The stream itself has no deadline unless `stream_timeout_s`
+        is given (the server still gives each item at most its max_deadline_s). Ids must be unique
+        among the items in flight (ValueError).
+
+        The caller's own errors (an item that is not an (id, image) pair: TypeError; a missing
+        file: FileNotFoundError; ...) are raised as they are, never as a CnnserveError.
         """
-        errors: list[BaseException] = []
+        stream = _ItemStream(self._timeout(timeout_s))
 
         def requests() -> Iterator[pb.ClassifyStreamRequest]:
             try:
-                for item_id, image in images:
-                    yield pb.ClassifyStreamRequest(
+                for item in images:
+                    item_id, image = _pair(item)
+                    request = pb.ClassifyStreamRequest(
                         id=item_id,
                         request=pb.ClassifyRequest(
                             model=model, version=version, top_k=top_k, image=image_input(image)
                         ),
                     )
-            except BaseException as exc:
-                # grpc would swallow this and just half-close; remember it to raise to the caller.
-                errors.append(exc)
+                    stream.sending(item_id)
+                    yield request
+            except GeneratorExit:  # gRPC dropped the iterator: the call is over already
                 raise
+            except BaseException as exc:
+                # gRPC would swallow this and fail the call UNKNOWN ("Exception iterating
+                # requests!"): hand it to the caller's thread instead, ahead of that failure.
+                stream.events.put(("caller_error", exc))
+                raise
+            stream.events.put(("exhausted", None))
 
-        call = self._stub.ClassifyStream(requests(), timeout=self._timeout(timeout_s))
+        call = self._stub.ClassifyStream(requests(), timeout=stream_timeout_s)
+        reader = threading.Thread(
+            target=_read_responses, args=(call, stream.events), daemon=True, name="classify-stream"
+        )
+        reader.start()
         try:
-            for response in call:
-                if response.WhichOneof("outcome") == "result":
-                    yield StreamResult(response.id, result=_result(response.result))
-                else:
-                    code = _status_code(response.error.code)
-                    yield StreamResult(response.id, error=CnnserveError(code, response.error.message))
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+            yield from stream.results()
         finally:
             call.cancel()
-        if errors:
-            raise errors[0]
 
     def list_models(self, *, timeout_s: float | None = None) -> list[pb.ModelInfo]:
         """Every loaded model version (the ModelInfo protobuf messages)."""
@@ -341,6 +393,129 @@ class CnnserveClient:
             return info
         except grpc.RpcError as exc:
             raise _error(exc) from None
+
+
+def _pair(item: object) -> tuple[str, ImageLike]:
+    if isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str):
+        return item[0], item[1]
+    shown = repr(item)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise TypeError(f"classify_stream takes (id, image) pairs with a str id, got {shown}")
+
+
+def _read_responses(call: Any, events: queue.SimpleQueue[tuple[str, Any]]) -> None:
+    try:
+        for response in call:
+            events.put(("response", response))
+        events.put(("end", None))
+    except grpc.RpcError as exc:
+        events.put(("broken", exc))
+
+
+class _ItemStream:
+    """classify_stream's bookkeeping: when each item in flight was taken, and the events of the
+    call (responses, its end, the request iterator's end or failure) in arrival order. The wire
+    API has no per-item deadline, so it is kept here: answers are awaited with a timeout."""
+
+    def __init__(self, item_timeout_s: float | None) -> None:
+        self.item_timeout_s = item_timeout_s
+        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._sent: dict[str, float] = {}  # id -> time.monotonic() when taken; insertion order
+        self._expired: set[str] = set()  # answered DEADLINE_EXCEEDED here, maybe still computing
+
+    def sending(self, item_id: str) -> None:
+        """Called from gRPC's request thread just before the item goes out."""
+        with self._lock:
+            if item_id in self._sent:
+                raise ValueError(f"id {item_id!r} is already in flight: ids must be unique")
+            self._sent[item_id] = time.monotonic()
+
+    def _wait_s(self) -> float | None:
+        with self._lock:
+            oldest = next(iter(self._sent.values()), None)
+        if oldest is None or self.item_timeout_s is None:
+            return None
+        return max(0.0, oldest + self.item_timeout_s - time.monotonic())
+
+    def _expire(self) -> list[str]:
+        if self.item_timeout_s is None:
+            return []
+        limit = time.monotonic() - self.item_timeout_s
+        with self._lock:
+            expired = [item_id for item_id, sent in self._sent.items() if sent <= limit]
+            for item_id in expired:
+                del self._sent[item_id]
+            self._expired.update(expired)
+        return expired
+
+    def results(self) -> Iterator[StreamResult]:
+        exhausted = False
+        while True:
+            with self._lock:
+                idle = not self._sent
+                abandoned = bool(self._expired)
+            # Everything sent is answered: wait for the server's end of the stream, unless an
+            # expired item may keep the server busy for up to its max_deadline_s.
+            if exhausted and idle and abandoned:
+                return
+            try:
+                kind, payload = self.events.get(timeout=self._wait_s())
+            except queue.Empty:
+                kind, payload = "tick", None
+            if kind == "response":
+                with self._lock:
+                    known = self._sent.pop(payload.id, None) is not None
+                    self._expired.discard(payload.id)
+                if known:
+                    yield _stream_result(payload)
+            elif kind == "exhausted":
+                exhausted = True
+            elif kind == "caller_error":
+                raise payload
+            elif kind == "broken":
+                raise _error(payload) from None
+            elif kind == "end":
+                # Every item gets one result: one the server never answered did not get classified.
+                with self._lock:
+                    unanswered, self._sent = list(self._sent), {}
+                for item_id in unanswered:
+                    error = CnnserveError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream first")
+                    yield StreamResult(item_id, error=error)
+                return
+            for item_id in self._expire():
+                message = f"no answer within {self.item_timeout_s:g} s"
+                yield StreamResult(item_id, error=CnnserveError(grpc.StatusCode.DEADLINE_EXCEEDED, message))
+
+
+def _stream_result(response: pb.ClassifyStreamResponse) -> StreamResult:
+    if response.WhichOneof("outcome") == "result":
+        return StreamResult(response.id, result=_result(response.result))
+    code = _status_code(response.error.code)
+    return StreamResult(response.id, error=CnnserveError(code, response.error.message))
+
+
+# What gRPC core says when it could not reach a gRPC server at all: a refused connection, a name
+# that does not resolve, or a peer that does not speak HTTP/2 (the metrics port answers HTTP/1.1:
+# "Expected SETTINGS frame ..., got frame type 79"). cnnserve's own UNAVAILABLE messages (loading,
+# draining) never contain these.
+_NOT_CONNECTED_MARKERS = (
+    "connections to all backends failing",
+    "failed to connect to all addresses",
+    "dns resolution failed",
+    "failed parsing http/2",
+)
+
+
+def not_connected(code: grpc.StatusCode, message: str) -> bool:
+    """Whether a failure means no gRPC server was reached at all (see connection_hint)."""
+    lowered = message.lower()
+    return code == grpc.StatusCode.UNAVAILABLE and any(m in lowered for m in _NOT_CONNECTED_MARKERS)
+
+
+def connection_hint(address: str) -> str:
+    """The line the command-line tools add to a not_connected failure."""
+    return f"is cnnserve serving gRPC at {address}? (the metrics port is not the gRPC port)"
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -6,6 +6,9 @@ write one row per image to a JSONL or CSV file; resumable, shardable, retrying.
 
 Inputs: directories (recursive, files ending in .jpg/.jpeg/.png/.webp, any case), globs (`**`
 allowed), plain files, and list files (`@list.txt` or `--list FILE`, one path a line, `#` comments).
+Every path is made absolute (relative ones, also in list files, against the current directory) and
+normalised (no `.`, `..` or doubled slashes; symlinks are kept as named, since a link's target may
+change between runs, as Kubernetes volume links do), so the same image named two ways is one path.
 The paths are de-duplicated and sorted; `--shard i/N` (0-based) keeps the paths whose position in
 that sorted listing is i modulo N, so N shards partition the set exactly.
 
@@ -13,13 +16,19 @@ Output rows (`--format`, else from the extension: .csv is CSV, anything else JSO
   JSONL: {"path", "model", "version", "classes": [{"index", "label", "probability"}...], "error"}
   CSV:   path, model, version, index, label, probability (the top-1), classes (the top-k as JSON),
          error
-`error` is "" on success, else "CODE: message" (a gRPC status code name). Each row is written as
-its answer arrives, flushed within 20 ms, fsync'ed every 2 s and at the end (SIGTERM included).
+`path` is the absolute path (above). `error` is "" on success, else "CODE: message" (a gRPC
+status code name); an error row carries the model and version asked for (0: the latest), a
+successful one the version that answered. Each row is written as its answer arrives, flushed
+within 20 ms, fsync'ed every 2 s and at the end (SIGTERM included). No row, no file: a server that
+cannot be reached leaves no empty output behind.
 
 Resuming: when the output exists, its rows are read first (a partial last line, left by a killed
 run, is cut off) and every path that already has a row is skipped, so rerunning the same command
-finishes the work and never duplicates a row. `--retry-failed` also scores again the paths whose
-row is an error: those rows are removed first (the file is rewritten atomically).
+finishes the work and never duplicates a row. One output holds one model's rows: an output with
+rows of another model, or of another version when --version names one, is refused (exit 2)
+before anything is changed. Rows of older versions of this command name paths as they were typed;
+relative ones are read against the current directory. `--retry-failed` also scores again the
+paths whose row is an error: those rows are removed first (the file is rewritten atomically).
 
 Retries: items answered UNAVAILABLE or RESOURCE_EXHAUSTED are sent again after an exponential
 backoff with jitter (0.1 s doubling up to 5 s, times a random 0.5..1), up to --max-attempts in all.
@@ -32,8 +41,13 @@ the run gives up after --max-attempts stream failures in a row with no answer in
 --deadline is per image: an image not answered in time gets a DEADLINE_EXCEEDED row (a late answer
 is ignored).
 
+SIGTERM or SIGINT stops the run: the rows written so far are flushed and valid, the summary is
+printed, and rerunning the same command resumes.
+
 Exit status: 0 when every path of the shard has a successful row, 1 when any has an error row
-(from this run or an earlier one), 2 on usage errors or when the server cannot be reached.
+(from this run or an earlier one), 2 on usage errors (a refused output included) or when the
+server cannot be reached (the stream keeps failing), 128 + the signal's number when stopped
+(143: SIGTERM, 130: SIGINT), 141 when standard output is closed early (`| head`).
 """
 
 from __future__ import annotations
@@ -52,7 +66,7 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +100,16 @@ def _directory(directory: str) -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
+def normalise(path: str) -> str:
+    """The key a path is scored and resumed under: absolute, normalised, symlinks kept."""
+    return os.path.abspath(path)
+
+
 def collect_paths(inputs: Iterable[str], list_files: Iterable[str] = ()) -> list[str]:
     """Every image path named by `inputs` (directories, globs, files, @list files) and the list
-    files, de-duplicated and sorted. A file named explicitly is kept whatever its extension (the
-    server will judge it); a directory or glob contributes files only. Raises FileNotFoundError for
-    an input that is none of these."""
+    files, normalised, de-duplicated and sorted. A file named explicitly is kept whatever its
+    extension (the server will judge it); a directory or glob contributes files only. Raises
+    FileNotFoundError for an input that is none of these."""
     paths: set[str] = set()
     pending = [*inputs, *(f"@{f}" for f in list_files)]
     for item in pending:
@@ -108,7 +127,7 @@ def collect_paths(inputs: Iterable[str], list_files: Iterable[str] = ()) -> list
                     paths.add(match)
         else:
             raise FileNotFoundError(f"{item}: no such file or directory")
-    return sorted(paths)
+    return sorted({normalise(p) for p in paths})
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -177,16 +196,27 @@ def csv_header() -> str:
 
 @dataclass
 class Existing:
-    """What an earlier run left in the output file."""
+    """What an earlier run left in the output file (paths normalised)."""
 
     ok: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     truncated_bytes: int = 0  # the partial last line cut off
+    relative: int = 0  # rows naming a relative path (written by an older `cnnserve score`)
+    duplicated: int = 0  # paths with more than one row (an older `cnnserve score` typed them twice)
 
 
-def _parse_lines(text: str, fmt: str, name: str) -> list[tuple[str, str, str]]:
-    """(path, error, raw line) of each complete row."""
-    rows: list[tuple[str, str, str]] = []
+@dataclass(frozen=True)
+class _Row:
+    path: str
+    model: str
+    version: int
+    error: str
+    line: str
+
+
+def _parse_lines(text: str, fmt: str, name: str) -> list[_Row]:
+    """Each complete row."""
+    rows: list[_Row] = []
     lines = text.splitlines(keepends=True)
     if fmt == "csv":
         if not lines:
@@ -200,20 +230,44 @@ def _parse_lines(text: str, fmt: str, name: str) -> list[tuple[str, str, str]]:
         try:
             if fmt == "jsonl":
                 record = json.loads(line)
-                path, error = record["path"], record.get("error") or ""
             else:
                 (cells,) = list(csv.reader([line]))
                 record = dict(zip(CSV_FIELDS, cells, strict=True))
-                path, error = record["path"], record["error"]
-        except (ValueError, KeyError, TypeError) as exc:
+            row = _Row(
+                str(record["path"]),
+                str(record.get("model") or ""),
+                int(record.get("version") or 0),
+                str(record.get("error") or ""),
+                line,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{name}:{number}: unreadable row ({exc}); fix or move the file") from None
-        rows.append((path, error, line))
+        rows.append(row)
     return rows
 
 
-def read_existing(output: str, fmt: str, *, drop_failed: bool = False) -> Existing:
+def _mismatch(rows: Sequence[_Row], model: str, version: int) -> str | None:
+    """Why rows cannot be resumed for `model` (and `version`, when not 0), or None. A row with no
+    model is an error row of an older `cnnserve score`, which did not record it: it matches any.
+    An error row's version 0 (it asked for the latest) matches any version."""
+    others = sorted({r.model for r in rows if r.model and r.model != model})
+    if others:
+        return f"it holds rows of model {', '.join(others)}, and this run asks for {model}"
+    if version:
+        versions = sorted({r.version for r in rows if r.model and r.version not in (0, version)})
+        if versions:
+            listed = ", ".join(map(str, versions))
+            return f"it holds rows of {model} version {listed}, and this run asks for version {version}"
+    return None
+
+
+def read_existing(
+    output: str, fmt: str, *, drop_failed: bool = False, model: str | None = None, version: int = 0
+) -> Existing:
     """Read (and repair) an existing output: cut a partial last line; with `drop_failed`, rewrite
-    the file without its error rows. A missing file is an empty result."""
+    the file without its error rows. A missing file is an empty result. With `model`, an output
+    holding rows of another model (or of another version, when `version` is not 0) is refused
+    with ValueError before anything is changed."""
     existing = Existing()
     try:
         with open(output, "rb") as f:
@@ -223,15 +277,25 @@ def read_existing(output: str, fmt: str, *, drop_failed: bool = False) -> Existi
     complete = data[: data.rfind(b"\n") + 1]
     existing.truncated_bytes = len(data) - len(complete)
     rows = _parse_lines(complete.decode("utf-8"), fmt, output)
-    for path, error, _ in rows:
-        if error:
+    problem = None if model is None else _mismatch(rows, model, version)
+    if problem is not None:
+        raise ValueError(
+            f"{output}: {problem}; one output holds one model's rows: give another --output "
+            "(or the model and version of its rows to resume it)"
+        )
+    counts = Counter(normalise(row.path) for row in rows)
+    existing.duplicated = sum(count > 1 for count in counts.values())
+    for row in rows:
+        path = normalise(row.path)
+        existing.relative += not os.path.isabs(row.path)
+        if row.error:
             existing.failed.add(path)
         else:
             existing.ok.add(path)
             existing.failed.discard(path)
     existing.failed -= existing.ok
     if drop_failed and existing.failed:
-        kept = [line for path, error, line in rows if not error]
+        kept = [row.line for row in rows if not row.error]
         tmp = f"{output}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             if fmt == "csv":
@@ -249,36 +313,43 @@ def read_existing(output: str, fmt: str, *, drop_failed: bool = False) -> Existi
 
 
 class RowWriter:
-    """Appends rows, flushing each; fsync every FSYNC_INTERVAL_S and on close."""
+    """Appends rows, flushing each; fsync every FSYNC_INTERVAL_S and on close. The file is opened
+    (created, a CSV's header written) with the first row, so a run that never got an answer leaves
+    no empty output behind."""
 
     def __init__(self, output: str, fmt: str) -> None:
+        self.output = output
         self.fmt = fmt
         self._stdout = output == "-"
-        if self._stdout:
-            self._file: TextIO = sys.stdout
-            if fmt == "csv":
-                self._file.write(csv_header())
-        else:
-            new = not os.path.exists(output) or os.path.getsize(output) == 0
-            parent = os.path.dirname(os.path.abspath(output))
-            os.makedirs(parent, exist_ok=True)
-            self._file = open(output, "a", encoding="utf-8", newline="")  # noqa: SIM115
-            if new and fmt == "csv":
-                self._file.write(csv_header())
+        self._file: TextIO | None = None
         self._synced = self._flushed = time.monotonic()
         self._dirty = False
+
+    def _open(self) -> TextIO:
+        if self._stdout:
+            file = sys.stdout
+            new = True
+        else:
+            new = not os.path.exists(self.output) or os.path.getsize(self.output) == 0
+            os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
+            file = open(self.output, "a", encoding="utf-8", newline="")  # noqa: SIM115
+        if new and self.fmt == "csv":
+            file.write(csv_header())
+        return file
 
     def write(self, row: dict[str, Any]) -> None:
         """Buffered: the scorer calls flush() whenever it has no answer waiting, and the buffer
         goes to the file at most FLUSH_INTERVAL_S later (rows lost to a SIGKILL in between are
         scored again by the next run)."""
+        if self._file is None:
+            self._file = self._open()
         self._file.write(format_row(row, self.fmt))
         self._dirty = True
 
     def flush(self) -> float:
         """Flush unless flushed less than FLUSH_INTERVAL_S ago; the seconds until it is due (0: done)."""
         now = time.monotonic()
-        if not self._dirty:
+        if not self._dirty or self._file is None:
             return 0.0
         if now - self._flushed < FLUSH_INTERVAL_S:
             return self._flushed + FLUSH_INTERVAL_S - now
@@ -290,12 +361,20 @@ class RowWriter:
         return 0.0
 
     def sync(self) -> None:
+        if self._file is None:
+            return
         self._file.flush()
         if not self._stdout:
             os.fsync(self._file.fileno())
         self._synced = time.monotonic()
 
-    def close(self) -> None:
+    def close(self, *, create: bool = True) -> None:
+        """Sync and close. `create`: open the output even with no row written, so a finished run
+        over nothing new still leaves its output (a CSV with its header)."""
+        if self._file is None and create:
+            self._file = self._open()
+        if self._file is None:
+            return
         self.sync()
         if not self._stdout:
             self._file.close()
@@ -457,7 +536,16 @@ class Scorer:
         self.progress = progress
         self.rng = rng or random.Random()
         self.summary = Summary()
-        self.fatal: str | None = None
+        # Why the run gave up, when it did: the stream kept failing (code, details).
+        self.fatal: tuple[grpc.StatusCode, str] | None = None
+        self.stopped_by: int | None = None  # the signal that stopped the run
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+    def stop(self, signum: int) -> None:
+        """Stop the run at once, keeping every row written; safe in a signal handler
+        (SimpleQueue.put is reentrant), and it wakes the scorer's wait."""
+        self.stopped_by = signum
+        self._events.put(("stop", None, None))
 
     def _finish(self, item: Item, row: dict[str, Any]) -> None:
         self.writer.write(row)
@@ -466,12 +554,16 @@ class Scorer:
         else:
             self.summary.scored += 1
 
+    def _fail(self, item: Item, error: str) -> None:
+        # The model and version asked for: the row says what it failed to be scored with.
+        self._finish(item, make_row(item.path, model=self.model, version=self.version, error=error))
+
     def run(self, paths: Sequence[str]) -> Summary:
         start = time.monotonic()
         pending: deque[Item] = deque(Item(p) for p in paths)
         delayed: list[tuple[float, int, Item]] = []  # (due, tiebreak, item)
         inflight: dict[str, Item] = {}
-        events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        events = self._events
         generation = 0
         stream: _Stream | None = None
         reconnect_failures = 0  # consecutive stream failures without an answer in between
@@ -485,7 +577,7 @@ class Scorer:
                 pending.appendleft(item)
             inflight.clear()
 
-        while pending or delayed or inflight:
+        while (pending or delayed or inflight) and self.stopped_by is None:
             now = time.monotonic()
             if stream is None:
                 if now < reconnect_at:
@@ -510,7 +602,7 @@ class Scorer:
                     code = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}.get(
                         type(exc), "UNKNOWN"
                     )
-                    self._finish(item, make_row(item.path, error=f"{code}: {exc.strerror or exc}"))
+                    self._fail(item, f"{code}: {exc.strerror or exc}")
                     continue
                 item.attempts += 1
                 counter += 1
@@ -547,6 +639,8 @@ class Scorer:
                     kind, gen, payload = events.get(timeout=max(0.0, wake - time.monotonic()))
                 except queue.Empty:
                     kind, gen, payload = "tick", generation, None
+            if kind == "stop":
+                break
             if gen != generation:
                 continue  # an event of a stream already given up
             if kind == "response":
@@ -567,7 +661,7 @@ class Scorer:
                     counter += 1
                     heapq.heappush(delayed, (due, counter, item))
                     continue
-                self._finish(item, make_row(item.path, error=f"{code.name}: {payload.error.message}"))
+                self._fail(item, f"{code.name}: {payload.error.message}")
             elif kind in ("broken", "end"):
                 # The stream is gone (or the server ended it early): reopen and re-send.
                 code = payload.code() if kind == "broken" else grpc.StatusCode.UNAVAILABLE
@@ -585,7 +679,7 @@ class Scorer:
                     grpc.StatusCode.INTERNAL,
                 )
                 if not retryable or reconnect_failures >= self.max_attempts:
-                    self.fatal = f"{code.name}: {details}"
+                    self.fatal = (code, details)
                     break
                 self.summary.reconnects += 1
                 reconnect_at = time.monotonic() + backoff_s(reconnect_failures, self.rng)
@@ -596,13 +690,7 @@ class Scorer:
                 for key, item in list(inflight.items()):
                     if now - item.sent_at >= self.deadline_s:
                         del inflight[key]
-                        self._finish(
-                            item,
-                            make_row(
-                                item.path,
-                                error=f"DEADLINE_EXCEEDED: no answer within {self.deadline_s:g} s",
-                            ),
-                        )
+                        self._fail(item, f"DEADLINE_EXCEEDED: no answer within {self.deadline_s:g} s")
             self.progress.update(self.summary.scored + self.summary.failed, self.summary.failed)
         if stream is not None:
             stream.close()
@@ -622,13 +710,22 @@ def _status_code(number: int) -> grpc.StatusCode:
 # --- the command -------------------------------------------------------------------------------
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+def _stop_on(signals: Sequence[int], scorer: Scorer) -> dict[int, Any]:
+    """Route `signals` to scorer.stop (a Job's pod is stopped with SIGTERM, a terminal with ^C);
+    the previous handlers, to restore. Signals are only the main thread's to handle."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, lambda n, _: scorer.stop(n)) for signum in signals}
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(f"cnnserve score: {text}", file=sys.stderr)
 
 
 def score_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-    from service.client import default_channel_options
+    from service.client import connection_hint, default_channel_options, not_connected
 
     try:
         shard = parse_shard(args.shard) if args.shard else (0, 1)
@@ -645,48 +742,66 @@ def score_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     existing = Existing()
     if args.output != "-":
         try:
-            existing = read_existing(args.output, fmt, drop_failed=args.retry_failed)
+            existing = read_existing(
+                args.output, fmt, drop_failed=args.retry_failed, model=args.model, version=args.version
+            )
         except ValueError as exc:
             print(f"cnnserve score: {exc}", file=sys.stderr)
             return 2
-        if existing.truncated_bytes and not args.quiet:
-            print(
-                f"cnnserve score: cut a partial last row ({existing.truncated_bytes} bytes) of {args.output}",
-                file=sys.stderr,
+        if existing.truncated_bytes:
+            _note(args, f"cut a partial last row ({existing.truncated_bytes} bytes) of {args.output}")
+        if existing.relative:
+            _note(
+                args,
+                f"{existing.relative} rows of {args.output} name relative paths (an older cnnserve score "
+                "wrote paths as typed): read against the current directory",
+            )
+        if existing.duplicated:
+            _note(
+                args, f"{args.output} holds several rows for {existing.duplicated} path(s); each counts once"
             )
     done = existing.ok | existing.failed
     todo = [p for p in paths if p not in done]
     writer = RowWriter(args.output, fmt)
     progress = Progress(len(todo), quiet=args.quiet, interval_s=args.progress_interval)
     channel = grpc.insecure_channel(args.address, options=default_channel_options())
-    previous_sigterm = None
-    if threading.current_thread() is threading.main_thread():
-        # A Job's pod is stopped with SIGTERM: exit through the finally below (rows flushed, fsync'ed).
-        previous_sigterm = signal.signal(signal.SIGTERM, _terminated)
+    scorer = Scorer(
+        pb_grpc.InferenceStub(channel),  # type: ignore[no-untyped-call]
+        model=args.model,
+        version=args.version,
+        top_k=args.top_k,
+        window=args.window,
+        max_attempts=args.max_attempts,
+        deadline_s=args.deadline,
+        writer=writer,
+        progress=progress,
+    )
+    previous = _stop_on((signal.SIGTERM, signal.SIGINT), scorer)
+    finished = False
     try:
-        scorer = Scorer(
-            pb_grpc.InferenceStub(channel),  # type: ignore[no-untyped-call]
-            model=args.model,
-            version=args.version,
-            top_k=args.top_k,
-            window=args.window,
-            max_attempts=args.max_attempts,
-            deadline_s=args.deadline,
-            writer=writer,
-            progress=progress,
-        )
         summary = scorer.run(todo)
+        finished = scorer.fatal is None and scorer.stopped_by is None
     finally:
-        writer.close()
-        channel.close()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        try:
+            writer.close(create=finished)
+        finally:
+            channel.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     summary.total = len(paths)
     summary.skipped = len(paths) - len(todo)
     summary.earlier_failed = len(existing.failed & set(paths))
     print(f"cnnserve score: {summary.line()}", file=sys.stderr)
+    if scorer.stopped_by is not None:
+        name = signal.Signals(scorer.stopped_by).name
+        resume = "" if args.output == "-" else "; rerun the same command to resume"
+        print(f"cnnserve score: stopped by {name}{resume}", file=sys.stderr)
+        return 128 + scorer.stopped_by
     if scorer.fatal is not None:
-        print(f"cnnserve score: giving up, the stream keeps failing: {scorer.fatal}", file=sys.stderr)
+        code, details = scorer.fatal
+        print(f"cnnserve score: giving up, the stream keeps failing: {code.name}: {details}", file=sys.stderr)
+        if not_connected(code, details):
+            print(f"cnnserve score: {connection_hint(args.address)}", file=sys.stderr)
         return 2
     return 1 if summary.failed or summary.earlier_failed else 0
 
@@ -704,7 +819,7 @@ def register_score(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument(
         "--list", action="append", default=[], metavar="FILE", help="file of paths, one a line"
     )
-    parser.add_argument("--model", required=True, help="model name (see ListModels)")
+    parser.add_argument("--model", required=True, help="model name (see `cnnserve models`)")
     parser.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
     parser.add_argument("--top-k", type=int, default=0, help="classes per image (default: the server's, 5)")
     parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")

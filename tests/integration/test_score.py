@@ -214,3 +214,28 @@ def test_retries_resource_exhausted_until_everything_is_scored(
     )
     assert rejected > 0, "the queue never filled: nothing was retried"
     assert " retries" in err
+
+
+def test_resume_is_per_model_and_per_image_however_its_path_is_typed(
+    server: ServerProcess,
+    images: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 17: the folder typed absolute, then relative from its parent, used to add a second row
+    per image; another model on the same output used to skip everything and exit 0."""
+    root, labels = images
+    out = tmp_path / "scores.csv"
+    assert score(server, str(root), "--output", str(out)) == 0
+    monkeypatch.chdir(root.parent)
+    capsys.readouterr()
+    assert score(server, root.name, "--output", str(out)) == 0
+    assert f"scored 0, failed 0, skipped {COUNT}" in capsys.readouterr().err
+    with out.open(newline="") as f:
+        assert sorted(r["path"] for r in csv.DictReader(f)) == sorted(labels)
+    before = out.read_bytes()
+    argv = ["score", "--address", server.address, "--quiet", root.name, "--output", str(out)]
+    assert main([*argv, "--model", "resnet18"]) == 2
+    assert "holds rows of model lenet5, and this run asks for resnet18" in capsys.readouterr().err
+    assert out.read_bytes() == before

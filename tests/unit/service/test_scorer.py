@@ -3,6 +3,7 @@ retry/reconnect logic against an in-process fake Inference server."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import random
 import signal
@@ -72,25 +73,28 @@ def test_the_batch_job_command_line_parses() -> None:
 
 def test_read_existing_cuts_a_partial_last_line_and_reads_rows(tmp_path: Path) -> None:
     out = tmp_path / "s.jsonl"
-    rows = [score.make_row("a.png", model="m", version=1), score.make_row("b.png", error="INTERNAL: x\ny")]
+    rows = [
+        score.make_row("/d/a.png", model="m", version=1),
+        score.make_row("/d/b.png", error="INTERNAL: x\ny"),
+    ]
     out.write_text("".join(score.format_row(r, "jsonl") for r in rows) + '{"path": "c.p')
     existing = score.read_existing(str(out), "jsonl")
-    assert (existing.ok, existing.failed, existing.truncated_bytes) == ({"a.png"}, {"b.png"}, 13)
+    assert (existing.ok, existing.failed, existing.truncated_bytes) == ({"/d/a.png"}, {"/d/b.png"}, 13)
     assert out.read_text().count("\n") == 2 and out.read_text().endswith("\n")
     assert json.loads(out.read_text().splitlines()[1])["error"] == "INTERNAL: x y"  # one line
     # --retry-failed drops the error rows.
     existing = score.read_existing(str(out), "jsonl", drop_failed=True)
     assert existing.failed == set() and [json.loads(x)["path"] for x in out.read_text().splitlines()] == [
-        "a.png"
+        "/d/a.png"
     ]
 
 
 def test_read_existing_csv_and_refuses_a_foreign_file(tmp_path: Path) -> None:
     out = tmp_path / "s.csv"
-    row = score.make_row('we,ird "name".png', model="m", version=2)
+    row = score.make_row('/d/we,ird "name".png', model="m", version=2)
     out.write_text(score.csv_header() + score.format_row(row, "csv") + "half,a,ro")
     existing = score.read_existing(str(out), "csv")
-    assert existing.ok == {'we,ird "name".png'} and existing.truncated_bytes == 9
+    assert existing.ok == {'/d/we,ird "name".png'} and existing.truncated_bytes == 9
     out.write_text("something,else\n")
     with pytest.raises(ValueError, match="not a `cnnserve score` CSV"):
         score.read_existing(str(out), "csv")
@@ -191,16 +195,43 @@ def test_retries_reconnects_and_resumes_against_a_flaky_server(
     assert row["error"] == "RESOURCE_EXHAUSTED: queue full"
 
 
-def test_an_unreachable_server_gives_up_with_status_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def http1_address() -> Iterator[str]:
+    """A plain HTTP/1.1 server, as the metrics port is."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("where", ["closed port", "metrics port"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_an_unreachable_server_gives_up_with_status_2_a_hint_and_no_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    http1_address: str, where: str, fmt: str,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(score, "BACKOFF_INITIAL_S", 0.01)
+    address = "127.0.0.1:1" if where == "closed port" else http1_address
     touch(tmp_path / "a.png")
-    out = tmp_path / "o.jsonl"
-    status = main(["score", str(tmp_path / "a.png"), "--address", "127.0.0.1:1", "--model", "m",
+    out = tmp_path / "sub" / f"o.{fmt}"
+    status = main(["score", str(tmp_path / "a.png"), "--address", address, "--model", "m",
                    "--output", str(out), "--max-attempts", "2", "--quiet"])  # fmt: skip
     assert status == 2
-    assert "UNAVAILABLE" in capsys.readouterr().err
-    assert out.read_text() == ""
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err
+    assert f"is cnnserve serving gRPC at {address}? (the metrics port is not the gRPC port)" in err
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_a_finished_run_over_nothing_new_still_leaves_its_output(tmp_path: Path) -> None:
+    """No answer needed (every path already done, or none given): the output still exists."""
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "o.csv"
+    argv = ["score", str(tmp_path / "empty"), "--address", "127.0.0.1:1", "--model", "m", "--quiet"]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert out.read_text() == score.csv_header()
 
 
 class SlowInference(pb_grpc.InferenceServicer):
@@ -237,11 +268,45 @@ def test_sigterm_keeps_every_written_row_and_a_rerun_finishes(tmp_path: Path) ->
         assert process.returncode == 128 + signal.SIGTERM, err
         text = out.read_text()
         assert text.endswith("\n") and 10 <= text.count("\n") < 201
+        # The summary, and what to do next; no traceback.
+        assert (
+            "cnnserve score: scored " in err and "stopped by SIGTERM; rerun the same command to resume" in err
+        )
+        assert "Traceback" not in err
         assert main([*argv, "--quiet"]) == 0
         rows = out.read_text().splitlines()
         assert rows[0] == score.csv_header().strip()
         assert sorted(r.split(",")[0] for r in rows[1:]) == sorted(
             str(p) for p in (tmp_path / "in").iterdir()
         )
+    finally:
+        server.stop(None)
+
+
+def test_a_reader_closing_standard_output_ends_the_run_quietly(tmp_path: Path) -> None:
+    """`cnnserve score DIR | head -3`: exit 141 (as a tool killed by SIGPIPE), no traceback, and no
+    "Exception ignored ... BrokenPipeError" from Python's flush of stdout at exit."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_InferenceServicer_to_server(SlowInference(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        for i in range(200):
+            touch(tmp_path / "in" / f"{i:03d}.png")
+        root = Path(__file__).resolve().parents[3]
+        argv = ["score", str(tmp_path / "in"), "--address", address, "--model", "m", "--quiet"]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", *argv],
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None and process.stderr is not None
+        lines = [process.stdout.readline() for _ in range(3)]
+        process.stdout.close()  # what `head -3` does
+        with process.stderr:
+            err = process.stderr.read().decode()
+        process.wait(timeout=30)
+        assert all(json.loads(line)["error"] == "" for line in lines)
+        assert process.returncode == 128 + signal.SIGPIPE, err
+        assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
     finally:
         server.stop(None)

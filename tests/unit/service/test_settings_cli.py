@@ -97,6 +97,7 @@ def test_python_m_service_defaults_to_serve() -> None:
     assert _argv(["--grpc-port", "0"]) == ["serve", "--grpc-port", "0"]
     assert _argv(["classify", "x.png", "--model", "m"]) == ["classify", "x.png", "--model", "m"]
     assert _argv(["--help"]) == ["--help"]
+    assert _argv(["--version"]) == ["--version"]  # cnnserve --version, not serve --version
 
 
 def test_console_help_runs_in_a_fresh_interpreter() -> None:

@@ -1,0 +1,132 @@
+"""The client commands of `cnnserve` (classify, score, models, --version) as a new user meets them:
+what they print and the exit status, when things work and when the address is wrong."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from servicer_fakes import FakeEngine, FakeModel, Harness
+
+from service import cli, score
+
+HINT = "is cnnserve serving gRPC at {}? (the metrics port is not the gRPC port)"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Harness]:
+    h = Harness(
+        FakeEngine(
+            [
+                FakeModel("lenet5", 1),
+                FakeModel("lenet5", 2),
+                FakeModel("resnet18", 1, architecture="resnet18", trained=False, trained_on=None),
+            ]
+        )
+    )
+    yield h
+    h.close()
+
+
+def _png(path: Path) -> Path:
+    Image.new("L", (32, 32), 0).save(path, "PNG")
+    return path
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("cnnserve 0.")
+
+
+def test_classify_points_a_directory_to_score(
+    server: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = _png(tmp_path / "x.png")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    status = cli.main(["classify", str(folder), str(image), "--model", "lenet5", "--address", server.address])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert f"{folder}: error: a directory; use `cnnserve score` for folders" in captured.err
+    assert f"{image}: lenet5 v2" in captured.out  # the other images are still classified
+
+
+@pytest.mark.parametrize("where", ["closed port", "metrics port"])
+def test_classify_score_and_models_name_the_address_and_agree_on_exit_status_2(
+    server: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, where: str,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(score, "BACKOFF_INITIAL_S", 0.01)
+    address = "127.0.0.1:1" if where == "closed port" else f"127.0.0.1:{server.server.metrics_port}"
+    image = str(_png(tmp_path / "x.png"))
+    commands = {
+        "classify": ["classify", image, "--model", "lenet5"],
+        "score": ["score", image, "--model", "lenet5", "--quiet", "--max-attempts", "2"],
+        "models": ["models"],
+    }
+    for name, argv in commands.items():
+        assert cli.main([*argv, "--address", address]) == 2, name
+        err = capsys.readouterr().err
+        assert f"cnnserve {name}: " in err and "UNAVAILABLE" in err, name
+        assert HINT.format(address) in err, name
+
+
+def test_a_call_failed_by_the_server_itself_gets_no_connection_hint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server still loading answers UNAVAILABLE too, but it is a cnnserve server: no hint."""
+    loading = Harness(load=False)
+    try:
+        image = str(_png(tmp_path / "x.png"))
+        assert cli.main(["classify", image, "--model", "lenet5", "--address", loading.address]) == 2
+    finally:
+        loading.close()
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and "loading" in err and "is cnnserve serving" not in err
+
+
+def test_models_prints_a_table_of_every_version(server: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "--address", server.address]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "MODEL",
+        "VERSION",
+        "ARCHITECTURE",
+        "TRAINED",
+        "CAPABILITIES",
+        "PROVIDER",
+        "READY",
+    ]
+    assert [line.split()[:2] for line in lines[1:]] == [["lenet5", "1"], ["lenet5", "2"], ["resnet18", "1"]]
+    assert "2 (latest)" in lines[2] and "yes (digits)" in lines[2] and "CPUExecutionProvider" in lines[2]
+    assert "no (random weights)" in lines[3] and "classify" in lines[3]
+    # Columns line up: every cell starts where its header does.
+    start = lines[0].index("TRAINED")
+    assert all(line[start:].startswith(("yes", "no")) for line in lines[1:])
+
+
+def test_models_json(server: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "--json", "--address", server.address]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["version"], r["versions"]) for r in records] == [
+        ("lenet5", 1, [1, 2]),
+        ("lenet5", 2, [1, 2]),
+        ("resnet18", 1, [1]),
+    ]
+    lenet = records[1]
+    assert lenet["trained"] is True and lenet["trained_on"] == "digits" and lenet["ready"] is True
+    assert lenet["capabilities"] == ["classify"]  # no gradient workers in this server
+    assert lenet["execution_provider"] == "CPUExecutionProvider" and lenet["input_shape"] == [1, 32, 32]
+    assert records[2]["trained"] is False
+
+
+def test_the_model_flag_points_at_cnnserve_models() -> None:
+    parser = cli.build_parser()
+    for command in ("classify", "score"):
+        subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+        assert "see `cnnserve models`" in " ".join(subparser.format_help().split())
