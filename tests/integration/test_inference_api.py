@@ -290,7 +290,10 @@ def test_image_over_the_pixel_cap(server: ServerProcess, stub: pb_grpc.Inference
     error = rpc_error(
         stub.Classify, pb.ClassifyRequest(model="resnet18", image=pb.ImageInput(encoded=bomb)), timeout=30
     )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "too many pixels" in error.details()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # our one form, never Pillow's decompression-bomb wording (issue 17)
+    assert error.details().startswith("image is ") and "(max_image_pixels)" in error.details()
+    assert "decompression bomb" not in error.details().lower()
     after = server.sample(
         "cnnserve_rejections_total", method="Classify", model="resnet18", reason="too_many_pixels"
     )
