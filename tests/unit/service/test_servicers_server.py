@@ -253,6 +253,11 @@ def test_counters_move_for_each_failure_path() -> None:
                 counter("cnnserve_rejections_total", method="Classify", model=model, reason=reason)
                 == rejections_before + 1
             )
+        # The handler leaves the in-flight gauge in its `finally`, after context.abort() has sent
+        # the status: the client can see the error a moment before the gauge drops.
+        deadline = time.monotonic() + 2.0
+        while counter("cnnserve_inflight_requests", method="Classify") != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert counter("cnnserve_inflight_requests", method="Classify") == 0
     finally:
         h.close()
