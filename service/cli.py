@@ -114,7 +114,8 @@ def settings_from_args(
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from service.server import configure_logging, run
+    from service.observability.logs import configure_logging
+    from service.server import run
 
     settings = settings_from_args(args, parser)
     configure_logging(settings)
@@ -136,7 +137,7 @@ def register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from service.server import configure_logging
+    from service.observability.logs import configure_logging
     from service.worker_server import run_worker
 
     settings = settings_from_args(args, parser, WorkerSettings)

@@ -37,7 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.errors import ServiceError, checked_response
-from service.metrics import INFLIGHT
+from service.observability.metrics import INFLIGHT
 from service.servicers import SERVED_CAPABILITIES, InferenceServicer, Rpc, ServingState, unary
 from service.settings import Settings
 

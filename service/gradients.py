@@ -29,7 +29,7 @@ from service.errors import (
     Unavailable,
     checked_response,
 )
-from service.metrics import INFLIGHT
+from service.observability.metrics import INFLIGHT
 from service.worker import tasks
 from service.worker.rendering import pil_to_array
 

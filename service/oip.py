@@ -41,9 +41,10 @@ import grpc
 import numpy as np
 
 import service
-from service import images, metrics
+from service import images
 from service.errors import InvalidArgument, ServiceError
-from service.metrics import DECODE_DURATION, PREPROCESS_DURATION
+from service.observability import metrics
+from service.observability.metrics import DECODE_DURATION, PREPROCESS_DURATION
 from service.servicers import Rpc, ServingState, to_model_dtype, unary
 
 from ._proto.inference import grpc_predict_v2_pb2 as pb
@@ -562,8 +563,8 @@ def _duration(count: float, seconds: float) -> pb.StatisticDuration:
 
 def model_statistics(models: Sequence[LoadedModel]) -> list[pb.ModelStatistics]:
     """Triton's ModelStatistics of each model version, read from the server's Prometheus metrics
-    (service/metrics.py). The metrics are labelled by model name, not version: with several versions
-    of one model loaded, each version's entry carries the totals of all of them.
+    (service/observability/metrics.py). The metrics are labelled by model name, not version: with
+    several versions of one model loaded, each version's entry carries the totals of all of them.
 
     * inference_count: cnnserve_images_total (images classified, every RPC of the engine).
     * execution_count: cnnserve_batch_size count (ONNX Runtime runs).

@@ -22,7 +22,6 @@ Exit status 1 with a clear log line when no model can be loaded or a port cannot
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -35,9 +34,10 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service import metrics, reflection
+from service import reflection
 from service.forwarding import ForwardingInferenceServicer, WorkerTier
-from service.metrics_http import MetricsHTTPServer
+from service.observability import metrics
+from service.observability.http import MetricsHTTPServer
 from service.oip import GRPCInferenceServicer, add_triton_unimplemented_to_server
 from service.servicers import Engine, InferenceServicer, MalformedRequestInterceptor, ServingState
 from service.settings import Settings
@@ -472,34 +472,3 @@ async def run(settings: Settings, engine: Engine | None = None, *, server: Serve
     await stopping
     await server.shutdown()
     return 0
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message (+ exc_info when there is one)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def configure_logging(settings: Settings) -> None:
-    """Root logging to stderr in settings.log_format at settings.log_level (UTC timestamps)."""
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        formatter: logging.Formatter = JsonFormatter()
-    else:
-        formatter = logging.Formatter(
-            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
-        )
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)

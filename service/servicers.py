@@ -26,7 +26,7 @@ from export.preprocessing import describe_input
 from service import errors, images
 from service.errors import RESPONSE_LIMIT, DeadlineExceeded, InvalidArgument, Unavailable, checked_response
 from service.gradients import GradientRpcs, served_capabilities
-from service.metrics import INFLIGHT, REJECTIONS, REQUEST_DURATION, REQUESTS, child
+from service.observability.metrics import INFLIGHT, REJECTIONS, REQUEST_DURATION, REQUESTS, child
 from service.settings import Settings
 
 from ._proto.cnnserve.v1 import inference_pb2 as pb

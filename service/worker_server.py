@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from service import metrics
 from service.errors import NotFound, ServiceError
 from service.forwarding import TIER_METADATA
+from service.observability import metrics
 from service.server import (
     GRADIENTS_SERVICE,
     INFERENCE_SERVICE,

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service import metrics
 from service.errors import (
     GENERIC_INTERNAL_MESSAGE,
     DeadlineExceeded,
@@ -52,6 +51,7 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
+from service.observability import metrics
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from PIL import Image
 from export import repository
 from export.errors import RepositoryError
 from export.preprocessing import Preprocessing
-from service import metrics
 from service.classify.batcher import Admission, DynamicBatcher
 from service.classify.providers import CUDA, ProviderChoice, select_provider
 from service.classify.session import ModelLoadError, ModelSession
 from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from service.images import check_tensor, decode_image, image_to_tensor, load_image, open_image
+from service.observability import metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

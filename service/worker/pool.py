@@ -30,7 +30,7 @@ pending future when one worker dies):
 - Every worker that goes away while the pool runs is counted in cnnserve_worker_deaths_total by
   reason (job_crash, idle_crash, init_failed, and the pool's own kills: stop_overdue, ready_timeout,
   protocol_error); every replacement in cnnserve_worker_restarts_total.
-- Metrics are recorded here, in the serving process (service.metrics, "gradient jobs"), labelled
+- Metrics are recorded here, in the serving process (service.observability.metrics, "gradient jobs"), labelled
   task=`task.kind` (else the class name) and model=`task.model`. Rejections are the exception:
   the servicer counts each refused call once under its RPC method, from the error's `reason`.
 
@@ -61,7 +61,6 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Literal, TypeVar
 
-from service import metrics
 from service.errors import (
     GENERIC_INTERNAL_MESSAGE,
     Cancelled,
@@ -73,6 +72,7 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
+from service.observability import metrics
 from service.worker._process import (
     EXIT_INIT_FAILED,
     Done,

@@ -1,5 +1,6 @@
 """Helpers for tests/deploy: tool lookup, rendering kustomizations, the metric catalog of
-service/metrics.py. (A module of its own, not conftest.py, so that tests import it by a unique name.)
+service/observability/metrics.py. (A module of its own, not conftest.py, so that tests import it by
+a unique name.)
 
 External tools (kubectl, promtool, prometheus, hadolint) are required in CI (CI=true), where
 tools/install_system_deps.sh and the dev extras provide them: a missing tool fails there. On a
@@ -85,7 +86,7 @@ def config_map(objects: list[dict[str, Any]], prefix: str = "cnnserve-config") -
     return data
 
 
-# --- the metric catalog: every metric service/metrics.py defines --------------------------------
+# --- the metric catalog: every metric service/observability/metrics.py defines ----------------
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,9 @@ class Metric:
 
 
 def _metric_families() -> dict[str, Metric]:
-    """Parse service/metrics.py (without importing it) for Counter/Gauge/Histogram/Summary(...)."""
-    tree = ast.parse((ROOT / "service" / "metrics.py").read_text())
+    """Parse service/observability/metrics.py (without importing it) for Counter/Gauge/Histogram/
+    Summary(...)."""
+    tree = ast.parse((ROOT / "service" / "observability" / "metrics.py").read_text())
     families: dict[str, Metric] = {}
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):

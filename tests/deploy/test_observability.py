@@ -1,5 +1,5 @@
 """Prometheus, alerting and Grafana files in deploy/: promtool accepts them, the alert unit tests
-pass, every query names metrics and labels that service/metrics.py really exports, the scrape
+pass, every query names metrics and labels that service/observability/metrics.py really exports, the scrape
 config selects the pods the manifests create, and (integration) a real Prometheus scrapes a real
 cnnserve and finds its request metrics.
 """
@@ -106,7 +106,7 @@ def check_query(expr: str, catalog: dict[str, Metric]) -> list[str]:
             known_labels |= set(labels)
             continue
         if name not in catalog:
-            problems.append(f"{name}: not a series of service/metrics.py")
+            problems.append(f"{name}: not a series of service/observability/metrics.py")
             continue
         metric_labels = set(catalog[name].labels)
         known_labels |= metric_labels

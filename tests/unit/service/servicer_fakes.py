@@ -191,7 +191,7 @@ class Harness:
 
 def counter(name: str, **labels: str) -> float:
     """Current value of a sample in the service's Prometheus registry (0 when absent)."""
-    from service.metrics import registry
+    from service.observability.metrics import registry
 
     value = registry.get_sample_value(name, labels)
     return 0.0 if value is None else value

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service import metrics
 from service.classify.batcher import DynamicBatcher
 from service.errors import (
     GENERIC_INTERNAL_MESSAGE,
@@ -25,6 +24,7 @@ from service.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from service.observability import metrics
 
 
 class FakeRunner:

@@ -23,11 +23,11 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from export.preprocessing import Preprocessing, to_tensor
-from service import metrics
 from service.classify import engine as engine_mod
 from service.classify.engine import ClassificationEngine, Selection, parse_model_selection
 from service.classify.session import ModelLoadError, ModelSession
 from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from service.observability import metrics
 from service.settings import Settings
 
 RGB8 = Preprocessing(color_mode="RGB", resize=8, crop=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))

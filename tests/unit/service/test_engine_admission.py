@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from test_engine import png, random_image, repo, run, settings_for  # noqa: F401 - repo is a fixture
 
-from service import metrics
 from service.classify.engine import ClassificationEngine
 from service.errors import InvalidArgument, ResourceExhausted
+from service.observability import metrics
 
 
 def decoded(model: str) -> float:

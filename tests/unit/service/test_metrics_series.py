@@ -1,4 +1,4 @@
-"""Per-model counters exist at 0 from the moment a model is loaded (service/metrics.py).
+"""Per-model counters exist at 0 from the moment a model is loaded (service/observability/metrics.py).
 
 A labelled counter has no series until its first increment, and `increase()`/`rate()` cannot see
 a series' first step: without these series CnnserveEngineRestarts missed a pod's first engine
@@ -13,9 +13,9 @@ from typing import Any
 
 from servicer_fakes import FakeEngine, FakeModel, Harness
 
-from service import metrics
 from service._proto.cnnserve.v1 import inference_pb2
 from service._proto.inference import grpc_predict_v2_pb2
+from service.observability import metrics
 from service.settings import Settings
 from service.worker.tasks import TaskKind
 from service.worker_server import WorkerServer

@@ -106,7 +106,7 @@ def test_request_errors(
 
 def test_unknown_model_is_not_a_metrics_label(stub: pb_grpc.InferenceStub) -> None:
     code_of(stub.Classify, pb.ClassifyRequest(model="attacker-chosen-name", image=tensor(1.0)), timeout=10)
-    from service.metrics import registry
+    from service.observability.metrics import registry
 
     labels = {s.labels.get("model") for m in registry.collect() for s in m.samples}
     assert "attacker-chosen-name" not in labels

@@ -353,8 +353,8 @@ def _stats(stub: pb_grpc.GRPCInferenceServiceStub, **request: Any) -> list[pb.Mo
 
 
 def test_model_statistics_read_the_metrics(stats_harness: Harness) -> None:
-    from service import metrics
     from service._proto.cnnserve.v1 import inference_pb2, inference_pb2_grpc
+    from service.observability import metrics
 
     stub = pb_grpc.GRPCInferenceServiceStub(stats_harness.channel)
     (before,) = _stats(stub, name="statsnet", version="2")

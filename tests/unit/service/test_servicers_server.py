@@ -266,7 +266,7 @@ def test_counters_move_for_each_failure_path() -> None:
 def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from service.server import configure_logging
+    from service.observability.logs import configure_logging
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level

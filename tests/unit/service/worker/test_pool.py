@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service import metrics
 from service.errors import (
     GENERIC_INTERNAL_MESSAGE,
     DeadlineExceeded,
@@ -37,6 +36,7 @@ from service.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from service.observability import metrics
 from service.worker.pool import CRASHED_TWICE_MESSAGE, WorkerPool, WorkerStartError
 
 try:  # tests/ as packages or as rootdir-relative modules: the workers import it the same way

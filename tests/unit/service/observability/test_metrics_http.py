@@ -1,4 +1,4 @@
-"""service.metrics_http: GET /metrics and GET /healthz, and one 404 for everything else."""
+"""service.observability.http: GET /metrics and GET /healthz, and one 404 for everything else."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from service.metrics_http import NOT_FOUND_BODY, MetricsHTTPServer
+from service.observability.http import NOT_FOUND_BODY, MetricsHTTPServer
 
 METHODS = ("HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND", "BREW")
 PATHS = (
