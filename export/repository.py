@@ -12,7 +12,7 @@ by two exporters racing for the same number (the loser gets `VersionExists`, or 
 when it did not ask for a specific one).
 
 Reading (the service uses only these): `scan`, `read_version`, `load_metadata`, `verify_files`,
-`latest`.
+`verify_file`, `latest`, `sha256_file`.
 """
 
 from __future__ import annotations
@@ -358,24 +358,32 @@ def verify_files(version: ModelVersion) -> None:
 
     Raises IntegrityError naming the first bad file and what is wrong with it.
     """
-    for fname, entry in version.metadata["files"].items():
-        path = version.path / fname
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise IntegrityError(f"{path} is missing (listed in {version.metadata_path})") from None
-        except OSError as e:
-            raise IntegrityError(f"{path} cannot be read: {e.strerror or e}") from None
-        if size != entry["bytes"]:
-            raise IntegrityError(f"{path} has {size} bytes, metadata.json says {entry['bytes']}")
-        try:
-            digest = sha256_file(path)
-        except OSError as e:
-            raise IntegrityError(f"{path} cannot be read: {e.strerror or e}") from None
-        if digest != entry["sha256"]:
-            raise IntegrityError(
-                f"{path} sha256 {digest[:16]}... differs from metadata.json's {entry['sha256'][:16]}..."
-            )
+    for fname in version.metadata["files"]:
+        verify_file(version, fname)
+
+
+def verify_file(version: ModelVersion, fname: str) -> None:
+    """Check one file metadata.json lists (present, same size, same sha256); IntegrityError if not."""
+    entry = version.metadata["files"].get(fname)
+    path = version.path / fname
+    if entry is None:
+        raise IntegrityError(f"{path} is not listed in {version.metadata_path}")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise IntegrityError(f"{path} is missing (listed in {version.metadata_path})") from None
+    except OSError as e:
+        raise IntegrityError(f"{path} cannot be read: {e.strerror or e}") from None
+    if size != entry["bytes"]:
+        raise IntegrityError(f"{path} has {size} bytes, metadata.json says {entry['bytes']}")
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise IntegrityError(f"{path} cannot be read: {e.strerror or e}") from None
+    if digest != entry["sha256"]:
+        raise IntegrityError(
+            f"{path} sha256 {digest[:16]}... differs from metadata.json's {entry['sha256'][:16]}..."
+        )
 
 
 def latest(versions: Iterable[ModelVersion], name: str) -> ModelVersion | None:

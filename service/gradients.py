@@ -36,7 +36,7 @@ from service.worker.rendering import pil_to_array
 from ._proto.cnnserve.v1 import inference_pb2 as pb
 
 if TYPE_CHECKING:
-    from service.classify.engine import LoadedModel
+    from service.catalog import LoadedModel
     from service.servicers import Rpc, ServingState
 
 GRADIENT_CAPABILITIES = frozenset({"explain", "dream", "stylize"})

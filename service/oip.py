@@ -52,7 +52,7 @@ from ._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from ._proto.inference import model_config_pb2 as mc
 
 if TYPE_CHECKING:
-    from service.classify.engine import LoadedModel
+    from service.catalog import LoadedModel
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"

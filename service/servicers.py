@@ -33,7 +33,8 @@ from ._proto.cnnserve.v1 import inference_pb2 as pb
 from ._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from service.classify.engine import LoadedModel, Timings
+    from service.catalog import LoadedModel
+    from service.classify.engine import Timings
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
 
-from service.errors import NotFound, ServiceError
+from service.catalog import Catalog, LoadedModel
+from service.errors import ServiceError
 from service.forwarding import TIER_METADATA
 from service.observability import metrics
 from service.server import (
@@ -50,9 +51,6 @@ from service.settings import Settings
 
 from ._proto.cnnserve.v1 import inference_pb2 as pb
 from ._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from service.classify.engine import LoadedModel
 
 log = logging.getLogger("service.worker_server")
 
@@ -81,8 +79,7 @@ class ModelCatalog:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._models: dict[tuple[str, int], LoadedModel] = {}
-        self._latest: dict[str, int] = {}
+        self._catalog = Catalog()
         self._loaded = False
         self._stopping = False
 
@@ -91,53 +88,34 @@ class ModelCatalog:
 
         Raises RuntimeError (ModelLoadError) when the selection is invalid or no version is usable.
         """
-        # The serving tier's own selection and metadata checks, so both tiers agree on what a model
-        # is. (This imports onnxruntime's Python module, ~25 MB; no session is ever created here.)
+        # The serving tier's own selection and metadata checks (service.catalog), so both tiers
+        # agree on what a model is; no ONNX Runtime, no torch in this process.
         from export import repository
-        from export.errors import RepositoryError
-        from export.repository import sha256_file
-        from service.classify.engine import choose_versions, loaded_model, parse_model_selection
-        from service.classify.session import ModelLoadError
+        from export.errors import IntegrityError
+        from service.catalog import ModelLoadError, loaded_model, select_versions
 
         settings = self._settings
-        try:
-            selection = parse_model_selection(settings.models)
-        except ValueError as exc:
-            raise ModelLoadError(str(exc)) from None
         root = Path(settings.repository)
-        try:
-            versions = repository.scan(root)
-        except RepositoryError as exc:
-            raise ModelLoadError(str(exc)) from None
-        available: dict[str, dict[int, repository.ModelVersion]] = {}
-        for version in versions:
-            available.setdefault(version.name, {})[version.version] = version
-        if not available:
-            raise ModelLoadError(f"no models found in the repository {root}")
+        chosen = select_versions(root, settings.models)
         failures: list[str] = []
+        models: list[LoadedModel] = []
         provider = _torch_provider(settings)
-        for version in choose_versions(available, selection):
+        for version in chosen:
             label = f"{version.name}:{version.version}"
             try:
-                weights = version.weights_path
-                entry = version.metadata["files"][repository.WEIGHTS_FILE]
-                size = weights.stat().st_size
-                if size != entry["bytes"]:
-                    raise ModelLoadError(f"{weights} has {size} bytes, metadata.json says {entry['bytes']}")
-                if sha256_file(weights) != entry["sha256"]:
-                    raise ModelLoadError(f"{weights}: sha256 differs from metadata.json")
+                # weights.pt only, cheaply up front: the gradient processes verify every file again.
+                repository.verify_file(version, repository.WEIGHTS_FILE)
                 model = loaded_model(version.metadata, provider=provider, path=Path(version.path))
-            except (OSError, RuntimeError, KeyError) as exc:
+            except (IntegrityError, RuntimeError) as exc:
                 failures.append(f"{label}: {exc}")
                 log.error("not computing with %s: %s", label, exc)
                 continue
-            self._models[(model.name, model.version)] = model
-        if not self._models:
+            models.append(model)
+        if not models:
             raise ModelLoadError(
                 f"no model could be loaded from {root}: " + "; ".join(failures or ["nothing selected"])
             )
-        for name, _ in self._models:
-            self._latest[name] = max(v for n, v in self._models if n == name)
+        self._catalog = Catalog(models)
         self._loaded = True
 
     async def start(self) -> None:
@@ -152,20 +130,11 @@ class ModelCatalog:
         return self._loaded and not self._stopping
 
     def models(self) -> list[LoadedModel]:
-        return [self._models[key] for key in sorted(self._models)]
+        return self._catalog.models()
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         """The model `name` at `version` (None: the latest). Raises NotFound like the engine."""
-        if name not in self._latest:
-            known = ", ".join(sorted(self._latest)) or "none"
-            raise NotFound(f"model {name!r} is not loaded; loaded models: {known}", reason="not_found")
-        model = self._models.get((name, self._latest[name] if version is None else version))
-        if model is None:
-            have = ", ".join(str(v) for n, v in sorted(self._models) if n == name)
-            raise NotFound(
-                f"model {name!r} has no loaded version {version}; loaded: {have}", reason="not_found"
-            )
-        return model
+        return self._catalog.get(name, version)
 
     # Classification is not served here (the servicer answers UNIMPLEMENTED before reaching these).
     async def classify_images(self, model: Any, images: list[bytes], deadline: float | None) -> Any:

@@ -13,7 +13,6 @@ import asyncio
 import functools
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +24,10 @@ import numpy as np
 from PIL import Image
 
 from export import repository
-from export.errors import RepositoryError
-from export.preprocessing import Preprocessing
+from service.catalog import Catalog, LoadedModel, ModelLoadError, loaded_model, select_versions
 from service.classify.batcher import Admission, DynamicBatcher
 from service.classify.providers import CUDA, ProviderChoice, select_provider
-from service.classify.session import ModelLoadError, ModelSession
+from service.classify.session import ModelSession
 from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from service.images import check_tensor, decode_image, image_to_tensor, load_image, open_image
 from service.observability import metrics
@@ -39,7 +37,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 # Softmax of more values than this runs on the thread pool instead of the event loop.
 _INLINE_SOFTMAX_VALUES = 65_536
 # A single image this small, for a model input this small, is decoded on the event loop (see
@@ -51,30 +48,6 @@ INLINE_MAX_INPUT_PIXELS = 64 * 64
 # decoded on the event loop too (a 224x224 JPEG: ~1 ms; this cap: a few ms of a loop nobody else
 # is using), saving the two thread wake-ups to the pool and back (0.1-0.25 ms each on a 2-core VM).
 IDLE_INLINE_MAX_PIXELS = 512 * 512
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model version being served. `metadata` is its full metadata.json."""
-
-    name: str
-    version: int
-    architecture: str
-    input_shape: tuple[int, int, int]
-    input_dtype: np.dtype
-    num_classes: int
-    labels: tuple[str, ...]
-    preprocessing: Preprocessing
-    trained: bool
-    trained_on: str | None
-    parameters: int
-    flops: int
-    provider: str
-    capabilities: dict[str, bool] = field(compare=False)
-    metadata: dict[str, Any] = field(compare=False, repr=False)
-    # The version directory (model.onnx, weights.pt, metadata.json): the gradient workers load
-    # weights.pt of exactly the versions served here.
-    path: Path | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -105,77 +78,6 @@ class _Served:
         self.images = metrics.IMAGES.labels(model=self.model.name)
 
 
-# --- model selection ---------------------------------------------------------------------------
-
-_ITEM = re.compile(
-    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]*)(?::(?P<versions>all|[1-9][0-9]*(?:\+[1-9][0-9]*)*))?$"
-)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which versions of one model to serve."""
-
-    latest: bool = False
-    all: bool = False
-    versions: frozenset[int] = frozenset()
-
-    def __or__(self, other: Selection) -> Selection:
-        return Selection(self.latest or other.latest, self.all or other.all, self.versions | other.versions)
-
-
-def parse_model_selection(spec: str) -> dict[str, Selection] | None:
-    """`settings.models` -> {name: Selection}; None means every model at its latest version.
-
-    "" -> None; "a,b:2,c:1+3,d:all" (a name may repeat: the selections add up). Raises ValueError
-    naming a malformed item.
-    """
-    if not spec.strip():
-        return None
-    selection: dict[str, Selection] = {}
-    for raw in spec.split(","):
-        item = raw.strip()
-        match = _ITEM.match(item)
-        if match is None:
-            raise ValueError(
-                f"invalid model selection {item!r} in models={spec!r}: use NAME, NAME:VERSION, "
-                "NAME:V1+V2 or NAME:all"
-            )
-        versions = match["versions"]
-        if versions is None:
-            wanted = Selection(latest=True)
-        elif versions == "all":
-            wanted = Selection(all=True)
-        else:
-            wanted = Selection(versions=frozenset(int(v) for v in versions.split("+")))
-        selection[match["name"]] = selection.get(match["name"], Selection()) | wanted
-    return selection
-
-
-def choose_versions(
-    available: dict[str, dict[int, repository.ModelVersion]], selection: dict[str, Selection] | None
-) -> list[repository.ModelVersion]:
-    """The versions to load. A name or version that is not in the repository is a configuration
-    error (raised, so a typo fails the start instead of silently serving less)."""
-    if selection is None:
-        return [versions[max(versions)] for _, versions in sorted(available.items())]
-    chosen: list[repository.ModelVersion] = []
-    for name, wanted in sorted(selection.items()):
-        versions = available.get(name)
-        if not versions:
-            known = ", ".join(sorted(available)) or "none"
-            raise ModelLoadError(f"model {name!r} is not in the repository (it has: {known})")
-        missing = sorted(wanted.versions - versions.keys())
-        if missing:
-            have = ", ".join(map(str, sorted(versions)))
-            raise ModelLoadError(f"model {name!r} has no version {missing[0]} (it has: {have})")
-        numbers = set(versions) if wanted.all else set(wanted.versions)
-        if wanted.latest:
-            numbers.add(max(versions))
-        chosen.extend(versions[v] for v in sorted(numbers))
-    return chosen
-
-
 # --- the engine --------------------------------------------------------------------------------
 
 
@@ -195,7 +97,7 @@ class ClassificationEngine:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._served: dict[tuple[str, int], _Served] = {}
-        self._latest: dict[str, int] = {}
+        self._catalog = Catalog()
         self._provider: ProviderChoice | None = None
         # Half the cores by default: ONNX Runtime's intra-op threads (one per core) lose a whole
         # parallel op when a decoder preempts one of them, and with at most half the cores decoding,
@@ -218,10 +120,6 @@ class ClassificationEngine:
         if self._loaded:
             raise RuntimeError("ClassificationEngine.load() was already called")
         settings = self._settings
-        try:
-            selection = parse_model_selection(settings.models)
-        except ValueError as exc:
-            raise ModelLoadError(str(exc)) from None
         if Image.MAX_IMAGE_PIXELS is not None and settings.max_image_pixels > Image.MAX_IMAGE_PIXELS:
             log.warning(
                 "max_image_pixels=%d is above Pillow's decompression-bomb limit: images are capped at %d",
@@ -231,19 +129,8 @@ class ClassificationEngine:
 
         self._provider = provider = select_provider(settings)
         log.info("execution provider: %s (%s)", provider.name, provider.reason)
-
         root = Path(settings.repository)
-        available: dict[str, dict[int, repository.ModelVersion]] = {}
-        try:
-            # Versions whose metadata.json is invalid are skipped (and logged) by scan itself.
-            versions = repository.scan(root)
-        except RepositoryError as exc:
-            raise ModelLoadError(str(exc)) from None
-        for version in versions:
-            available.setdefault(version.name, {})[version.version] = version
-        if not available:
-            raise ModelLoadError(f"no models found in the repository {root}")
-        chosen = choose_versions(available, selection)
+        chosen = select_versions(root, settings.models)
 
         failures: list[str] = []
         for version in chosen:
@@ -259,8 +146,7 @@ class ClassificationEngine:
             raise ModelLoadError(
                 f"no model could be loaded from {root}: " + "; ".join(failures or ["nothing selected"])
             )
-        for name in {key[0] for key in self._served}:
-            self._latest[name] = max(v for n, v in self._served if n == name)
+        self._catalog = Catalog(served.model for served in self._served.values())
         for served in self._served.values():
             m = served.model
             metrics.MODEL_INFO.labels(
@@ -345,20 +231,11 @@ class ClassificationEngine:
     # --- lookup ----------------------------------------------------------------------------------
 
     def models(self) -> list[LoadedModel]:
-        return [self._served[key].model for key in sorted(self._served)]
+        return self._catalog.models()
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         """The loaded model `name` at `version` (None: the latest loaded). Raises NotFound."""
-        if name not in self._latest:
-            known = ", ".join(sorted(self._latest)) or "none"
-            raise NotFound(f"model {name!r} is not loaded; loaded models: {known}", reason="not_found")
-        served = self._served.get((name, self._latest[name] if version is None else version))
-        if served is None:
-            have = ", ".join(str(v) for n, v in sorted(self._served) if n == name)
-            raise NotFound(
-                f"model {name!r} has no loaded version {version}; loaded: {have}", reason="not_found"
-            )
-        return served.model
+        return self._catalog.get(name, version)
 
     def _serving(self, model: LoadedModel) -> _Served:
         if self._stopping:
@@ -560,61 +437,4 @@ def _check_deadline(deadline: float | None, when: str) -> None:
         raise DeadlineExceeded(f"deadline exceeded {when}", reason="deadline")
 
 
-def loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = None) -> LoadedModel:
-    """metadata.json -> LoadedModel, checking what the service relies on."""
-    try:
-        inp, out = meta["input"], meta["output"]
-        shape = tuple(int(d) for d in inp["shape"])
-        dtype = np.dtype(str(inp.get("dtype", "float32")))
-        num_classes = int(meta["num_classes"])
-        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        labels = tuple(str(label) for label in (meta.get("labels") or ()))
-        name, version = str(meta["name"]), int(meta["version"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"metadata.json is missing or has an invalid field: {exc!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise ModelLoadError(f"metadata.json input shape {list(shape)} is not [C, H, W]")
-    if dtype not in _SUPPORTED_DTYPES:
-        raise ModelLoadError(f"metadata.json input dtype {dtype.name} is not float32 or float16")
-    if list(out.get("shape", [num_classes])) != [num_classes]:
-        raise ModelLoadError(
-            f"metadata.json output shape {out.get('shape')} is not [num_classes={num_classes}]"
-        )
-    if labels and len(labels) != num_classes:
-        raise ModelLoadError(f"metadata.json has {len(labels)} labels for {num_classes} classes")
-    if (preprocessing.channels, preprocessing.crop, preprocessing.crop) != shape:
-        raise ModelLoadError(
-            f"preprocessing ({preprocessing.color_mode}, crop {preprocessing.crop}) does not produce "
-            f"the input shape {list(shape)}"
-        )
-    capabilities = {str(k): bool(v) for k, v in (meta.get("capabilities") or {"classify": True}).items()}
-    return LoadedModel(
-        name=name,
-        version=version,
-        architecture=str(meta.get("architecture", name)),
-        input_shape=(shape[0], shape[1], shape[2]),
-        input_dtype=dtype,
-        num_classes=num_classes,
-        labels=labels,
-        preprocessing=preprocessing,
-        trained=bool(meta.get("trained", False)),
-        trained_on=meta.get("trained_on"),
-        parameters=int(meta.get("parameters") or 0),
-        flops=int(meta.get("flops") or 0),
-        provider=provider,
-        capabilities=capabilities,
-        metadata=meta,
-        path=path,
-    )
-
-
-__all__ = [
-    "ClassificationEngine",
-    "LoadedModel",
-    "Selection",
-    "Timings",
-    "choose_versions",
-    "loaded_model",
-    "parse_model_selection",
-    "softmax",
-]
+__all__ = ["ClassificationEngine", "Timings", "softmax"]

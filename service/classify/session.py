@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from service.catalog import ModelLoadError
 from service.classify.providers import CUDA, ProviderChoice
 from service.settings import Settings
 
@@ -29,10 +30,6 @@ _OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 _ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
-
-
-class ModelLoadError(RuntimeError):
-    """A model version cannot be served (unsafe file, wrong inputs/outputs, provider fell back...)."""
 
 
 class ModelRunError(RuntimeError):

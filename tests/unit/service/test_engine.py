@@ -23,9 +23,10 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from export.preprocessing import Preprocessing, to_tensor
+from service.catalog import ModelLoadError
 from service.classify import engine as engine_mod
-from service.classify.engine import ClassificationEngine, Selection, parse_model_selection
-from service.classify.session import ModelLoadError, ModelSession
+from service.classify.engine import ClassificationEngine
+from service.classify.session import ModelSession
 from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from service.observability import metrics
 from service.settings import Settings
@@ -149,20 +150,6 @@ def expected_probs(images: list[np.ndarray], p: Preprocessing, w: np.ndarray, b:
 
 
 # --- model selection -----------------------------------------------------------------------------
-
-
-def test_parse_model_selection() -> None:
-    assert parse_model_selection("") is None
-    assert parse_model_selection(" a , b:2,c:1+3,d:all") == {
-        "a": Selection(latest=True),
-        "b": Selection(versions=frozenset({2})),
-        "c": Selection(versions=frozenset({1, 3})),
-        "d": Selection(all=True),
-    }
-    assert parse_model_selection("a:1,a") == {"a": Selection(latest=True, versions=frozenset({1}))}
-    for bad in ("a:", "a:0", "a:x", "a:1+", ":1", "a b", "a,,b"):
-        with pytest.raises(ValueError, match="invalid model selection"):
-            parse_model_selection(bad)
 
 
 @pytest.mark.parametrize(

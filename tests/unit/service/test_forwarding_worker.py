@@ -21,7 +21,7 @@ from export.preprocessing import IMAGENET
 from service import cli
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-from service.classify.session import ModelLoadError
+from service.catalog import ModelLoadError
 from service.errors import NotFound
 from service.server import GRADIENTS_SERVICE
 from service.settings import Settings

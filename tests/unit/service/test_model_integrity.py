@@ -10,8 +10,9 @@ import onnx
 import pytest
 from test_session import CHW, CPU_CHOICE, SETTINGS, linear_model, reference
 
+from service.catalog import ModelLoadError
 from service.classify import session as session_mod
-from service.classify.session import ModelLoadError, ModelSession, check_external_data
+from service.classify.session import ModelSession, check_external_data
 
 
 def external_model(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:

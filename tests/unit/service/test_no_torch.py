@@ -13,10 +13,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.parametrize("module", ["service.classify.engine", "export.repository", "service.worker.tasks"])
+@pytest.mark.parametrize("module", ["service.classify.engine", "export.repository", "service.catalog"])
 def test_importing_the_module_does_not_import_torch(module: str) -> None:
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "False", f"importing {module} imports torch"
+
+
+def test_the_catalog_imports_no_onnx_runtime_either() -> None:
+    """The gradient tier selects its models with it and never opens an ONNX Runtime session."""
+    code = "import sys, service.catalog; print(any(m.startswith('onnxruntime') for m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "False"
