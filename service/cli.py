@@ -9,13 +9,15 @@
     cnnserve models [--json]                                the models a running server serves
     cnnserve --version
 
-Exit status of the client commands (classify, score, models): EXIT_STATUS below.
+This module is the entry point (`main`), the top-level parser and the server side's commands
+(serve, worker: the settings flags). The client commands (classify, score, models) and their exit
+status table (EXIT_STATUS) live in service/client/commands.py and service/client/score/.
 
 Precedence for `serve`: flag > CNNSERVE_* environment variable > default. The flags are generated
 from `service.settings.Settings.model_fields`, so a new setting is a new flag with its description
 as help, with nothing to add here.
 
-More subcommands (e.g. `score`) plug in by appending a `register(subparsers)` function to
+More subcommands plug in by appending a `register(subparsers)` function to
 `COMMANDS` that calls `set_defaults(func=..., subparser=parser)`, func(args, parser) returning the
 exit status; `add_settings_arguments` / `settings_from_args` give them the same settings flags.
 """
@@ -25,27 +27,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
-import json
 import os
 import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from pydantic import Field, ValidationError
 
 from service.settings import Settings
 
 ENV_PREFIX = str(Settings.model_config.get("env_prefix", ""))
-
-EXIT_STATUS = """exit status (classify, score, models):
-  0    every image classified (models: listed)
-  1    an image failed: unreadable, or answered with an error (score: an error row in the output)
-  2    usage error, or the server could not be reached or failed the call as a whole
-  130  stopped by SIGINT, 143 by SIGTERM (score: the rows written are kept; rerun to resume)
-  141  standard output closed early (e.g. `| head`)"""
 
 
 class WorkerSettings(Settings):
@@ -160,201 +154,34 @@ def register_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     parser.set_defaults(func=_worker, subparser=parser)
 
 
-# --- classify ----------------------------------------------------------------------------------
+# --- the client commands (service/client/) -----------------------------------------------------
+
+# A string: argparse._SubParsersAction is not subscriptable at run time.
+Registrar: TypeAlias = "Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]"
 
 
-def _call_failed(command: str, address: str, exc: Any) -> int:
-    """Report a CnnserveError that failed a whole command (exit status 2), with a hint where to
-    look when no gRPC server answered at all."""
-    from service.client import connection_hint, not_connected
+def _client_command(name: str) -> Registrar:
+    """The registrar `name` of service.client.commands, imported when the parser is built: importing
+    this module (as every spawned gradient child does, through the main module) stays free of the
+    client's grpc, numpy and PIL."""
 
-    print(f"cnnserve {command}: {exc.code.name}: {exc.message}", file=sys.stderr)
-    if not_connected(exc.code, exc.message):
-        print(f"cnnserve {command}: {connection_hint(address)}", file=sys.stderr)
-    return 2
+    def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        from service.client import commands
 
+        registrar: Registrar = getattr(commands, name)
+        registrar(subparsers)
 
-def _classify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from service.client import CnnserveClient, CnnserveError, StreamResult
-
-    paths: list[str] = args.images
-    payloads: list[tuple[str, bytes]] = []
-    failed = False
-    for index, path in enumerate(paths):
-        if os.path.isdir(path):
-            print(f"{path}: error: a directory; use `cnnserve score` for folders", file=sys.stderr)
-            failed = True
-            continue
-        try:
-            payloads.append((str(index), Path(path).read_bytes()))
-        except OSError as exc:
-            print(f"{path}: error: {exc.strerror or exc}", file=sys.stderr)
-            failed = True
-    results: dict[int, StreamResult] = {}
-    try:
-        with CnnserveClient(args.address, timeout_s=args.timeout) as client:
-            for item in client.classify_stream(
-                payloads, model=args.model, version=args.version, top_k=args.top_k
-            ):
-                results[int(item.id)] = item
-    except CnnserveError as exc:
-        return _call_failed("classify", args.address, exc)
-    records: list[dict[str, Any]] = []
-    for index, path in enumerate(paths):
-        answer = results.get(index)
-        if answer is None:  # unreadable file, already reported
-            continue
-        if answer.error is not None:
-            failed = True
-            print(f"{path}: error {answer.error.code.name}: {answer.error.message}", file=sys.stderr)
-            continue
-        result = answer.result
-        assert result is not None  # a StreamResult has a result or an error
-        if args.json:
-            records.append(
-                {
-                    "image": path,
-                    "model": result.model,
-                    "version": result.version,
-                    "classes": [
-                        {"index": c.index, "label": c.label, "probability": c.probability}
-                        for c in result.classes
-                    ],
-                }
-            )
-            continue
-        print(f"{path}: {result.model} v{result.version}")
-        for rank, c in enumerate(result.classes, 1):
-            label = c.label or f"class {c.index}"
-            print(f"  {rank}. {label:<30} {c.probability:8.4f}  (index {c.index})")
-    if args.json:
-        print(json.dumps(records, indent=2))
-    return 1 if failed else 0
+    return register
 
 
-def register_classify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "classify",
-        help="classify images on a running server",
-        description="Send images (JPEG, PNG, WebP) to a running server and print the top-k classes of each "
-        "(for a folder, use `cnnserve score`).",
-        epilog=EXIT_STATUS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--model", required=True, help="model name (see `cnnserve models`)")
-    parser.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
-    parser.add_argument("--top-k", type=int, default=0, help="classes per image (default: the server's, 5)")
-    parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")
-    parser.add_argument(
-        "--timeout", type=float, default=60.0, help="deadline per image in seconds (default %(default)s)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.set_defaults(func=_classify, subparser=parser)
-
-
-# --- models ------------------------------------------------------------------------------------
-
-
-def _capabilities(info: Any) -> list[str]:
-    from service._proto.cnnserve.v1 import inference_pb2 as pb
-
-    return [pb.Capability.Name(c).removeprefix("CAPABILITY_").lower() for c in info.capabilities]
-
-
-def _model_record(info: Any) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "version": info.version,
-        "versions": list(info.versions),
-        "architecture": info.architecture,
-        "trained": info.trained,
-        "trained_on": info.trained_on,
-        "capabilities": _capabilities(info),
-        "execution_provider": info.execution_provider,
-        "ready": info.ready,
-        "num_classes": info.num_classes,
-        "input_shape": list(info.input.shape),
-    }
-
-
-def _models_table(models: Sequence[Any]) -> list[str]:
-    rows = [["MODEL", "VERSION", "ARCHITECTURE", "TRAINED", "CAPABILITIES", "PROVIDER", "READY"]]
-    for info in models:
-        version = str(info.version)
-        if len(info.versions) > 1 and info.version == max(info.versions):
-            version += " (latest)"  # what version 0 addresses
-        if not info.trained:
-            trained = "no (random weights)"
-        else:
-            trained = f"yes ({info.trained_on})" if info.trained_on else "yes"
-        rows.append(
-            [
-                info.name,
-                version,
-                info.architecture,
-                trained,
-                ",".join(_capabilities(info)) or "-",
-                info.execution_provider or "-",
-                "yes" if info.ready else "no",
-            ]
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-
-
-def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from service.client import CnnserveClient, CnnserveError
-
-    try:
-        with CnnserveClient(args.address, timeout_s=args.timeout) as client:
-            models = client.list_models()
-    except CnnserveError as exc:
-        return _call_failed("models", args.address, exc)
-    if args.json:
-        print(json.dumps([_model_record(m) for m in models], indent=2))
-    elif not models:
-        print("no models loaded")
-    else:
-        print("\n".join(_models_table(models)))
-    return 0
-
-
-def register_models(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "models",
-        help="list the models a running server serves",
-        description="List every loaded model version (ListModels): architecture, whether its weights are "
-        "trained, the RPCs served for it, the ONNX Runtime execution provider, readiness.",
-        epilog=EXIT_STATUS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")
-    parser.add_argument(
-        "--timeout", type=float, default=10.0, help="deadline in seconds (default %(default)s)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=_models, subparser=parser)
-
-
-# Subcommand registrars, in --help order. Others append theirs (e.g. worker, score).
-COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+# Subcommand registrars, in --help order. Others append theirs.
+COMMANDS: list[Registrar] = [
     register_serve,
     register_worker,
-    register_classify,
+    _client_command("register_classify"),
+    _client_command("register_score"),
+    _client_command("register_models"),
 ]
-
-
-def _register_score(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from service.score import register_score
-
-    register_score(subparsers)
-
-
-COMMANDS.append(_register_score)
-COMMANDS.append(register_models)
 
 
 def _version() -> str:
@@ -365,6 +192,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.client.commands import EXIT_STATUS
+
     parser = argparse.ArgumentParser(
         prog="cnnserve",
         description="CNN inference service: ONNX Runtime classification over gRPC.",

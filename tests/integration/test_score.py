@@ -16,10 +16,10 @@ import pytest
 from server_process import ServerProcess, module_server
 
 from export import digits
-from service import score as score_module
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.cli import main
+from service.client.score import scorer
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def test_retries_resource_exhausted_until_everything_is_scored(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, labels = images
-    monkeypatch.setattr(score_module, "BACKOFF_MAX_S", 0.5)  # the test's patience, not production's
+    monkeypatch.setattr(scorer, "BACKOFF_MAX_S", 0.5)  # the test's patience, not production's
     stop = threading.Event()
     rng = np.random.default_rng(0)
     tensor = rng.standard_normal((3, 224, 224)).astype(np.float32)

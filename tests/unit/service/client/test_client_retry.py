@@ -14,7 +14,6 @@ import grpc
 import numpy as np
 import pytest
 
-from service import score
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as oip_pb
@@ -26,6 +25,7 @@ from service.client import (
     CnnserveError,
     default_channel_options,
 )
+from service.client.score import scorer
 
 Code = grpc.StatusCode
 
@@ -170,7 +170,7 @@ def test_the_batch_scorer_is_the_only_layer_retrying_its_stream(
     """`cnnserve score` uses the default options and reopens a failed stream itself: --max-attempts
     3 against a server that always fails opens exactly 3 streams (not 3 x 4), and one failure
     costs exactly one more stream."""
-    monkeypatch.setattr(score, "BACKOFF_INITIAL_S", 0.01)
+    monkeypatch.setattr(scorer, "BACKOFF_INITIAL_S", 0.01)
     servicer, address = fake
     image = tmp_path / "a.png"
     image.write_bytes(b"png")

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from servicer_fakes import FakeEngine, FakeModel, Harness
 
-from service import cli, score
+from service import cli
+from service.client.score import scorer
 
 HINT = "is cnnserve serving gRPC at {}? (the metrics port is not the gRPC port)"
 
@@ -61,7 +62,7 @@ def test_classify_score_and_models_name_the_address_and_agree_on_exit_status_2(
     server: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch, where: str,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(score, "BACKOFF_INITIAL_S", 0.01)
+    monkeypatch.setattr(scorer, "BACKOFF_INITIAL_S", 0.01)
     address = "127.0.0.1:1" if where == "closed port" else f"127.0.0.1:{server.server.metrics_port}"
     image = str(_png(tmp_path / "x.png"))
     commands = {

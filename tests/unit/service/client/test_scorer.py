@@ -1,4 +1,4 @@
-"""service.score without a real model: path collection, sharding, resume parsing, and the
+"""service.client.score without a real model: path collection, sharding, resume parsing, and the
 retry/reconnect logic against an in-process fake Inference server."""
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service import score
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.cli import build_parser, main
+from service.client import score
+from service.client.score import scorer
 
 
 def touch(path: Path, data: bytes = b"x") -> str:
@@ -110,7 +111,7 @@ def test_output_format_and_backoff() -> None:
     assert score.output_format("-", None) == "jsonl"
     rng = random.Random(1)
     delays = [score.backoff_s(a, rng) for a in range(1, 12)]
-    assert 0.05 <= delays[0] <= 0.1 and max(delays) <= score.BACKOFF_MAX_S
+    assert 0.05 <= delays[0] <= 0.1 and max(delays) <= scorer.BACKOFF_MAX_S
     assert delays[4] > delays[0]
 
 
@@ -165,7 +166,7 @@ def test_retries_reconnects_and_resumes_against_a_flaky_server(
     fake: tuple[str, FlakyInference], tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(score, "BACKOFF_INITIAL_S", 0.01)
+    monkeypatch.setattr(scorer, "BACKOFF_INITIAL_S", 0.01)
     address, servicer = fake
     names = ["a1", "a2", "b1", "b2", "c1", "c2", "c3", "bad1"]
     for name in names:
@@ -212,7 +213,7 @@ def test_an_unreachable_server_gives_up_with_status_2_a_hint_and_no_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
     http1_address: str, where: str, fmt: str,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(score, "BACKOFF_INITIAL_S", 0.01)
+    monkeypatch.setattr(scorer, "BACKOFF_INITIAL_S", 0.01)
     address = "127.0.0.1:1" if where == "closed port" else http1_address
     touch(tmp_path / "a.png")
     out = tmp_path / "sub" / f"o.{fmt}"
@@ -256,7 +257,7 @@ def test_sigterm_keeps_every_written_row_and_a_rerun_finishes(tmp_path: Path) ->
             touch(tmp_path / "in" / f"{i:03d}.png")
         out = tmp_path / "out.csv"
         argv = ["score", str(tmp_path / "in"), "--address", address, "--model", "m", "--output", str(out)]
-        root = Path(__file__).resolve().parents[3]
+        root = Path(__file__).resolve().parents[4]
         process = subprocess.Popen(
             [sys.executable, "-m", "service", *argv, "--quiet"], cwd=root, stderr=subprocess.PIPE, text=True
         )
@@ -293,7 +294,7 @@ def test_a_reader_closing_standard_output_ends_the_run_quietly(tmp_path: Path) -
     try:
         for i in range(200):
             touch(tmp_path / "in" / f"{i:03d}.png")
-        root = Path(__file__).resolve().parents[3]
+        root = Path(__file__).resolve().parents[4]
         argv = ["score", str(tmp_path / "in"), "--address", address, "--model", "m", "--quiet"]
         process = subprocess.Popen(
             [sys.executable, "-m", "service", *argv],

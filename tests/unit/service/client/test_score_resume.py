@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service import score
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.cli import main
+from service.client import score
 
 
 class EchoInference(pb_grpc.InferenceServicer):

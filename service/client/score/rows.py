@@ -1,0 +1,251 @@
+"""`cnnserve score`'s output: the row formats (JSONL, CSV), reading what an earlier run left (the
+resume and the one-model-per-output rules), and the writer that appends, flushes and fsyncs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from service.client.score.paths import normalise
+
+CSV_FIELDS = ["path", "model", "version", "index", "label", "probability", "classes", "error"]
+FSYNC_INTERVAL_S = 2.0
+FLUSH_INTERVAL_S = 0.02
+
+
+def output_format(output: str, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    return "csv" if output.lower().endswith(".csv") else "jsonl"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def make_row(
+    path: str, *, model: str = "", version: int = 0, classes: Sequence[Any] = (), error: str = ""
+) -> dict[str, Any]:
+    return {
+        "path": path,
+        "model": model,
+        "version": version,
+        "classes": [
+            {"index": c.index, "label": c.label, "probability": round(float(c.probability), 6)}
+            for c in classes
+        ],
+        "error": _one_line(error),
+    }
+
+
+def format_row(row: dict[str, Any], fmt: str) -> str:
+    """One row as one line (newline included)."""
+    if fmt == "jsonl":
+        return json.dumps(row, ensure_ascii=False) + "\n"
+    top = row["classes"][0] if row["classes"] else {"index": "", "label": "", "probability": ""}
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(
+        [
+            row["path"], row["model"], row["version"], top["index"], top["label"], top["probability"],
+            json.dumps(row["classes"], ensure_ascii=False) if row["classes"] else "", row["error"],
+        ]
+    )  # fmt: skip
+    return buffer.getvalue()
+
+
+def csv_header() -> str:
+    return ",".join(CSV_FIELDS) + "\n"
+
+
+@dataclass
+class Existing:
+    """What an earlier run left in the output file (paths normalised)."""
+
+    ok: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    truncated_bytes: int = 0  # the partial last line cut off
+    relative: int = 0  # rows naming a relative path (written by an older `cnnserve score`)
+    duplicated: int = 0  # paths with more than one row (an older `cnnserve score` typed them twice)
+
+
+@dataclass(frozen=True)
+class _Row:
+    path: str
+    model: str
+    version: int
+    error: str
+    line: str
+
+
+def _parse_lines(text: str, fmt: str, name: str) -> list[_Row]:
+    """Each complete row."""
+    rows: list[_Row] = []
+    lines = text.splitlines(keepends=True)
+    if fmt == "csv":
+        if not lines:
+            return rows
+        if lines[0] != csv_header():
+            raise ValueError(f"{name}: not a `cnnserve score` CSV file (header {lines[0].strip()!r})")
+        lines = lines[1:]
+    for number, line in enumerate(lines, 2 if fmt == "csv" else 1):
+        if not line.strip():
+            continue
+        try:
+            if fmt == "jsonl":
+                record = json.loads(line)
+            else:
+                (cells,) = list(csv.reader([line]))
+                record = dict(zip(CSV_FIELDS, cells, strict=True))
+            row = _Row(
+                str(record["path"]),
+                str(record.get("model") or ""),
+                int(record.get("version") or 0),
+                str(record.get("error") or ""),
+                line,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{name}:{number}: unreadable row ({exc}); fix or move the file") from None
+        rows.append(row)
+    return rows
+
+
+def _mismatch(rows: Sequence[_Row], model: str, version: int) -> str | None:
+    """Why rows cannot be resumed for `model` (and `version`, when not 0), or None. A row with no
+    model is an error row of an older `cnnserve score`, which did not record it: it matches any.
+    An error row's version 0 (it asked for the latest) matches any version."""
+    others = sorted({r.model for r in rows if r.model and r.model != model})
+    if others:
+        return f"it holds rows of model {', '.join(others)}, and this run asks for {model}"
+    if version:
+        versions = sorted({r.version for r in rows if r.model and r.version not in (0, version)})
+        if versions:
+            listed = ", ".join(map(str, versions))
+            return f"it holds rows of {model} version {listed}, and this run asks for version {version}"
+    return None
+
+
+def read_existing(
+    output: str, fmt: str, *, drop_failed: bool = False, model: str | None = None, version: int = 0
+) -> Existing:
+    """Read (and repair) an existing output: cut a partial last line; with `drop_failed`, rewrite
+    the file without its error rows. A missing file is an empty result. With `model`, an output
+    holding rows of another model (or of another version, when `version` is not 0) is refused
+    with ValueError before anything is changed."""
+    existing = Existing()
+    try:
+        with open(output, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return existing
+    complete = data[: data.rfind(b"\n") + 1]
+    existing.truncated_bytes = len(data) - len(complete)
+    rows = _parse_lines(complete.decode("utf-8"), fmt, output)
+    problem = None if model is None else _mismatch(rows, model, version)
+    if problem is not None:
+        raise ValueError(
+            f"{output}: {problem}; one output holds one model's rows: give another --output "
+            "(or the model and version of its rows to resume it)"
+        )
+    counts = Counter(normalise(row.path) for row in rows)
+    existing.duplicated = sum(count > 1 for count in counts.values())
+    for row in rows:
+        path = normalise(row.path)
+        existing.relative += not os.path.isabs(row.path)
+        if row.error:
+            existing.failed.add(path)
+        else:
+            existing.ok.add(path)
+            existing.failed.discard(path)
+    existing.failed -= existing.ok
+    if drop_failed and existing.failed:
+        kept = [row.line for row in rows if not row.error]
+        tmp = f"{output}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            if fmt == "csv":
+                f.write(csv_header())
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+        existing.failed = set()
+    elif existing.truncated_bytes:
+        with open(output, "r+b") as f:
+            f.truncate(len(complete))
+            os.fsync(f.fileno())
+    return existing
+
+
+class RowWriter:
+    """Appends rows, flushing each; fsync every FSYNC_INTERVAL_S and on close. The file is opened
+    (created, a CSV's header written) with the first row, so a run that never got an answer leaves
+    no empty output behind."""
+
+    def __init__(self, output: str, fmt: str) -> None:
+        self.output = output
+        self.fmt = fmt
+        self._stdout = output == "-"
+        self._file: TextIO | None = None
+        self._synced = self._flushed = time.monotonic()
+        self._dirty = False
+
+    def _open(self) -> TextIO:
+        if self._stdout:
+            file = sys.stdout
+            new = True
+        else:
+            new = not os.path.exists(self.output) or os.path.getsize(self.output) == 0
+            os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
+            file = open(self.output, "a", encoding="utf-8", newline="")  # noqa: SIM115
+        if new and self.fmt == "csv":
+            file.write(csv_header())
+        return file
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Buffered: the scorer calls flush() whenever it has no answer waiting, and the buffer
+        goes to the file at most FLUSH_INTERVAL_S later (rows lost to a SIGKILL in between are
+        scored again by the next run)."""
+        if self._file is None:
+            self._file = self._open()
+        self._file.write(format_row(row, self.fmt))
+        self._dirty = True
+
+    def flush(self) -> float:
+        """Flush unless flushed less than FLUSH_INTERVAL_S ago; the seconds until it is due (0: done)."""
+        now = time.monotonic()
+        if not self._dirty or self._file is None:
+            return 0.0
+        if now - self._flushed < FLUSH_INTERVAL_S:
+            return self._flushed + FLUSH_INTERVAL_S - now
+        self._flushed = now
+        self._dirty = False
+        self._file.flush()
+        if not self._stdout and now - self._synced >= FSYNC_INTERVAL_S:
+            self.sync()
+        return 0.0
+
+    def sync(self) -> None:
+        if self._file is None:
+            return
+        self._file.flush()
+        if not self._stdout:
+            os.fsync(self._file.fileno())
+        self._synced = time.monotonic()
+
+    def close(self, *, create: bool = True) -> None:
+        """Sync and close. `create`: open the output even with no row written, so a finished run
+        over nothing new still leaves its output (a CSV with its header)."""
+        if self._file is None and create:
+            self._file = self._open()
+        if self._file is None:
+            return
+        self.sync()
+        if not self._stdout:
+            self._file.close()
