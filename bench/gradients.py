@@ -11,7 +11,7 @@ and reports ours / raw (target <= 1.2, the issue's):
   plus the objective before and after) vs one forward (to inception4c) + input-gradient backward per
   step at that step's octave size, summed. The raw loop does no roll: a circular roll keeps the size,
   so the jitter is part of the overhead being measured, as are the pyramid and the step normalisation;
-- guided: `guided_backprop.explain` as the worker calls it (guided backprop, with the per-layer stop
+- guided: `guided_backprop.explain` as a gradient process calls it (guided backprop, with the per-layer stop
   checks) on a batch vs one batched plain input gradient of the class scores (forward + backward).
 
 Methodology, for a shared, noisy machine:
@@ -51,12 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.fixtures import frozen_on, synthetic_image
 from export.models import build
 from export.preprocessing import IMAGENET
 from service.worker.deepdream import DreamProgress, dream
 from service.worker.guided_backprop import explain
+from service.worker.params import DreamParams, StyleParams, octave_sizes
 from service.worker.style_transfer import StyleProgress, stylize
-from service.worker.tasks import DreamParams, StyleParams, octave_sizes
 
 TARGET_RATIO = 1.2
 # GoogLeNet's modules in forward order up to inception4c (transform_input is off in our builds; the
@@ -92,20 +93,6 @@ class Comparison:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _image(size: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    base = np.stack([x, y, 0.5 + 0.5 * np.sin(8 * x * y)], axis=2)
-    return np.clip(base + 0.05 * rng.standard_normal(base.shape), 0, 1).astype(np.float32)
-
-
-def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
-    model = model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -169,8 +156,8 @@ def bench_style(
         iterations, rounds = 3, 2
     device = device or torch.device("cpu")
     torch.manual_seed(0)
-    vgg = _frozen(build("vgg19"), device)
-    content, style = _image(size, 0), _image(size, 1)
+    vgg = frozen_on(build("vgg19"), device)
+    content, style = synthetic_image(size, 0), synthetic_image(size, 1)
     features: nn.Sequential = vgg.features  # type: ignore[assignment]
     trunk = features[:VGG19_TO_RELU5_1]
     x0 = _pixels(content, device)
@@ -226,8 +213,8 @@ def bench_dream(
         octaves, steps, rounds = 2, 2, 2
     device = device or torch.device("cpu")
     torch.manual_seed(0)
-    net = _frozen(build("googlenet"), device)
-    image = _image(size)
+    net = frozen_on(build("googlenet"), device)
+    image = synthetic_image(size)
     params = DreamParams(octaves=octaves, steps=steps, tile_size=0)
     layers = {"inception4c": 1.0}
     trunk = nn.Sequential(*(getattr(net, name) for name in GOOGLENET_TO_4C))
@@ -277,13 +264,13 @@ def bench_guided(
     device: torch.device | None = None,
     quick: bool = False,
 ) -> Comparison:
-    """Seconds per batch: guided backprop as the worker runs it vs a batched plain input gradient."""
+    """Seconds per batch: guided backprop as a gradient process runs it vs a batched plain input gradient."""
     if quick:
         batch, rounds = 2, 2
     device = device or torch.device("cpu")
     torch.manual_seed(0)
-    vgg = _frozen(build("vgg19"), device)
-    pixels = np.stack([_image(size, i) for i in range(batch)]).transpose(0, 3, 1, 2)
+    vgg = frozen_on(build("vgg19"), device)
+    pixels = np.stack([synthetic_image(size, i) for i in range(batch)]).transpose(0, 3, 1, 2)
     x0 = _normalize(torch.from_numpy(np.ascontiguousarray(pixels)).to(device))
     targets = list(range(batch))
     target_t = torch.tensor(targets, device=device)
@@ -427,8 +414,8 @@ def style_interference(
     window = seconds / rounds
     request = pb.StylizeRequest(
         model=style_model,
-        content=pb.ImageInput(encoded=_encoded_png(_image(style_size, 0))),
-        styles=[pb.StyleImage(image=pb.ImageInput(encoded=_encoded_png(_image(style_size, 1))))],
+        content=pb.ImageInput(encoded=_encoded_png(synthetic_image(style_size, 0))),
+        styles=[pb.StyleImage(image=pb.ImageInput(encoded=_encoded_png(synthetic_image(style_size, 1))))],
         iterations=1000,  # more than a window needs: it is cancelled at the end of each
         max_side=style_size,
     )

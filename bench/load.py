@@ -210,18 +210,18 @@ async def serve_baseline(servicer: pb_grpc.InferenceServicer, port: int = 0) -> 
 
 def _style_job(size: int) -> None:
     """A style-transfer job (VGG-19, L-BFGS) at `size` px, repeated until killed: the CPU load a
-    gradient worker puts next to the classifier. Prints "running" after the first evaluation."""
+    gradient process puts next to the classifier. Prints "running" after the first evaluation."""
     import torch
 
-    from bench.gradients import _frozen, _image
+    from bench.fixtures import frozen_on, synthetic_image
     from export.models import build
     from export.preprocessing import IMAGENET
+    from service.worker.params import StyleParams
     from service.worker.style_transfer import stylize
-    from service.worker.tasks import StyleParams
 
     torch.manual_seed(0)
-    vgg = _frozen(build("vgg19"), torch.device("cpu"))
-    content, style = _image(size, 0), _image(size, 1)
+    vgg = frozen_on(build("vgg19"), torch.device("cpu"))
+    content, style = synthetic_image(size, 0), synthetic_image(size, 1)
     announced = False
 
     def progress(_: object) -> None:

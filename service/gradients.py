@@ -1,11 +1,11 @@
 """The gradient RPCs of cnnserve.v1.Inference (Explain, Dream, DreamUnary, Stylize, StylizeUnary).
 
-Thin, like the classification servicers: protobuf -> task (service.worker.tasks) -> the worker pool
-(service.worker.pool.WorkerPool, docs/SERVICE_INTERFACES.md "Gradient jobs") -> protobuf. Order of
+Thin, like the classification servicers: protobuf -> job (service.worker.jobs) -> the gradient pool
+(service.worker.pool.GradientPool, docs/SERVICE_INTERFACES.md "Gradient jobs") -> protobuf. Order of
 the checks of every call: ready -> pool configured (workers=0: UNAVAILABLE "gradient workers
 disabled") -> model resolved (NOT_FOUND, before anything reaches the pool, so client-chosen names
-never become metric labels) -> capability -> images decoded (pixel caps) -> `validate_task` (caps:
-INVALID_ARGUMENT naming the cap) -> `submit(cost=estimate_cost(task), deadline=...)`.
+never become metric labels) -> capability -> images decoded (pixel caps) -> `validate_job` (caps:
+INVALID_ARGUMENT naming the cap) -> `submit(cost=estimate_cost(job), deadline=...)`.
 
 Cancellation: when the client cancels (or the deadline passes) grpc.aio cancels the handler's
 coroutine; the `submit` awaiting inside it is cancelled with it and the pool stops the job.
@@ -30,7 +30,8 @@ from service.errors import (
     checked_response,
 )
 from service.observability.metrics import INFLIGHT
-from service.worker import tasks
+from service.worker import jobs
+from service.worker.params import EXPLAIN_METHODS, DreamParams, Limits, StyleParams
 from service.worker.rendering import pil_to_array
 
 from ._proto.cnnserve.v1 import inference_pb2 as pb
@@ -42,16 +43,18 @@ if TYPE_CHECKING:
 GRADIENT_CAPABILITIES = frozenset({"explain", "dream", "stylize"})
 DISABLED_MESSAGE = "gradient workers disabled (the server runs with workers=0)"
 
-EXPLAIN_METHODS = {
-    pb.EXPLAIN_METHOD_UNSPECIFIED: "guided_backprop",
-    pb.EXPLAIN_METHOD_GUIDED_BACKPROP: "guided_backprop",
-    pb.EXPLAIN_METHOD_GUIDED_GRADCAM: "guided_gradcam",
-    pb.EXPLAIN_METHOD_GRADCAM: "gradcam",
+# The wire's ExplainMethod enum, derived from the one list of job methods (params.EXPLAIN_METHODS):
+# method "m" is EXPLAIN_METHOD_<M>, UNSPECIFIED is the first (guided backprop). "gradient" has no
+# enum value (the plain gradient comes with include_plain_gradient); an enum value with no job method
+# would be refused as unknown (tests/unit/service/test_servicers_gradients.py checks there is none).
+EXPLAIN_METHOD_ENUM: dict[str, pb.ExplainMethod] = {
+    method: pb.ExplainMethod.Value(f"EXPLAIN_METHOD_{method.upper()}")
+    for method in EXPLAIN_METHODS
+    if f"EXPLAIN_METHOD_{method.upper()}" in pb.ExplainMethod.keys()
 }
-EXPLAIN_METHOD_ENUM = {
-    "guided_backprop": pb.EXPLAIN_METHOD_GUIDED_BACKPROP,
-    "guided_gradcam": pb.EXPLAIN_METHOD_GUIDED_GRADCAM,
-    "gradcam": pb.EXPLAIN_METHOD_GRADCAM,
+EXPLAIN_METHOD_NAMES = {
+    pb.EXPLAIN_METHOD_UNSPECIFIED: EXPLAIN_METHODS[0],
+    **{value: method for method, value in EXPLAIN_METHOD_ENUM.items()},
 }
 OPTIMIZERS = {
     pb.STYLE_OPTIMIZER_UNSPECIFIED: "lbfgs",
@@ -62,14 +65,14 @@ INITS = {pb.STYLE_INIT_UNSPECIFIED: "content", pb.STYLE_INIT_CONTENT: "content",
 
 
 class Pool(Protocol):
-    """The part of service.worker.pool.WorkerPool the servicers use."""
+    """The part of service.worker.pool.GradientPool the servicers use."""
 
     @property
     def alive_workers(self) -> int: ...
 
     async def submit(
         self,
-        task: Any,
+        job: Any,
         *,
         cost: float,
         deadline: float | None,
@@ -148,7 +151,7 @@ def explain_targets(request: pb.ExplainRequest, model: LoadedModel, n: int) -> t
     return tuple(int(t) for t in targets)
 
 
-def dream_params(request: pb.DreamRequest) -> tasks.DreamParams:
+def dream_params(request: pb.DreamRequest) -> DreamParams:
     kwargs: dict[str, Any] = {}
     for name in ("octaves", "octave_scale", "steps", "step_size", "jitter", "tile_size", "max_side"):
         if request.HasField(name):
@@ -166,10 +169,10 @@ def dream_params(request: pb.DreamRequest) -> tasks.DreamParams:
         kwargs["channels"] = channels
     if request.seed >= 2**63:
         raise InvalidArgument("dream: seed must be below 2**63", reason="invalid_argument")
-    return tasks.DreamParams(seed=int(request.seed), preview_every=max(0, request.preview_every), **kwargs)
+    return DreamParams(seed=int(request.seed), preview_every=max(0, request.preview_every), **kwargs)
 
 
-def style_params(request: pb.StylizeRequest) -> tasks.StyleParams:
+def style_params(request: pb.StylizeRequest) -> StyleParams:
     kwargs: dict[str, Any] = {}
     for name in ("content_weight", "style_weight", "tv_weight", "learning_rate", "style_scale", "max_side"):
         if request.HasField(name):
@@ -180,7 +183,7 @@ def style_params(request: pb.StylizeRequest) -> tasks.StyleParams:
         kwargs["iterations"] = int(request.iterations)
     if request.seed >= 2**63:
         raise InvalidArgument("stylize: seed must be below 2**63", reason="invalid_argument")
-    return tasks.StyleParams(
+    return StyleParams(
         optimizer=_enum(request.optimizer, OPTIMIZERS, "optimizer"),  # type: ignore[arg-type]
         init=_enum(request.init, INITS, "init"),  # type: ignore[arg-type]
         original_colors=request.original_colors,
@@ -203,7 +206,7 @@ def _score(model: LoadedModel, index: int, probability: float) -> pb.ClassScore:
     return pb.ClassScore(index=index, label=label, probability=probability)
 
 
-def explain_response(result: tasks.ExplainResult, model: LoadedModel, method: str) -> pb.ExplainResponse:
+def explain_response(result: jobs.ExplainResult, model: LoadedModel, method: str) -> pb.ExplainResponse:
     explanations = []
     for i in range(result.saliency.shape[0]):
         cls = int(result.classes[i])
@@ -227,7 +230,7 @@ def explain_response(result: tasks.ExplainResult, model: LoadedModel, method: st
     )
 
 
-def progress_proto(update: tasks.ProgressUpdate) -> pb.GradientProgress:
+def progress_proto(update: jobs.ProgressUpdate) -> pb.GradientProgress:
     return pb.GradientProgress(
         step=int(update.step),
         total_steps=int(update.total_steps),
@@ -237,7 +240,7 @@ def progress_proto(update: tasks.ProgressUpdate) -> pb.GradientProgress:
     )
 
 
-def dream_result(result: tasks.DreamResult) -> pb.DreamResult:
+def dream_result(result: jobs.DreamResult) -> pb.DreamResult:
     h, w = result.image.shape[:2]
     return pb.DreamResult(
         model=result.model,
@@ -253,7 +256,7 @@ def dream_result(result: tasks.DreamResult) -> pb.DreamResult:
     )
 
 
-def stylize_result(result: tasks.StylizeResult) -> pb.StylizeResult:
+def stylize_result(result: jobs.StylizeResult) -> pb.StylizeResult:
     h, w = result.image.shape[:2]
     return pb.StylizeResult(
         model=result.model,
@@ -299,18 +302,18 @@ class GradientRpcs:
             )
         return pool, model
 
-    def _limits(self) -> tasks.Limits:
-        return tasks.Limits.from_settings(self._state.settings)
+    def _limits(self) -> Limits:
+        return Limits.from_settings(self._state.settings)
 
     async def _run(
         self,
         pool: Pool,
-        task: tasks.Task,
+        task: jobs.Job,
         context: grpc.aio.ServicerContext,
         on_progress: Callable[[Any], None] | None = None,
     ) -> Any:
-        await asyncio.to_thread(tasks.validate_task, task, self._limits())
-        cost = tasks.estimate_cost(task)
+        await asyncio.to_thread(jobs.validate_job, task, self._limits())
+        cost = jobs.estimate_cost(task)
         deadline = self._state.deadline(context)
         # max_task_duration_s bounds a job from admission to result, whatever deadline the client set.
         cap_s = self._state.settings.max_task_duration_s
@@ -331,7 +334,7 @@ class GradientRpcs:
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext, rpc: Rpc
     ) -> pb.ExplainResponse:
         pool, model = self._prepare(request.model, request.version, "explain", rpc)
-        method = _enum(request.method, EXPLAIN_METHODS, "explain method")
+        method = _enum(request.method, EXPLAIN_METHOD_NAMES, "explain method")
         if not request.images:
             raise InvalidArgument("images is empty: send at least one image", reason="empty_image")
         limit = self._state.settings.max_task_batch
@@ -344,7 +347,7 @@ class GradientRpcs:
         inputs = await asyncio.to_thread(
             explain_inputs, list(request.images), model, self._state.settings.max_image_pixels
         )
-        task = tasks.ExplainTask(
+        task = jobs.ExplainJob(
             model=model.name,
             version=model.version,
             inputs=inputs,
@@ -364,7 +367,7 @@ class GradientRpcs:
 
     # Dream / Stylize ---------------------------------------------------------------------------
 
-    async def _dream_task(self, request: pb.DreamRequest, rpc: Rpc) -> tuple[Pool, tasks.DreamTask]:
+    async def _dream_task(self, request: pb.DreamRequest, rpc: Rpc) -> tuple[Pool, jobs.DreamJob]:
         pool, model = self._prepare(request.model, request.version, "dream", rpc)
         params = dream_params(request)
         if not request.HasField("image"):
@@ -372,9 +375,9 @@ class GradientRpcs:
         image = await asyncio.to_thread(
             decode_rgb, request.image, model, "image", self._state.settings.max_image_pixels
         )
-        return pool, tasks.DreamTask(model=model.name, version=model.version, image=image, params=params)
+        return pool, jobs.DreamJob(model=model.name, version=model.version, image=image, params=params)
 
-    async def _stylize_task(self, request: pb.StylizeRequest, rpc: Rpc) -> tuple[Pool, tasks.StylizeTask]:
+    async def _stylize_task(self, request: pb.StylizeRequest, rpc: Rpc) -> tuple[Pool, jobs.StylizeJob]:
         pool, model = self._prepare(request.model, request.version, "stylize", rpc)
         params = style_params(request)
         if not request.HasField("content"):
@@ -400,7 +403,7 @@ class GradientRpcs:
         content, styles = await asyncio.to_thread(decode_all)
         weights = tuple(float(s.weight) for s in request.styles)
         blend = weights if any(w != 0 for w in weights) else None
-        task = tasks.StylizeTask(
+        task = jobs.StylizeJob(
             model=model.name,
             version=model.version,
             content=content,
@@ -472,7 +475,7 @@ class GradientRpcs:
         job: asyncio.Task[Any] | None = None
         try:
             pool, task = await build(rpc)
-            updates: asyncio.Queue[tasks.ProgressUpdate] = asyncio.Queue()
+            updates: asyncio.Queue[jobs.ProgressUpdate] = asyncio.Queue()
             job = asyncio.ensure_future(self._run(pool, task, context, on_progress=updates.put_nowait))
             while True:
                 getter = asyncio.ensure_future(updates.get())
@@ -507,7 +510,7 @@ class GradientRpcs:
 
 def refused_reason(pool: object | None, model: LoadedModel) -> str | None:
     """Why the gradient workers refused this model version (it failed their parity self-test with
-    model.onnx, service.worker.tasks._load_version), or None. A remote worker tier reports its own
+    model.onnx, service.worker.loading._load_version), or None. A remote worker tier reports its own
     refusals (FAILED_PRECONDITION from the tier); only a local pool's are known here."""
     summary = getattr(pool, "ready_summary", None)
     refused = summary.get("refused") if isinstance(summary, Mapping) else None

@@ -13,7 +13,7 @@ Lifecycle (`run`):
 
 Gradient RPCs: with settings.worker_address set they are forwarded to a separate worker tier
 (service/forwarding.py) and `cnnserve.v1.Inference/gradients` mirrors that tier's health; otherwise
-a local worker pool runs here (workers > 0). `cnnserve worker` (service/worker_server.py) is this
+a local gradient pool runs here (workers > 0). `cnnserve worker` (service/worker_server.py) is this
 server specialised to the gradient RPCs.
 
 Exit status 1 with a clear log line when no model can be loaded or a port cannot be bound.
@@ -186,7 +186,7 @@ class Server:
     """The gRPC server, its health/reflection services and the metrics endpoint, around an engine."""
 
     def __init__(self, settings: Settings, engine: Engine | None = None, pool: Any = None) -> None:
-        """pool: a WorkerPool-like object to use for the gradient RPCs instead of building one
+        """pool: a GradientPool-like object to use for the gradient RPCs instead of building one
         from the settings (tests); it is started by `load` and closed by `shutdown` all the same."""
         if engine is None:
             from service.classify.engine import ClassificationEngine
@@ -308,19 +308,19 @@ class Server:
             self._pool_task = asyncio.create_task(self._run_gradient_pool(), name="cnnserve-gradients")
 
     def _make_pool(self) -> Any:
-        """The gradient WorkerPool for the model versions the engine loaded (same weights.pt)."""
+        """The GradientPool for the model versions the engine loaded (same weights.pt)."""
         import functools
 
-        from service.worker import tasks
-        from service.worker.pool import WorkerPool
+        from service.worker import handlers, loading
+        from service.worker.pool import GradientPool
 
         dirs = [path for m in self.engine.models() if (path := getattr(m, "path", None)) is not None]
-        config = tasks.worker_config(self.settings, dirs)
+        config = loading.load_models_config(self.settings, dirs)
         stop_grace_s = self.settings.worker_stop_grace_s or max(1.0, min(10.0, self.settings.grace_period_s))
-        return WorkerPool(
+        return GradientPool(
             workers=self.settings.workers,
-            initializer=functools.partial(tasks.load_models, config),
-            handler=tasks.handle,
+            initializer=functools.partial(loading.load_models, config),
+            handler=handlers.handle,
             cost_budget=self.settings.max_task_cost,
             start_timeout_s=self.settings.worker_start_timeout_s,
             stop_grace_s=stop_grace_s,

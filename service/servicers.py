@@ -92,7 +92,7 @@ class ServingState:
         self.engine = engine
         self.settings = settings
         self.draining = False
-        # The gradient worker pool (service.worker.pool.WorkerPool); None when workers=0.
+        # The gradient pool (service.worker.pool.GradientPool); None when workers=0.
         self.gradients: Any = None
 
     @property

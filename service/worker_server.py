@@ -1,11 +1,11 @@
-"""`cnnserve worker`: the gradient-worker tier, the PyTorch worker pool behind its own gRPC endpoint.
+"""`cnnserve worker`: the gradient-worker tier, the PyTorch gradient pool behind its own gRPC endpoint.
 
 The serving tier (`cnnserve serve` with worker_address set, service/forwarding.py) forwards Explain,
 Dream, DreamUnary, Stylize and StylizeUnary here. This is service.server.Server specialised:
 
-- the same servicers for those RPCs (service/gradients.py) and the same WorkerPool (pool.py), so a
-  job behaves exactly as it does on a server with a local pool: caps (max_task_*), cost admission,
-  deadlines, cancellation, crash handling, progress streaming;
+- the same servicers for those RPCs (service/gradients.py) and the same GradientPool
+  (service/worker/pool.py), so a job behaves exactly as it does on a server with a local pool: caps
+  (max_task_*), cost admission, deadlines, cancellation, crash handling, progress streaming;
 - ListModels / GetModel for the model versions it computes with (capabilities: explain, dream and
   stylize as their metadata.json allows; no classify); Classify, ClassifyBatch and ClassifyStream
   answer UNIMPLEMENTED, and the Open Inference Protocol is not served;
@@ -217,7 +217,7 @@ class WorkerServer(Server):
 
     def __init__(self, settings: Settings, catalog: Any = None, pool: Any = None) -> None:
         """catalog: an engine-like model catalog (tests); default ModelCatalog(settings).
-        pool: a WorkerPool-like object instead of the one built from the settings (tests)."""
+        pool: a GradientPool-like object instead of the one built from the settings (tests)."""
         super().__init__(settings, catalog if catalog is not None else ModelCatalog(settings), pool=pool)
         self._pool_started = False
 

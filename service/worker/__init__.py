@@ -1,12 +1,20 @@
-"""Gradient jobs: guided backprop, DeepDream and neural style transfer in PyTorch worker processes.
+"""Gradient jobs: guided backprop, DeepDream and neural style transfer in PyTorch gradient processes.
 
-Two layers (docs/SERVICE_INTERFACES.md, "Gradient jobs"):
+The rooms, and the way their imports run (docs/SERVICE_INTERFACES.md, "Gradient jobs"):
 
-- `pool.py` runs jobs in spawned worker processes and knows nothing about the algorithms;
-- `tasks.py` is the job interface the pool calls (`load_models`, `handle`, `estimate_cost`) and the
-  picklable task/result dataclasses; `guided_backprop.py`, `deepdream.py` and `style_transfer.py`
-  are the algorithms on plain tensors; `rendering.py` turns arrays into PNGs.
+- the job interface, torch-free leaves: `params.py` (explain methods, DeepDream and style
+  parameters, caps, geometry) <- `jobs.py` (jobs, results, progress updates, `validate_job`,
+  `estimate_cost`). The serving process builds, checks and prices jobs with them without PyTorch;
+  `rendering.py` turns arrays into PNGs.
+- the serving-process side: `pool.py` (the `GradientPool`: submit, dispatch, deadlines,
+  cancellation) <- `admission.py` (cost budget, crash ledger) and `supervisor.py` (spawn, Ready
+  handshake, reaping, respawn; reusable, knows nothing about jobs) <- `child.py` (the pipe protocol,
+  `JobContext` and the child's main loop). The pool knows nothing about the algorithms.
+- the child side, run in each gradient process by name: `loading.py` (`load_models`, the
+  initializer) and `handlers.py` (`handle`, the handler), which call the algorithms
+  `guided_backprop.py`, `deepdream.py` and `style_transfer.py` on plain tensors; those share
+  `model_state.py` and take their parameters from `params.py`, never from the handlers.
 
-`tasks.py` and `rendering.py` never import torch at module level, so the serving process can build
-tasks and estimate their cost without loading PyTorch; only the workers do.
+Only the child side imports torch, and only inside its functions where the serving process imports
+the module (loading.py, handlers.py): the serving process never loads PyTorch.
 """

@@ -11,7 +11,7 @@ Per step (the notebook's `make_step`):
 Octaves (the notebook's `deepdream`): the image pyramid is built by successive bilinear downscaling
 by `octave_scale`; starting from the smallest, each octave runs `steps` steps on
 `octave_base + detail`, and the detail it adds (result - octave_base) is upscaled bilinearly into
-the next octave. Octaves smaller than tasks.MIN_IMAGE_SIDE are skipped.
+the next octave. Octaves smaller than params.MIN_IMAGE_SIDE are skipped.
 
 Objective: sum over target layers of weight * mean(activation ** 2) (optionally only some channels).
 The notebook's objective_L2 is 0.5 * sum(activation ** 2); because each step divides the gradient by
@@ -26,7 +26,7 @@ whole-image objective up to the tiles' border effects.
 
 The forward pass stops as soon as every target layer has produced its output (nothing after the
 deepest target runs), only the input gradient is computed (parameters are frozen for the job), and
-the model is left exactly as it came (see guided_backprop.frozen_model).
+the model is left exactly as it came (see model_state.frozen_model).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import Cancelled, InvalidArgument
-from service.worker.guided_backprop import frozen_model, model_device
-from service.worker.tasks import DreamParams, fit_side, octave_sizes
+from service.worker.model_state import frozen_model, model_device
+from service.worker.params import DreamParams, fit_side, octave_sizes
 
 
 @dataclass(frozen=True)
@@ -231,18 +231,8 @@ def dream(
     service.errors.Cancelled when it returns true. Bad layers/channels raise InvalidArgument (before
     any step is taken). Deterministic for a given params.seed on a given machine.
     """
-    targets = layers if layers is not None else params.layers
-    if not targets:
-        raise InvalidArgument("dream: name at least one layer", reason="unknown_layer")
+    targets = _targets(image, params, layers, mean)
     img = np.asarray(image, dtype=np.float32)
-    if img.ndim != 3 or img.shape[2] != len(mean):
-        raise InvalidArgument(
-            f"dream image must be (H, W, {len(mean)}), got shape {img.shape}", reason="not_an_image"
-        )
-    for name in params.channels:
-        if name not in targets:
-            raise InvalidArgument(f"dream: channels given for layer {name!r}, which is not a target")
-
     device = model_device(model)
     generator = torch.Generator().manual_seed(params.seed)
     with frozen_model(model):
@@ -262,47 +252,7 @@ def dream(
 
         with torch.no_grad():
             objective_before = float(objective.value(base))  # also validates layers and channels
-        total_steps = len(sizes) * params.steps
-        losses: list[float] = []
-        detail = torch.zeros_like(bases[-1])
-        x = bases[-1]
-        step = 0
-        for octave, octave_base in enumerate(reversed(bases), start=1):
-            if octave > 1:
-                detail = _resize(detail, (octave_base.shape[-2], octave_base.shape[-1]))
-            x = (octave_base + detail).clamp(0.0, 1.0)
-            for _ in range(params.steps):
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"dream stopped after {step} of {total_steps} steps", reason="stopped")
-                step += 1
-                dy, dx = (
-                    (
-                        int(v)
-                        for v in torch.randint(-params.jitter, params.jitter + 1, (2,), generator=generator)
-                    )
-                    if params.jitter
-                    else (0, 0)
-                )
-                shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-                loss, g = _gradient(objective, shifted, params.tile_size, generator)
-                magnitude = g.abs()
-                denominator = magnitude.mean() + 1e-8 * magnitude.max() + torch.finfo(g.dtype).tiny
-                shifted = shifted + (params.step_size / denominator) * g
-                x = torch.roll(shifted, shifts=(-dy, -dx), dims=(2, 3)).clamp_(0.0, 1.0)
-                losses.append(loss)
-                if progress is not None:
-                    want_preview = params.preview_every > 0 and step % params.preview_every == 0
-                    progress(
-                        DreamProgress(
-                            step=step,
-                            total_steps=total_steps,
-                            octave=octave,
-                            octaves=len(sizes),
-                            losses={"objective": loss},
-                            preview=_to_numpy(x) if want_preview else None,
-                        )
-                    )
-            detail = x - octave_base
+        x, steps, losses = _ascend(objective, bases, params, generator, progress, should_stop)
         with torch.no_grad():
             objective_after = float(objective.value(x))
         if work != (h0, w0):
@@ -312,11 +262,88 @@ def dream(
     return DreamOutput(
         image=result,
         octave_sizes=tuple(sizes),
-        steps=step,
+        steps=steps,
         objective_before=objective_before,
         objective_after=objective_after,
         losses=tuple(losses),
     )
+
+
+def _targets(
+    image: np.ndarray, params: DreamParams, layers: Mapping[str, float] | None, mean: Sequence[float]
+) -> Mapping[str, float]:
+    """The objective's layers, once the arguments are checked against each other."""
+    targets = layers if layers is not None else params.layers
+    if not targets:
+        raise InvalidArgument("dream: name at least one layer", reason="unknown_layer")
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 3 or img.shape[2] != len(mean):
+        raise InvalidArgument(
+            f"dream image must be (H, W, {len(mean)}), got shape {img.shape}", reason="not_an_image"
+        )
+    for name in params.channels:
+        if name not in targets:
+            raise InvalidArgument(f"dream: channels given for layer {name!r}, which is not a target")
+    return targets
+
+
+def _ascend(
+    objective: _Objective,
+    bases: list[torch.Tensor],
+    params: DreamParams,
+    generator: torch.Generator,
+    progress: Callable[[DreamProgress], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[torch.Tensor, int, list[float]]:
+    """The octaves, coarsest first (the notebook's `deepdream`): `steps` steps on each octave's base
+    plus the detail dreamed so far, upscaled. Returns the last image, the steps run and their losses."""
+    total_steps = len(bases) * params.steps
+    losses: list[float] = []
+    detail = torch.zeros_like(bases[-1])
+    x = bases[-1]
+    step = 0
+    for octave, octave_base in enumerate(reversed(bases), start=1):
+        if octave > 1:
+            detail = _resize(detail, (octave_base.shape[-2], octave_base.shape[-1]))
+        x = (octave_base + detail).clamp(0.0, 1.0)
+        for _ in range(params.steps):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"dream stopped after {step} of {total_steps} steps", reason="stopped")
+            step += 1
+            loss, x = _step(objective, x, params, generator)
+            losses.append(loss)
+            if progress is not None:
+                want_preview = params.preview_every > 0 and step % params.preview_every == 0
+                progress(
+                    DreamProgress(
+                        step=step,
+                        total_steps=total_steps,
+                        octave=octave,
+                        octaves=len(bases),
+                        losses={"objective": loss},
+                        preview=_to_numpy(x) if want_preview else None,
+                    )
+                )
+        detail = x - octave_base
+    return x, step, losses
+
+
+def _step(
+    objective: _Objective, x: torch.Tensor, params: DreamParams, generator: torch.Generator
+) -> tuple[float, torch.Tensor]:
+    """One step (the notebook's `make_step`): jitter, a normalized gradient-ascent step, jitter undone,
+    clipped to [0, 1]. Returns the objective before the step and the new image."""
+    dy, dx = (
+        (int(v) for v in torch.randint(-params.jitter, params.jitter + 1, (2,), generator=generator))
+        if params.jitter
+        else (0, 0)
+    )
+    shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    loss, g = _gradient(objective, shifted, params.tile_size, generator)
+    magnitude = g.abs()
+    denominator = magnitude.mean() + 1e-8 * magnitude.max() + torch.finfo(g.dtype).tiny
+    shifted = shifted + (params.step_size / denominator) * g
+    return loss, torch.roll(shifted, shifts=(-dy, -dx), dims=(2, 3)).clamp_(0.0, 1.0)
 
 
 __all__ = ["DreamOutput", "DreamProgress", "capture", "dream", "resolve_layers"]

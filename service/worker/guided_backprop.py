@@ -51,7 +51,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,9 +59,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import Cancelled, InvalidArgument
-from service.worker.tasks import EXPLAIN_METHODS as METHODS
-
-Method = Literal["guided_backprop", "guided_gradcam", "gradcam", "gradient"]
+from service.worker.model_state import frozen_model, model_device, model_dtype
+from service.worker.params import EXPLAIN_METHODS as METHODS
+from service.worker.params import ExplainMethod as Method
 
 
 @dataclass(frozen=True)
@@ -88,47 +88,6 @@ class Explanation:
     plain: np.ndarray | None = None
     cam: np.ndarray | None = None
     cam_layer: str | None = None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Model state helpers (shared with deepdream and style_transfer)
-
-
-@contextlib.contextmanager
-def frozen_model(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter requires grad, and grad mode on; all restored exactly afterwards.
-
-    Restores each module's own `training` flag and each parameter's own `requires_grad`, so a model
-    that came in with mixed settings leaves with the same ones.
-    """
-    training = [(m, m.training) for m in model.modules()]
-    requires = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in requires:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in requires:
-            p.requires_grad_(flag)
-        for m, flag in training:
-            m.training = flag
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 class _Switch:
@@ -274,14 +233,7 @@ def explain(
     are independent (eval mode), so a batch gives the same maps as one call per sample.
     Raises InvalidArgument for a bad method, target or layer.
     """
-    if method not in METHODS:
-        raise InvalidArgument(f"unknown explain method {method!r}; use one of {', '.join(METHODS)}")
-    if x.dim() != 4:
-        raise InvalidArgument(f"input must be (N, C, H, W), got shape {tuple(x.shape)}")
-    n = x.shape[0]
-    if targets is not None and len(targets) != n:
-        raise InvalidArgument(f"got {len(targets)} targets for {n} inputs; give one per input or none")
-
+    _check_arguments(x, targets, method)
     need_guided = method in ("guided_backprop", "guided_gradcam")
     need_plain = method != "guided_backprop" or plain_gradient
     need_cam = method in ("guided_gradcam", "gradcam")
@@ -295,81 +247,115 @@ def explain(
             stack.enter_context(stop_checks(model, should_stop))
         if need_guided:
             stack.enter_context(guided_relus(model, switch))
-        probe = stack.enter_context(_feature_map_probe(model, cam_layer)) if need_cam else {}
+        probe = stack.enter_context(_feature_map_probe(model, cam_layer)) if need_cam else None
         logits = model(inp)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
-            raise InvalidArgument("explain needs a classifier returning (N, classes) logits")
-        num_classes = logits.shape[1]
-        predicted = logits.detach().argmax(dim=1)
-        if targets is None:
-            target_t = predicted
-        else:
-            bad = [t for t in targets if not 0 <= int(t) < num_classes]
-            if bad:
-                raise InvalidArgument(
-                    f"target class {bad[0]} is out of range; the model has {num_classes} classes "
-                    f"(0..{num_classes - 1})",
-                    reason="target_out_of_range",
-                )
-            target_t = torch.as_tensor([int(t) for t in targets], device=device, dtype=torch.long)
+        predicted, target_t = _classes(logits, x.shape[0], targets, device)
         score = logits.gather(1, target_t[:, None]).sum()
-
-        plain = cam = None
-        cam_name = None
+        plain = cam = cam_name = None
         if need_plain:
-            switch.on = False
-            wrt = [inp]
-            if need_cam:
-                if "A" not in probe:
-                    raise InvalidArgument(
-                        "found no 4-D feature map for Grad-CAM"
-                        + (f" at layer {cam_layer!r}" if cam_layer else "")
-                    )
-                wrt.append(probe["A"])
-                cam_name = probe["name"]
-            grads = torch.autograd.grad(score, wrt, retain_graph=need_guided)
-            plain = grads[0].detach()
-            if need_cam:
-                cam = _grad_cam(probe["A"].detach(), grads[1].detach(), size=inp.shape[-2:])
-        guided = None
-        if need_guided:
-            switch.on = True
-            (guided,) = torch.autograd.grad(score, [inp])
-            guided = guided.detach()
-            switch.on = False
-
+            plain, cam, cam_name = _plain_pass(score, inp, switch, probe, cam_layer, retain=need_guided)
+        guided = _guided_pass(score, inp, switch) if need_guided else None
         softmax = torch.softmax(logits.detach().float(), dim=1)
         probabilities = softmax.gather(1, target_t[:, None])[:, 0]
         predicted_probabilities = softmax.gather(1, predicted[:, None])[:, 0]
 
-    if method == "gradient":
-        assert plain is not None
-        saliency = plain
-    elif method == "guided_backprop":
-        assert guided is not None
-        saliency = guided
-    elif method == "gradcam":
-        assert cam is not None
-        saliency = cam[:, None]
-    else:
-        assert guided is not None and cam is not None
-        saliency = guided * cam[:, None]
-
-    def to_np(t: torch.Tensor | None) -> np.ndarray | None:
-        return None if t is None else t.float().cpu().numpy().astype(np.float32, copy=False)
-
-    sal = to_np(saliency)
-    assert sal is not None
+    saliency = _to_numpy(_saliency(method, plain, guided, cam))
+    assert saliency is not None
     return Explanation(
-        saliency=sal,
+        saliency=saliency,
         classes=target_t.cpu().numpy().astype(np.int64),
         probabilities=probabilities.cpu().numpy().astype(np.float32),
         predicted=predicted.cpu().numpy().astype(np.int64),
         predicted_probabilities=predicted_probabilities.cpu().numpy().astype(np.float32),
-        plain=to_np(plain) if (plain_gradient or method == "gradient") else None,
-        cam=to_np(cam),
+        plain=_to_numpy(plain) if (plain_gradient or method == "gradient") else None,
+        cam=_to_numpy(cam),
         cam_layer=cam_name,
     )
+
+
+def _check_arguments(x: torch.Tensor, targets: Sequence[int] | None, method: str) -> None:
+    if method not in METHODS:
+        raise InvalidArgument(f"unknown explain method {method!r}; use one of {', '.join(METHODS)}")
+    if x.dim() != 4:
+        raise InvalidArgument(f"input must be (N, C, H, W), got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if targets is not None and len(targets) != n:
+        raise InvalidArgument(f"got {len(targets)} targets for {n} inputs; give one per input or none")
+
+
+def _classes(
+    logits: Any, n: int, targets: Sequence[int] | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the predicted classes, the classes to explain: `targets`, else the predicted ones)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+        raise InvalidArgument("explain needs a classifier returning (N, classes) logits")
+    predicted = logits.detach().argmax(dim=1)
+    if targets is None:
+        return predicted, predicted
+    num_classes = logits.shape[1]
+    bad = [t for t in targets if not 0 <= int(t) < num_classes]
+    if bad:
+        raise InvalidArgument(
+            f"target class {bad[0]} is out of range; the model has {num_classes} classes "
+            f"(0..{num_classes - 1})",
+            reason="target_out_of_range",
+        )
+    return predicted, torch.as_tensor([int(t) for t in targets], device=device, dtype=torch.long)
+
+
+def _plain_pass(
+    score: torch.Tensor,
+    inp: torch.Tensor,
+    switch: _Switch,
+    probe: dict[str, Any] | None,
+    cam_layer: str | None,
+    *,
+    retain: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    """The plain backward pass: the input gradient, and with a probe Grad-CAM from the same pass
+    (dScore/dA comes with it). Returns (plain, cam, the cam layer's name)."""
+    switch.on = False
+    wrt = [inp]
+    if probe is not None:
+        if "A" not in probe:
+            raise InvalidArgument(
+                "found no 4-D feature map for Grad-CAM" + (f" at layer {cam_layer!r}" if cam_layer else "")
+            )
+        wrt.append(probe["A"])
+    grads = torch.autograd.grad(score, wrt, retain_graph=retain)
+    if probe is None:
+        return grads[0].detach(), None, None
+    cam = _grad_cam(probe["A"].detach(), grads[1].detach(), size=inp.shape[-2:])
+    return grads[0].detach(), cam, probe["name"]
+
+
+def _guided_pass(score: torch.Tensor, inp: torch.Tensor, switch: _Switch) -> torch.Tensor:
+    """The guided backward pass: the same graph, with the ReLU hooks on."""
+    switch.on = True
+    (guided,) = torch.autograd.grad(score, [inp])
+    guided = guided.detach()
+    switch.on = False
+    return guided
+
+
+def _saliency(
+    method: Method, plain: torch.Tensor | None, guided: torch.Tensor | None, cam: torch.Tensor | None
+) -> torch.Tensor:
+    if method == "gradient":
+        assert plain is not None
+        return plain
+    if method == "guided_backprop":
+        assert guided is not None
+        return guided
+    if method == "gradcam":
+        assert cam is not None
+        return cam[:, None]
+    assert guided is not None and cam is not None
+    return guided * cam[:, None]
+
+
+def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.float().cpu().numpy().astype(np.float32, copy=False)
 
 
 def _grad_cam(a: torch.Tensor, grad: torch.Tensor, *, size: torch.Size) -> torch.Tensor:
@@ -381,4 +367,4 @@ def _grad_cam(a: torch.Tensor, grad: torch.Tensor, *, size: torch.Size) -> torch
     return cam / peak[:, None, None]
 
 
-__all__ = ["METHODS", "Explanation", "Method", "explain", "frozen_model", "guided_relus", "stop_checks"]
+__all__ = ["METHODS", "Explanation", "Method", "explain", "guided_relus", "stop_checks"]

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import Cancelled, Internal, InvalidArgument
-from service.worker.guided_backprop import frozen_model, model_device
-from service.worker.tasks import StyleParams, fit_side, style_size
+from service.worker.model_state import frozen_model, model_device
+from service.worker.params import StyleParams, fit_side, style_size
 
 
 @dataclass(frozen=True)
@@ -216,138 +216,190 @@ def stylize(
     raising service.errors.Cancelled. Returns the best evaluated image at the working size
     (params.max_side).
     """
-    if not styles:
-        raise InvalidArgument("stylize needs at least one style image")
-    weights = [1.0] * len(styles) if blend is None else [float(b) for b in blend]
-    if len(weights) != len(styles) or any(not np.isfinite(b) or b < 0 for b in weights) or sum(weights) <= 0:
-        raise InvalidArgument("stylize: give one blend weight >= 0 per style image, with a positive sum")
-    total_weight = sum(weights)
-    layer_weights = params.style_layer_weights or (1.0,) * len(params.style_layers)
+    weights = _blend_weights(styles, blend)
     device = model_device(model)
-
     with frozen_model(model):
         feats = _Features(model, params, mean, std)
         content_full = _to_tensor(content, device)
         work = fit_side(content_full.shape[-2], content_full.shape[-1], params.max_side)
         content_t = _resize(content_full, work)
-
         with torch.no_grad():
             content_target = feats(content_t)[feats.content_index].detach()
-            style_targets = [torch.zeros(()) for _ in feats.style_indices]
-            for image, b in zip(styles, weights, strict=True):
-                if b == 0:
-                    continue
-                s = _to_tensor(image, device)
-                s = _resize(s, style_size(work, (s.shape[-2], s.shape[-1]), params.style_scale))
-                out = feats(s)
-                for k, index in enumerate(feats.style_indices):
-                    style_targets[k] = style_targets[k] + (b / total_weight) * gram(out[index])
-
-        if params.init == "content":
-            img = content_t.detach().clone()
-        else:
-            generator = torch.Generator().manual_seed(params.seed)
-            img = torch.rand(content_t.shape, generator=generator).to(device)
-        img.requires_grad_(True)
-
-        cap = params.iterations
-        state = {"evals": 0, "best": float("inf"), "best_eval": 0}
-        best_img = img.detach().clone()
-        best_losses: dict[str, float] = {}
-        initial: dict[str, float] = {}
-        history: list[float] = []
-
-        def closure() -> torch.Tensor:
-            if should_stop is not None and should_stop():
-                raise Cancelled(
-                    f"stylize stopped after {state['evals']} of {cap} iterations", reason="stopped"
-                )
-            with torch.no_grad():
-                img.clamp_(0.0, 1.0)
-            if img.grad is not None:
-                img.grad.zero_()
-            out = feats(img)
-            content_loss = F.mse_loss(out[feats.content_index], content_target)
-            style_loss = img.new_zeros(())
-            for k, index in enumerate(feats.style_indices):
-                style_loss = style_loss + layer_weights[k] * F.mse_loss(gram(out[index]), style_targets[k])
-            tv_loss = total_variation(img) if params.tv_weight > 0 else img.new_zeros(())
-            loss = (
-                params.content_weight * content_loss
-                + params.style_weight * style_loss
-                + params.tv_weight * tv_loss
-            )
-            loss.backward(inputs=[img])  # type: ignore[no-untyped-call]
-
-            state["evals"] += 1
-            value = float(loss.detach())
-            losses = {
-                "content": params.content_weight * float(content_loss.detach()),
-                "style": params.style_weight * float(style_loss.detach()),
-                "tv": params.tv_weight * float(tv_loss.detach()),
-                "total": value,
-            }
-            if not initial:
-                initial.update(losses)
-            history.append(value)
-            if not np.isfinite(value):
-                raise _Diverged
-            if value < state["best"]:
-                state["best"], state["best_eval"] = value, state["evals"]
-                best_img.copy_(img.detach())
-                best_losses.clear()
-                best_losses.update(losses)
-            if progress is not None:
-                want_preview = params.preview_every > 0 and state["evals"] % params.preview_every == 0
-                progress(
-                    StyleProgress(
-                        step=int(state["evals"]),
-                        total_steps=cap,
-                        losses={**losses, "best": float(state["best"])},
-                        preview=_to_numpy(img) if want_preview else None,
-                    )
-                )
-            return loss
-
-        try:
-            if params.optimizer == "lbfgs":
-                # One step call runs the whole optimisation: max_eval bounds the closure evaluations.
-                # The tolerances are 0 because torch's defaults are absolute: the mean-normalized
-                # losses have per-pixel gradients that shrink with the image area, and at a few hundred
-                # pixels a side L-BFGS would "converge" after one evaluation. The evaluation cap is
-                # the stop; an exactly zero gradient (nothing to do) still ends it at once.
-                lbfgs = torch.optim.LBFGS(
-                    [img],
-                    lr=params.lr,
-                    max_iter=cap,
-                    max_eval=cap,
-                    tolerance_grad=0.0,
-                    tolerance_change=0.0,
-                    history_size=params.lbfgs_history,
-                )
-                lbfgs.step(closure)  # type: ignore[no-untyped-call]
-            else:
-                adam = torch.optim.Adam([img], lr=params.lr)
-                for _ in range(cap):
-                    closure()
-                    adam.step()
-        except _Diverged:
-            pass  # a non-finite loss: keep the best finite image so far
-        if not best_losses:
+            style_targets = _style_targets(feats, styles, weights, work, params.style_scale, device)
+        img = _initial_image(content_t, params, device)
+        run = _Evaluations(feats, img, content_target, style_targets, params, progress, should_stop)
+        _optimise(run, img, params)
+        if not run.best_losses:
             raise Internal("style transfer produced no finite loss")
-
-        result = best_img
+        result = run.best_img
         if params.original_colors:
-            result = keep_original_colors(best_img, content_t)
+            result = keep_original_colors(run.best_img, content_t)
         image = _to_numpy(result)
     return StyleOutput(
         image=image,
-        losses=dict(best_losses),
-        initial_losses=dict(initial),
-        iterations=int(state["evals"]),
-        best_iteration=int(state["best_eval"]),
-        history=tuple(history),
+        losses=dict(run.best_losses),
+        initial_losses=dict(run.initial),
+        iterations=run.evals,
+        best_iteration=run.best_eval,
+        history=tuple(run.history),
     )
+
+
+def _blend_weights(styles: Sequence[np.ndarray], blend: Sequence[float] | None) -> list[float]:
+    if not styles:
+        raise InvalidArgument("stylize needs at least one style image")
+    weights = [1.0] * len(styles) if blend is None else [float(b) for b in blend]
+    if len(weights) != len(styles) or any(not np.isfinite(b) or b < 0 for b in weights) or sum(weights) <= 0:
+        raise InvalidArgument("stylize: give one blend weight >= 0 per style image, with a positive sum")
+    return weights
+
+
+def _style_targets(
+    feats: _Features,
+    styles: Sequence[np.ndarray],
+    weights: Sequence[float],
+    work: tuple[int, int],
+    style_scale: float,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """The blended Gram targets, one per style layer (a style of blend weight 0 is not computed)."""
+    total_weight = sum(weights)
+    targets = [torch.zeros(()) for _ in feats.style_indices]
+    for image, b in zip(styles, weights, strict=True):
+        if b == 0:
+            continue
+        s = _to_tensor(image, device)
+        s = _resize(s, style_size(work, (s.shape[-2], s.shape[-1]), style_scale))
+        out = feats(s)
+        for k, index in enumerate(feats.style_indices):
+            targets[k] = targets[k] + (b / total_weight) * gram(out[index])
+    return targets
+
+
+def _initial_image(content: torch.Tensor, params: StyleParams, device: torch.device) -> torch.Tensor:
+    if params.init == "content":
+        img = content.detach().clone()
+    else:
+        generator = torch.Generator().manual_seed(params.seed)
+        img = torch.rand(content.shape, generator=generator).to(device)
+    return img.requires_grad_(True)
+
+
+class _Evaluations:
+    """The objective the optimisers call (their closure): clamp the image, one forward + backward,
+    report progress, keep the best image so far. Counts the evaluations against params.iterations."""
+
+    def __init__(
+        self,
+        feats: _Features,
+        img: torch.Tensor,
+        content_target: torch.Tensor,
+        style_targets: list[torch.Tensor],
+        params: StyleParams,
+        progress: Callable[[StyleProgress], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.feats, self.img, self.params = feats, img, params
+        self.content_target, self.style_targets = content_target, style_targets
+        self.layer_weights = params.style_layer_weights or (1.0,) * len(params.style_layers)
+        self.progress, self.should_stop = progress, should_stop
+        self.evals = 0
+        self.best = float("inf")
+        self.best_eval = 0
+        self.best_img = img.detach().clone()
+        self.best_losses: dict[str, float] = {}
+        self.initial: dict[str, float] = {}
+        self.history: list[float] = []
+
+    def __call__(self) -> torch.Tensor:
+        params, img = self.params, self.img
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled(
+                f"stylize stopped after {self.evals} of {params.iterations} iterations", reason="stopped"
+            )
+        with torch.no_grad():
+            img.clamp_(0.0, 1.0)
+        if img.grad is not None:
+            img.grad.zero_()
+        content_loss, style_loss, tv_loss = self._parts()
+        loss = (
+            params.content_weight * content_loss
+            + params.style_weight * style_loss
+            + params.tv_weight * tv_loss
+        )
+        loss.backward(inputs=[img])  # type: ignore[no-untyped-call]
+
+        self.evals += 1
+        value = float(loss.detach())
+        losses = {
+            "content": params.content_weight * float(content_loss.detach()),
+            "style": params.style_weight * float(style_loss.detach()),
+            "tv": params.tv_weight * float(tv_loss.detach()),
+            "total": value,
+        }
+        if not self.initial:
+            self.initial.update(losses)
+        self.history.append(value)
+        if not np.isfinite(value):
+            raise _Diverged
+        if value < self.best:
+            self.best, self.best_eval = value, self.evals
+            self.best_img.copy_(img.detach())
+            self.best_losses.clear()
+            self.best_losses.update(losses)
+        if self.progress is not None:
+            want_preview = params.preview_every > 0 and self.evals % params.preview_every == 0
+            self.progress(
+                StyleProgress(
+                    step=self.evals,
+                    total_steps=params.iterations,
+                    losses={**losses, "best": float(self.best)},
+                    preview=_to_numpy(img) if want_preview else None,
+                )
+            )
+        return loss
+
+    def _parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unweighted content, style and tv losses at the current image."""
+        img, feats = self.img, self.feats
+        out = feats(img)
+        content_loss = F.mse_loss(out[feats.content_index], self.content_target)
+        style_loss = img.new_zeros(())
+        for k, index in enumerate(feats.style_indices):
+            target = self.style_targets[k]
+            style_loss = style_loss + self.layer_weights[k] * F.mse_loss(gram(out[index]), target)
+        tv_loss = total_variation(img) if self.params.tv_weight > 0 else img.new_zeros(())
+        return content_loss, style_loss, tv_loss
+
+
+def _optimise(evaluate: _Evaluations, img: torch.Tensor, params: StyleParams) -> None:
+    """params.iterations evaluations of L-BFGS or Adam; a non-finite loss ends the run early (the best
+    finite image so far is kept)."""
+    cap = params.iterations
+    try:
+        if params.optimizer == "lbfgs":
+            # One step call runs the whole optimisation: max_eval bounds the closure evaluations.
+            # The tolerances are 0 because torch's defaults are absolute: the mean-normalized
+            # losses have per-pixel gradients that shrink with the image area, and at a few hundred
+            # pixels a side L-BFGS would "converge" after one evaluation. The evaluation cap is
+            # the stop; an exactly zero gradient (nothing to do) still ends it at once.
+            lbfgs = torch.optim.LBFGS(
+                [img],
+                lr=params.lr,
+                max_iter=cap,
+                max_eval=cap,
+                tolerance_grad=0.0,
+                tolerance_change=0.0,
+                history_size=params.lbfgs_history,
+            )
+            lbfgs.step(evaluate)  # type: ignore[no-untyped-call]
+        else:
+            adam = torch.optim.Adam([img], lr=params.lr)
+            for _ in range(cap):
+                evaluate()
+                adam.step()
+    except _Diverged:
+        pass  # a non-finite loss: keep the best finite image so far
 
 
 __all__ = [

@@ -7,8 +7,8 @@ triggers exist only in a server the test starts as
 
     python -c "from tests.integration.crash_worker import main; main()" JOBS_DIR serve ...
 
-`main` swaps `service.worker.tasks.handle` and `tasks.load_models` for the wrappers below before the
-server builds its pool, and wraps `ModelSession.run`. The pool pickles its handler and initializer by
+`main` swaps `service.worker.handlers.handle` and `loading.load_models` for the wrappers below before
+the server builds its pool, and wraps `ModelSession.run`. The pool pickles its handler and initializer by
 reference, so the spawned workers import this module by name and run the same wrappers around the
 production functions; everything else (servicers, batcher, pool, health, metrics) is the production
 code path.
@@ -41,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from service.worker import tasks
+from service.worker import handlers, loading
+from service.worker.jobs import JobContext
+from service.worker.loading import LoadedModels
 
 JOBS_DIR_ENV = "CRASH_TEST_JOBS_DIR"  # not CNNSERVE_*: the settings own that prefix
 POISON_SEED = 666
@@ -49,8 +51,8 @@ HANG_SEED = 777
 HOLD_SEEDS = range(1000, 2000)
 ORT_POISON_VALUE = 6.66e6
 
-_real_handle = tasks.handle
-_real_load_models = tasks.load_models
+_real_handle = handlers.handle
+_real_load_models = loading.load_models
 _real_run: Any = None  # ModelSession.run, set by main(); onnxruntime stays out of the workers
 
 
@@ -70,7 +72,7 @@ def hold_start_file(jobs_dir: Path) -> Path:
     return jobs_dir / "hold-start"
 
 
-def handle(state: Any, task: Any, ctx: tasks.JobContext) -> Any:
+def handle(state: Any, task: Any, ctx: JobContext) -> Any:
     seed = getattr(getattr(task, "params", None), "seed", None)
     jobs_dir = _jobs_dir()
     if isinstance(seed, int):
@@ -89,7 +91,7 @@ def handle(state: Any, task: Any, ctx: tasks.JobContext) -> Any:
     return result
 
 
-def load_models(config: Mapping[str, Any]) -> tasks.WorkerState:
+def load_models(config: Mapping[str, Any]) -> LoadedModels:
     while hold_start_file(_jobs_dir()).exists():
         time.sleep(0.05)
     return _real_load_models(config)
@@ -124,8 +126,8 @@ def main() -> None:
     os.environ[JOBS_DIR_ENV] = jobs_dir  # inherited by the spawned workers
     # The segfaults must not leave core files behind (core_pattern may write them to the cwd).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    tasks.handle = handle  # type: ignore[assignment]  # both read by Server._make_pool
-    tasks.load_models = load_models
+    handlers.handle = handle  # type: ignore[assignment]  # both read by Server._make_pool
+    loading.load_models = load_models
     from service.classify.session import ModelSession
 
     global _real_run

@@ -55,7 +55,7 @@ REJECTION_BUDGET_S = 0.05
 
 DREAM_STEPS = 200  # a job of seconds: the admitted ones are cancelled once counted
 DREAM_SIDE = 64
-# tasks.estimate_cost of a one-octave dream: side^2 * steps * 2 + 2 * side^2 (pass-pixels).
+# jobs.estimate_cost of a one-octave dream: side^2 * steps * 2 + 2 * side^2 (pass-pixels).
 DREAM_COST = DREAM_SIDE * DREAM_SIDE * (2 * DREAM_STEPS + 2)
 GRADIENT_WORKERS = 1
 GRADIENT_QUEUE = 3  # jobs that may wait behind the running one

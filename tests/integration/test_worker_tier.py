@@ -27,7 +27,8 @@ from server_process import ServerProcess
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.server import GRADIENTS_SERVICE
-from service.worker import tasks
+from service.worker import jobs
+from service.worker.params import DreamParams
 
 pytestmark = pytest.mark.integration
 
@@ -37,12 +38,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # 96 x 96 and 1000 steps: tens of seconds of work even on a fast core; stopped after a few.
 LONG_STEPS = 1000
 LONG_SIDE = 96
-LONG_COST = tasks.estimate_cost(
-    tasks.DreamTask(
+LONG_COST = jobs.estimate_cost(
+    jobs.DreamJob(
         model="resnet18",
         version=1,
         image=np.zeros((LONG_SIDE, LONG_SIDE, 3), np.float32),
-        params=tasks.DreamParams(steps=LONG_STEPS, octaves=1),
+        params=DreamParams(steps=LONG_STEPS, octaves=1),
     )
 )
 DEADLINE_S = 4.0

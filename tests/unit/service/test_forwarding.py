@@ -41,7 +41,7 @@ from service.forwarding import (
 )
 from service.server import GRADIENTS_SERVICE, StartupError
 from service.settings import Settings
-from service.worker import tasks
+from service.worker import jobs
 from service.worker.rendering import encode_png
 from service.worker_server import NOT_HERE_MESSAGE, WorkerServer
 
@@ -146,7 +146,7 @@ def test_status_mapping(
 
 
 class FakePool:
-    """WorkerPool double on the worker tier: records submits, streams progress, fabricated results;
+    """GradientPool double on the worker tier: records submits, streams progress, fabricated results;
     `fail_with` is raised by submit, `block` makes a job run until cancelled."""
 
     def __init__(self) -> None:
@@ -178,13 +178,13 @@ class FakePool:
         self.submits.append((task, cost, deadline, time.monotonic()))
         if self.fail_with is not None:
             raise self.fail_with
-        image = None if isinstance(task, tasks.ExplainTask) else getattr(task, "image", None)
-        if image is None and isinstance(task, tasks.StylizeTask):
+        image = None if isinstance(task, jobs.ExplainJob) else getattr(task, "image", None)
+        if image is None and isinstance(task, jobs.StylizeJob):
             image = task.content
         if on_progress is not None:
             for step in (1, 2, 3):
                 on_progress(
-                    tasks.ProgressUpdate(
+                    jobs.ProgressUpdate(
                         kind=task.kind,
                         step=step,
                         total_steps=3,
@@ -199,9 +199,9 @@ class FakePool:
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
-        if isinstance(task, tasks.ExplainTask):
+        if isinstance(task, jobs.ExplainJob):
             n = task.inputs.shape[0]
-            return tasks.ExplainResult(
+            return jobs.ExplainResult(
                 model=task.model,
                 version=task.version,
                 saliency=task.inputs * 2,
@@ -215,8 +215,8 @@ class FakePool:
                 pngs=tuple(encode_png(np.zeros((4, 4))) for _ in range(n)),
                 seconds=0.01,
             )
-        if isinstance(task, tasks.DreamTask):
-            return tasks.DreamResult(
+        if isinstance(task, jobs.DreamJob):
+            return jobs.DreamResult(
                 model=task.model,
                 version=task.version,
                 image=image,
@@ -228,7 +228,7 @@ class FakePool:
                 objective_after=2.0,
                 seconds=0.01,
             )
-        return tasks.StylizeResult(
+        return jobs.StylizeResult(
             model=task.model,
             version=task.version,
             image=image,
@@ -360,7 +360,7 @@ def test_explain_is_answered_by_the_worker(
     request = pb.ExplainRequest(model="vgg19", images=[pb.ImageInput(encoded=png())], target_classes=[4])
     before = counter("cnnserve_requests_total", method="Explain", model="vgg19", code="OK")
     forwarded = stub.Explain(request, timeout=10)
-    assert len(pool.submits) == 1 and isinstance(pool.submits[0][0], tasks.ExplainTask)
+    assert len(pool.submits) == 1 and isinstance(pool.submits[0][0], jobs.ExplainJob)
     assert forwarded.explanations[0].explained.index == 4
     assert forwarded == worker.stub.Explain(request, timeout=10)
     # frontend + worker for the forwarded call, worker for the direct one

@@ -17,7 +17,7 @@ from service._proto.cnnserve.v1 import inference_pb2
 from service._proto.inference import grpc_predict_v2_pb2
 from service.observability import metrics
 from service.settings import Settings
-from service.worker.tasks import TaskKind
+from service.worker.jobs import JobKind
 from service.worker_server import WorkerServer
 
 GRADIENTS = {"classify": True, "explain": True, "dream": True, "stylize": True}
@@ -55,7 +55,7 @@ def gradient_series(model: str) -> dict[str, float | None]:
 
 
 class IdlePool:
-    """A WorkerPool double that starts, stays alive and runs nothing."""
+    """A GradientPool double that starts, stays alive and runs nothing."""
 
     alive_generation = 0
 
@@ -81,13 +81,13 @@ class IdlePool:
 
 def test_label_values_are_the_real_rpc_methods_and_task_kinds() -> None:
     """The series created at load must be the ones the servicers increment: the methods are RPCs of
-    our two services (servicers.py labels each RPC by its short name), the tasks TaskKind."""
+    our two services (servicers.py labels each RPC by its short name), the jobs JobKind."""
     rpcs = {
         *inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods_by_name,
         *grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name,
     }
     assert set(metrics.CLASSIFY_METHODS) | set(GRADIENT_METHODS) <= rpcs
-    assert set(metrics.TASK_METHODS) == set(typing.get_args(TaskKind))
+    assert set(metrics.TASK_METHODS) == set(typing.get_args(JobKind))
 
 
 def test_serving_server_creates_the_classification_counters_at_zero() -> None:

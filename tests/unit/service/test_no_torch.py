@@ -13,7 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.parametrize("module", ["service.classify.engine", "export.repository", "service.catalog"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "service.classify.engine",
+        "export.repository",
+        "service.catalog",
+        "service.worker.jobs",  # the serving process builds and prices gradient jobs
+        "service.worker.pool",  # and runs the pool that spawns the PyTorch processes
+    ],
+)
 def test_importing_the_module_does_not_import_torch(module: str) -> None:
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run(

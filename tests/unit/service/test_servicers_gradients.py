@@ -21,15 +21,17 @@ from export.preprocessing import IMAGENET
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.errors import DeadlineExceeded, InvalidArgument
+from service.gradients import EXPLAIN_METHOD_ENUM, EXPLAIN_METHOD_NAMES
 from service.server import GRADIENTS_SERVICE
-from service.worker import tasks
+from service.worker import jobs
+from service.worker.params import EXPLAIN_METHODS, DreamParams
 from service.worker.rendering import encode_png
 
 ALL = {"classify": True, "explain": True, "dream": True, "stylize": True}
 
 
 class FakePool:
-    """WorkerPool double: records submits, reports progress, answers with fabricated results."""
+    """GradientPool double: records submits, reports progress, answers with fabricated results."""
 
     def __init__(self) -> None:
         self.alive = 1
@@ -39,7 +41,7 @@ class FakePool:
         self.block = False
         self.cancelled = threading.Event()
         self.running = threading.Event()
-        self.ready_summary: Any = None  # WorkerPool.ready_summary: what the workers refused
+        self.ready_summary: Any = None  # GradientPool.ready_summary: what the processes refused
 
     @property
     def alive_workers(self) -> int:
@@ -65,10 +67,10 @@ class FakePool:
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
-        if isinstance(task, tasks.ExplainTask):
+        if isinstance(task, jobs.ExplainJob):
             n = task.inputs.shape[0]
             classes = np.array(task.targets if task.targets is not None else [3] * n, dtype=np.int64)
-            return tasks.ExplainResult(
+            return jobs.ExplainResult(
                 model=task.model,
                 version=task.version,
                 saliency=task.inputs * 2,
@@ -82,13 +84,13 @@ class FakePool:
                 pngs=tuple(encode_png(np.zeros((4, 4))) for _ in range(n)),
                 seconds=0.01,
             )
-        image = task.image if isinstance(task, tasks.DreamTask) else task.content
+        image = task.image if isinstance(task, jobs.DreamJob) else task.content
         total = 3
         for step in range(1, total + 1):
             if on_progress is None:
                 continue
             on_progress(
-                tasks.ProgressUpdate(
+                jobs.ProgressUpdate(
                     kind=task.kind,
                     step=step,
                     total_steps=total,
@@ -96,8 +98,8 @@ class FakePool:
                     preview_png=encode_png(image) if step == 2 else None,
                 )
             )
-        if isinstance(task, tasks.DreamTask):
-            return tasks.DreamResult(
+        if isinstance(task, jobs.DreamJob):
+            return jobs.DreamResult(
                 model=task.model,
                 version=task.version,
                 image=image,
@@ -109,7 +111,7 @@ class FakePool:
                 objective_after=2.0,
                 seconds=0.01,
             )
-        return tasks.StylizeResult(
+        return jobs.StylizeResult(
             model=task.model,
             version=task.version,
             image=image,
@@ -200,7 +202,7 @@ def test_stylize_streams_progress_then_result(stub: pb_grpc.InferenceStub, pool:
     assert (result.width, result.height) == (40, 48) and result.png.startswith(b"\x89PNG")
     assert result.losses["total"] == 1.0 and result.initial_losses["total"] == 9.0
     (task, cost, deadline) = pool.submits[0]
-    assert isinstance(task, tasks.StylizeTask) and task.model == "vgg19" and task.version == 1
+    assert isinstance(task, jobs.StylizeJob) and task.model == "vgg19" and task.version == 1
     assert task.content.shape == (48, 40, 3) and len(task.styles) == 2 and task.style_blend == (2.0, 0.0)
     p = task.params
     assert (p.iterations, p.optimizer, p.init, p.seed, p.original_colors, p.max_side) == (
@@ -212,7 +214,7 @@ def test_stylize_streams_progress_then_result(stub: pb_grpc.InferenceStub, pool:
         64,
     )
     assert p.style_weight == 1e4 and p.content_weight == 1.0 and p.preview_every == 2
-    assert cost == tasks.estimate_cost(task) and deadline is not None
+    assert cost == jobs.estimate_cost(task) and deadline is not None
 
     unary = stub.StylizeUnary(request, timeout=10)
     assert unary == result
@@ -235,7 +237,7 @@ def test_dream_unary_and_params(stub: pb_grpc.InferenceStub, pool: FakePool) -> 
     task = pool.submits[0][0]
     assert task.params.layers == {"features.22": 0.5} and task.params.channels == {"features.22": (1, 2)}
     assert (task.params.octaves, task.params.jitter, task.params.tile_size, task.params.steps) == (2, 0, 0, 3)
-    assert task.params.octave_scale == tasks.DreamParams().octave_scale
+    assert task.params.octave_scale == DreamParams().octave_scale
 
 
 def test_explain_tensor_and_targets(stub: pb_grpc.InferenceStub, pool: FakePool) -> None:
@@ -451,3 +453,12 @@ def test_max_task_duration_stops_a_job_the_client_would_let_run() -> None:
         assert deadlines and deadlines[0] <= 0.3
     finally:
         h.close()
+
+
+def test_the_wire_explain_methods_are_the_job_methods() -> None:
+    """One list of explain methods (params.EXPLAIN_METHODS): every ExplainMethod enum value maps to a
+    job method (UNSPECIFIED: guided backprop), and every job method but "gradient" has its value."""
+    assert set(EXPLAIN_METHOD_NAMES) == set(pb.ExplainMethod.values())
+    assert set(EXPLAIN_METHOD_NAMES.values()) <= set(EXPLAIN_METHODS)
+    assert EXPLAIN_METHOD_NAMES[pb.EXPLAIN_METHOD_UNSPECIFIED] == "guided_backprop"
+    assert set(EXPLAIN_METHODS) - set(EXPLAIN_METHOD_ENUM) == {"gradient"}

@@ -1,8 +1,8 @@
-"""Test-only initializers, handlers and tasks for the WorkerPool tests.
+"""Test-only initializers, handlers and jobs for the GradientPool tests.
 
-They live in their own module (not the test file) because spawned workers import them by name:
+They live in their own module (not the test file) because spawned processes import them by name:
 spawn pickles `initializer` and `handler` as references, and the child gets the parent's sys.path.
-Everything is tiny and numpy-only, so a worker starts in well under a second.
+Everything is tiny and numpy-only, so a process starts in well under a second.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from service.errors import InvalidArgument, NotFound
-from service.worker.pool import JobContext
+from service.worker.child import JobContext
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def init_state() -> State:
 
 @dataclass(frozen=True)
 class SummarizedState(State):
-    """A state that reports something to the parent when ready (as the gradient workers report the
+    """A state that reports something to the parent when ready (as the gradient processes report the
     model versions they refused)."""
 
     def ready_summary(self) -> dict[str, Any]:
@@ -59,11 +59,11 @@ def init_hang() -> State:
     return init_state()
 
 
-# --- tasks and results ----------------------------------------------------------------------------
+# --- jobs and results -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SleepTask:
+class SleepJob:
     """`steps` optimisation steps of `step_s` each, checking should_stop() before every step."""
 
     kind: ClassVar[str] = "sleep"
@@ -89,7 +89,7 @@ class SleepResult:
 
 
 @dataclass(frozen=True)
-class CrashTask:
+class CrashJob:
     kind: ClassVar[str] = "crash"
     mode: Literal["exit", "sigkill", "segfault"]
     nonce: int = 0
@@ -97,9 +97,9 @@ class CrashTask:
 
 
 @dataclass(frozen=True)
-class CrashIfMarkedTask:
-    """Crashes its worker (os._exit) while `marker` exists, removing it first; returns "ok" otherwise.
-    The same task (same pickle) can so crash once and succeed the next time."""
+class CrashIfMarkedJob:
+    """Crashes its process (os._exit) while `marker` exists, removing it first; returns "ok" otherwise.
+    The same job (same pickle) can so crash once and succeed the next time."""
 
     kind: ClassVar[str] = "crash_if_marked"
     marker: str
@@ -107,14 +107,14 @@ class CrashIfMarkedTask:
 
 
 @dataclass(frozen=True)
-class FailTask:
+class FailJob:
     kind: ClassVar[str] = "fail"
     mode: Literal["not_found", "custom", "unpicklable_custom", "unexpected"]
     model: str = "toy"
 
 
 @dataclass(frozen=True)
-class ProgressTask:
+class ProgressJob:
     kind: ClassVar[str] = "progress"
     n: int
     model: str = "toy"
@@ -128,7 +128,7 @@ class StepUpdate:
 
 
 @dataclass(frozen=True)
-class EchoTask:
+class EchoJob:
     kind: ClassVar[str] = "echo"
     array: np.ndarray
     model: str = "toy"
@@ -159,56 +159,56 @@ class TwoArgError(InvalidArgument):
 # --- the handler ----------------------------------------------------------------------------------
 
 
-def handle(state: State, task: Any, ctx: JobContext) -> Any:
-    if isinstance(task, SleepTask):
-        return _sleep(state, task, ctx)
-    if isinstance(task, CrashTask):
-        return _crash(task)
-    if isinstance(task, CrashIfMarkedTask):
-        if os.path.exists(task.marker):
-            os.unlink(task.marker)
+def handle(state: State, job: Any, ctx: JobContext) -> Any:
+    if isinstance(job, SleepJob):
+        return _sleep(state, job, ctx)
+    if isinstance(job, CrashJob):
+        return _crash(job)
+    if isinstance(job, CrashIfMarkedJob):
+        if os.path.exists(job.marker):
+            os.unlink(job.marker)
             os._exit(19)
         return "ok"
-    if isinstance(task, FailTask):
-        return _fail(task)
-    if isinstance(task, ProgressTask):
-        for i in range(task.n):
-            ctx.progress(StepUpdate(step=i + 1, total=task.n, payload=np.full(3, i, dtype=np.int64)))
-        return task.n
-    if isinstance(task, EchoTask):
-        return EchoResult(doubled=task.array * 2, pid=os.getpid(), worker_initialized_at=state.initialized_at)
-    raise TypeError(f"unknown test task {type(task).__name__}")
+    if isinstance(job, FailJob):
+        return _fail(job)
+    if isinstance(job, ProgressJob):
+        for i in range(job.n):
+            ctx.progress(StepUpdate(step=i + 1, total=job.n, payload=np.full(3, i, dtype=np.int64)))
+        return job.n
+    if isinstance(job, EchoJob):
+        return EchoResult(doubled=job.array * 2, pid=os.getpid(), worker_initialized_at=state.initialized_at)
+    raise TypeError(f"unknown test job {type(job).__name__}")
 
 
-def _sleep(state: State, task: SleepTask, ctx: JobContext) -> SleepResult:
-    if task.announce:
-        ctx.progress(Started(pid=os.getpid(), tag=task.tag))
+def _sleep(state: State, job: SleepJob, ctx: JobContext) -> SleepResult:
+    if job.announce:
+        ctx.progress(Started(pid=os.getpid(), tag=job.tag))
     done = 0
-    for _ in range(task.steps):
-        if not task.ignore_stop and ctx.should_stop():
+    for _ in range(job.steps):
+        if not job.ignore_stop and ctx.should_stop():
             break
-        time.sleep(task.step_s)
+        time.sleep(job.step_s)
         ctx.step()
         done += 1
-    return SleepResult(pid=os.getpid(), steps_run=done, tag=task.tag)
+    return SleepResult(pid=os.getpid(), steps_run=done, tag=job.tag)
 
 
-def _crash(task: CrashTask) -> None:
-    if task.mode == "exit":
+def _crash(job: CrashJob) -> None:
+    if job.mode == "exit":
         os._exit(17)
-    if task.mode == "sigkill":
+    if job.mode == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
-    if task.mode == "segfault":
+    if job.mode == "segfault":
         ctypes.string_at(0)  # reads address 0: SIGSEGV
     time.sleep(10)  # the signal is delivered before this returns
     raise AssertionError("still alive after crashing")
 
 
-def _fail(task: FailTask) -> None:
-    if task.mode == "not_found":
+def _fail(job: FailJob) -> None:
+    if job.mode == "not_found":
         raise NotFound("no model 'nope' version 3", reason="model_not_found")
-    if task.mode == "custom":
+    if job.mode == "custom":
         raise LayerNotFound("inception9z")
-    if task.mode == "unpicklable_custom":
+    if job.mode == "unpicklable_custom":
         raise TwoArgError("style images", 16)
     raise RuntimeError("secret internal detail: tensor 0x7f00 went away")

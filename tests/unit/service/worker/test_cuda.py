@@ -1,7 +1,7 @@
 """The gradient jobs on a CUDA device agree with the same jobs on the CPU (marked `gpu`: never in
 `make test`; run with `pytest -m gpu` on a machine whose torch sees a GPU).
 
-The worker state is loaded twice from the same repository versions, once with device="cuda" and
+The gradient process state is loaded twice from the same repository versions, once with device="cuda" and
 once with device="cpu"; every job kind runs on both with the same inputs and seeds.
 """
 
@@ -14,22 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from job_helpers import Ctx, picture, write_version
 from test_style_transfer import scene, texture
-from test_tasks import Ctx, picture, write_version
 
 from export.models import build
-from service.worker.tasks import (
-    DreamParams,
-    DreamTask,
-    ExplainTask,
-    Limits,
-    StyleParams,
-    StylizeTask,
-    TorchModel,
-    WorkerState,
-    handle,
-    load_models,
-)
+from service.worker.handlers import handle
+from service.worker.jobs import DreamJob, ExplainJob, StylizeJob
+from service.worker.loading import LoadedModels, TorchModel, load_models
+from service.worker.params import DreamParams, Limits, StyleParams
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,7 +40,7 @@ def full_fp32() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, WorkerState]:
+def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModels]:
     root = tmp_path_factory.mktemp("repository")
     torch.manual_seed(0)
     versions = [
@@ -64,7 +56,7 @@ def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, WorkerState]:
     return loaded
 
 
-def test_models_load_on_the_gpu(states: dict[str, WorkerState]) -> None:
+def test_models_load_on_the_gpu(states: dict[str, LoadedModels]) -> None:
     assert states["cuda"].device.startswith("cuda")
     for model in states["cuda"].models.values():
         assert next(model.module.parameters()).is_cuda
@@ -75,10 +67,10 @@ def test_models_load_on_the_gpu(states: dict[str, WorkerState]) -> None:
 @pytest.mark.parametrize("method", ["guided_backprop", "guided_gradcam"])
 @pytest.mark.parametrize(("model", "shape"), [("digits", (2, 1, 32, 32)), ("resnet", (2, 3, 224, 224))])
 def test_explain_on_cuda_matches_cpu(
-    states: dict[str, WorkerState], model: str, shape: tuple[int, ...], method: str
+    states: dict[str, LoadedModels], model: str, shape: tuple[int, ...], method: str
 ) -> None:
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    task = ExplainTask(model, 1, x, targets=(3, 5), plain_gradient=True, method=method)
+    task = ExplainJob(model, 1, x, targets=(3, 5), plain_gradient=True, method=method)
     on_gpu, on_cpu = handle(states["cuda"], task, Ctx()), handle(states["cpu"], task, Ctx())
     np.testing.assert_array_equal(on_gpu.classes, on_cpu.classes)
     for a, b in ((on_gpu.saliency, on_cpu.saliency), (on_gpu.plain, on_cpu.plain)):
@@ -87,10 +79,10 @@ def test_explain_on_cuda_matches_cpu(
         assert corr > 0.999, corr
 
 
-def test_dream_on_cuda_raises_the_objective_like_cpu(states: dict[str, WorkerState]) -> None:
+def test_dream_on_cuda_raises_the_objective_like_cpu(states: dict[str, LoadedModels]) -> None:
     image = picture(128, 160)
     # ResNet's He init keeps activations O(1); the random GoogLeNet's 0.01-std init makes them vanish.
-    task = DreamTask("resnet", 1, image, DreamParams(layers={"layer3": 1.0}, octaves=2, steps=4, seed=3))
+    task = DreamJob("resnet", 1, image, DreamParams(layers={"layer3": 1.0}, octaves=2, steps=4, seed=3))
     on_gpu, on_cpu = handle(states["cuda"], task, Ctx()), handle(states["cpu"], task, Ctx())
     assert on_gpu.image.shape == on_cpu.image.shape == (128, 160, 3)
     assert 0 <= on_gpu.image.min() and on_gpu.image.max() <= 1
@@ -110,18 +102,18 @@ def test_stylize_on_cuda_cuts_the_style_loss() -> None:
     from export.preprocessing import IMAGENET
 
     model = TorchModel("styles", 1, "vgg19", module, 1000, (3, 224, 224), IMAGENET, {"stylize": True})
-    state = WorkerState(models={("styles", 1): model}, device="cuda:0", limits=Limits(max_iterations=100))
+    state = LoadedModels(models={("styles", 1): model}, device="cuda:0", limits=Limits(max_iterations=100))
     content, style = scene(128), texture(128)
     ctx = Ctx()
     result = handle(
-        state, StylizeTask("styles", 1, content, (style,), params=StyleParams(iterations=100)), ctx
+        state, StylizeJob("styles", 1, content, (style,), params=StyleParams(iterations=100)), ctx
     )
     assert result.image.shape == (128, 128, 3)
     # The issue's oracle: at least 80% of the style loss gone in 100 evaluations at 128 px.
     assert result.losses["style"] <= 0.2 * result.initial_losses["style"]
 
 
-def test_worker_state_on_cuda_survives_a_checkpoint_path(tmp_path: Path) -> None:
+def test_loaded_models_on_cuda_survive_a_checkpoint_path(tmp_path: Path) -> None:
     """device="cuda" without a GPU would raise; here it must load and keep weights on the GPU."""
     torch.manual_seed(0)
     version = write_version(tmp_path, "digits", 1, "lenet5", build("lenet5"))

@@ -13,7 +13,7 @@ from export.models import build
 from export.preprocessing import IMAGENET
 from service.errors import Cancelled, InvalidArgument
 from service.worker.deepdream import DreamProgress, dream
-from service.worker.tasks import DreamParams
+from service.worker.params import DreamParams
 
 
 def scene(width: int, height: int) -> np.ndarray:

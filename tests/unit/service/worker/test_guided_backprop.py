@@ -16,15 +16,10 @@ from export.models import build
 from export.preprocessing import DIGITS, IMAGENET, Preprocessing, resize_and_crop, to_tensor
 from service.errors import Cancelled, InvalidArgument
 from service.worker.guided_backprop import _Switch, explain, guided_relus
-from service.worker.tasks import (
-    ExplainResult,
-    ExplainTask,
-    Limits,
-    ProgressUpdate,
-    TorchModel,
-    WorkerState,
-    handle,
-)
+from service.worker.handlers import handle
+from service.worker.jobs import ExplainJob, ExplainResult, ProgressUpdate
+from service.worker.loading import LoadedModels, TorchModel
+from service.worker.params import Limits
 
 
 def scene(size: int) -> Image.Image:
@@ -414,7 +409,7 @@ class StopAfter:
     def __call__(self) -> bool:
         return self.should_stop()
 
-    def should_stop(self) -> bool:  # the JobContext side, for tasks.handle
+    def should_stop(self) -> bool:  # the JobContext side, for handlers.handle
         self.checks += 1
         return self.n is not None and self.checks > self.n
 
@@ -453,7 +448,7 @@ def test_a_stop_ends_the_batch_within_one_layer(inplace: bool, stop_after: int, 
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
-def _toy_worker() -> WorkerState:
+def _toy_models() -> LoadedModels:
     toy = TorchModel(
         name="toy",
         version=1,
@@ -466,15 +461,15 @@ def _toy_worker() -> WorkerState:
         ),
         capabilities={"classify": True, "explain": True},
     )
-    return WorkerState(models={("toy", 1): toy}, device="cpu", limits=Limits(max_batch=8))
+    return LoadedModels(models={("toy", 1): toy}, device="cpu", limits=Limits(max_batch=8))
 
 
 def test_explain_job_counts_its_images_as_steps_and_stops_within_one_layer() -> None:
-    """The Explain job path (tasks.handle): a deadline or cancellation that lands in the middle of a
+    """The Explain job path (handlers.handle): a deadline or cancellation that lands in the middle of a
     batch stops it there, not after the whole batch; a finished batch reports its images as steps."""
-    worker = _toy_worker()
+    worker = _toy_models()
     inputs = np.random.default_rng(7).standard_normal((4, 3, 16, 16)).astype(np.float32)
-    task = ExplainTask(model="toy", version=1, inputs=inputs, method="guided_gradcam", render=None)
+    task = ExplainJob(model="toy", version=1, inputs=inputs, method="guided_gradcam", render=None)
 
     ctx = StopAfter()
     result = handle(worker, task, ctx)

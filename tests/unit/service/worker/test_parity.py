@@ -1,8 +1,8 @@
-"""The gradient workers compute with the network ONNX Runtime serves.
+"""The gradient processes compute with the network ONNX Runtime serves.
 
 For every architecture of the zoo (GoogLeNet with and without transform_input) a version is exported
 from a checkpoint file, as a user does with `python -m export onnx ARCH --weights FILE`, then loaded
-the way each worker process loads it (`load_models`). On the same input the worker's logits must
+the way each gradient process loads it (`load_models`). On the same input the process's logits must
 equal ONNX Runtime's on model.onnx within 1e-4 relative (max |diff| / max |logit|).
 
 The load-time parity self-test is tested too: a version whose metadata.json lost the exporter's
@@ -25,7 +25,7 @@ import torch
 from export.models import ARCHITECTURES, build
 from export.onnx_export import export_to_repository
 from service.errors import FailedPrecondition
-from service.worker.tasks import WorkerState, load_models
+from service.worker.loading import LoadedModels, load_models
 
 RELATIVE_BOUND = 1e-4
 
@@ -53,14 +53,14 @@ def relative(a: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(a - reference).max() / np.abs(reference).max())
 
 
-def load(directory: Path) -> WorkerState:
-    # What each worker process runs at start (the pool's initializer), the config as it crosses spawn.
+def load(directory: Path) -> LoadedModels:
+    # What each gradient process runs at start (the pool's initializer), the config as it crosses spawn.
     config = {"models": [str(directory)], "device": "cpu", "torch_threads": 0}
     return load_models(pickle.loads(pickle.dumps(config)))
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_worker_logits_equal_onnx_runtime_for_a_version_exported_from_a_checkpoint(
+def test_process_logits_equal_onnx_runtime_for_a_version_exported_from_a_checkpoint(
     case: tuple[str, dict[str, bool] | None], tmp_path: Path, make_checkpoint: Callable[..., Path]
 ) -> None:
     arch, kwargs = case
@@ -83,7 +83,7 @@ def test_worker_logits_equal_onnx_runtime_for_a_version_exported_from_a_checkpoi
 
     if arch == "googlenet":
         # Control: the checkpoint is alive enough that the other transform_input setting (what the
-        # workers built before they read build_kwargs) is far outside the bound.
+        # processes built before they read build_kwargs) is far outside the bound.
         wrong = build(arch, transform_input=not version.build_kwargs["transform_input"])
         wrong.load_state_dict(torch.load(version.weights_path, weights_only=True))
         with torch.no_grad():
@@ -98,13 +98,13 @@ def test_a_version_failing_the_parity_self_test_is_refused_for_gradient_jobs(
     good = export_to_repository("googlenet", root, weights=weights, name="inception").version
     lost = export_to_repository("googlenet", root, weights=weights, name="inception").version
     # metadata.json is not in its own sha256 manifest: a hand edit (or an older exporter) that drops
-    # build_kwargs makes the workers build GoogLeNet without the input transform ONNX Runtime applies.
+    # build_kwargs makes the processes build GoogLeNet without the input transform ONNX Runtime applies.
     meta = json.loads(lost.metadata_path.read_text())
     del meta["build_kwargs"]
     lost.metadata_path.write_text(json.dumps(meta))
 
     config = {"models": [str(good.path), str(lost.path)], "device": "cpu"}
-    with caplog.at_level("ERROR", logger="service.worker.tasks"):
+    with caplog.at_level("ERROR", logger="service.worker.loading"):
         state = load_models(pickle.loads(pickle.dumps(config)))
 
     assert list(state.models) == [("inception", 1)]

@@ -11,6 +11,7 @@ from torch import nn
 from export.models import build
 from export.preprocessing import IMAGENET
 from service.errors import Cancelled, InvalidArgument
+from service.worker.params import StyleParams
 from service.worker.style_transfer import (
     StyleOutput,
     StyleProgress,
@@ -19,7 +20,6 @@ from service.worker.style_transfer import (
     stylize,
     vgg_layer_names,
 )
-from service.worker.tasks import StyleParams
 
 
 def scene(size: int) -> np.ndarray:

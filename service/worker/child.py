@@ -1,19 +1,20 @@
-"""The worker side of the gradient pool: the child's main loop, JobContext, and the pipe messages.
+"""The child side of the gradient pool: the child's main loop, JobContext, and the pipe messages.
 
-This module runs inside every spawned worker process, so it imports nothing heavy: the algorithms'
+This module runs inside every spawned gradient process, so it imports nothing heavy: the algorithms'
 modules come in through the pickled `initializer` / `handler` references. The parent half lives in
-pool.py; everything that crosses the pipe is one of the frozen dataclasses below (plain data: the
-task travels as the pickle bytes the parent already made to fingerprint it).
+supervisor.py (spawn, the Ready/InitFailed handshake, reaping) and pool.py (jobs); everything that
+crosses the pipe is one of the frozen dataclasses below (plain data: the job travels as the pickle
+bytes the parent already made to fingerprint it).
 
-Protocol on one duplex Pipe per worker (the parent never shares a pipe between workers, so one
-death never touches another worker's job):
+Protocol on one duplex Pipe per child (the parent never shares a pipe between children, so one
+death never touches another child's job):
 
     child -> parent   Ready | InitFailed, then per job: Progress*, Steps*, Done
     parent -> child   RunJob | Stop
 
-Cancellation uses a shared, lock-free int64 per worker (`cancel_id`): the parent writes the id of the
+Cancellation uses a shared, lock-free int64 per child (`cancel_id`): the parent writes the id of the
 job to stop, `JobContext.should_stop()` compares it with its own id. Lock-free on purpose: a
-multiprocessing.Event or a locked Value takes a semaphore, and a worker SIGKILLed while holding it
+multiprocessing.Event or a locked Value takes a semaphore, and a child SIGKILLed while holding it
 would deadlock the parent's next cancel. An aligned 8-byte store/load cannot tear, and job ids are
 never reused, so a stale value can never stop the wrong job.
 """
@@ -31,9 +32,32 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from service.errors import ServiceError
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 
-# Worker exit statuses the parent can tell apart in its logs.
+# The ServiceErrors a Failed may name by code when the error itself does not unpickle (service_error).
+_ERRORS_BY_CODE: dict[str, type[ServiceError]] = {
+    cls.code.name: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Unavailable,
+        Cancelled,
+        Internal,
+    )
+}
+
+# Child exit statuses the parent can tell apart in its logs.
 EXIT_INIT_FAILED = 3
 
 # A handler that never calls progress() still reports its step count at most this often, so
@@ -59,7 +83,7 @@ class RunJob:
 
 @dataclass(frozen=True)
 class Stop:
-    """Exit after the current job (the parent sends it only to idle workers)."""
+    """Exit after the current job (the parent sends it only to idle children)."""
 
 
 @dataclass(frozen=True)
@@ -114,14 +138,14 @@ class Done:
     outcome: Ok | Failed
     steps: int
     stopped: str | None  # why should_stop() turned true ("cancelled", "deadline", "parent_gone"), if it did
-    run_s: float  # handler time in the worker
+    run_s: float  # handler time in the child
 
 
 # --- the context handlers get ---------------------------------------------------------------------
 
 
 class JobContext:
-    """Passed to the handler with each job, inside the worker.
+    """Passed to the handler with each job, inside the gradient process.
 
     should_stop(): the parent cancelled the job (the client went away, or the deadline passed and the
         parent gave up), the job's deadline passed, or the parent process is gone. Check it between
@@ -215,21 +239,29 @@ def _failure(exc: BaseException) -> Failed:
     return Failed(None, None, str(exc), None, error_type, tb)
 
 
-def worker_main(
+def service_error(failed: Failed) -> ServiceError:
+    """The parent's side of `_failure`: the handler's ServiceError, with its class and attributes when
+    it round-trips through pickle, else rebuilt from its code; an unknown code is Internal."""
+    if failed.service_error is not None:
+        try:
+            error = pickle.loads(failed.service_error)
+        except Exception:
+            error = None
+        if isinstance(error, ServiceError):
+            return error
+    cls = _ERRORS_BY_CODE.get(failed.code or "", Internal)
+    return cls(failed.message, reason=failed.reason)
+
+
+def child_main(
     conn: Connection,
     cancel_id: SharedInt,
     initializer: Callable[[], Any],
     handler: Callable[[Any, Any, JobContext], Any],
 ) -> None:
-    """Entry point of a worker process (multiprocessing spawn target)."""
-    # The parent owns signals: a Ctrl-C (SIGINT to the whole foreground process group) or a SIGTERM
-    # to the group (systemd KillMode=control-group, `kill -- -PGID`) must not kill jobs the parent
-    # is draining; the parent stops workers with a Stop message, or SIGKILL after its grace period.
-    # The parent blocked both signals around the spawn so the window before this line is covered too.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
+    """Entry point of a gradient process (multiprocessing spawn target): the ready handshake, then
+    one job per RunJob until Stop or until the parent is gone."""
+    _ignore_signals()
     parent_pid = os.getppid()
     send_lock = threading.Lock()  # a handler may report progress from its own threads
 
@@ -237,6 +269,36 @@ def worker_main(
         with send_lock:
             conn.send(message)
 
+    state = _initialize(conn, send, initializer)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break  # the parent is gone
+        if isinstance(message, Stop):
+            break
+        assert isinstance(message, RunJob), message
+        if not _run_job(message, state, handler, send, cancel_id, parent_pid):
+            break  # the parent is gone
+        # Drop the last job's arrays now rather than holding them while idle.
+        del message
+    conn.close()
+
+
+def _ignore_signals() -> None:
+    # The parent owns signals: a Ctrl-C (SIGINT to the whole foreground process group) or a SIGTERM
+    # to the group (systemd KillMode=control-group, `kill -- -PGID`) must not kill jobs the parent
+    # is draining; the parent stops its children with a Stop message, or SIGKILL after its grace
+    # period. The parent blocked both signals around the spawn so the window before this line is
+    # covered too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _initialize(conn: Connection, send: Callable[[object], None], initializer: Callable[[], Any]) -> Any:
+    """Run the initializer and answer Ready (with the state's ready_summary()), or InitFailed and
+    exit with EXIT_INIT_FAILED."""
     started = time.monotonic()
     try:
         state = initializer()
@@ -249,34 +311,34 @@ def worker_main(
         os._exit(EXIT_INIT_FAILED)
     summarize = getattr(state, "ready_summary", None)
     send(Ready(os.getpid(), time.monotonic() - started, summarize() if callable(summarize) else None))
+    return state
 
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            break  # the parent is gone
-        if isinstance(message, Stop):
-            break
-        assert isinstance(message, RunJob), message
-        job_started = time.monotonic()
-        deadline = None if message.time_left_s is None else job_started + message.time_left_s
-        ctx = JobContext(
-            job_id=message.job_id, send=send, cancel_id=cancel_id, deadline=deadline, parent_pid=parent_pid
-        )
-        outcome: Ok | Failed
-        try:
-            task = pickle.loads(message.task_bytes)
-            outcome = Ok(handler(state, task, ctx))
-        except Exception as exc:
-            outcome = _failure(exc)
-        done = Done(message.job_id, outcome, ctx.steps, ctx.stopped, time.monotonic() - job_started)
-        try:
-            send(done)
-        except OSError:
-            break  # the parent is gone
-        except Exception as exc:  # the result does not pickle: answer the job instead of dying
-            send(Done(message.job_id, _failure(exc), ctx.steps, ctx.stopped, done.run_s))
-        # Drop the last job's arrays now rather than holding them while idle.
-        del message, ctx, outcome, done
-        task = None
-    conn.close()
+
+def _run_job(
+    message: RunJob,
+    state: Any,
+    handler: Callable[[Any, Any, JobContext], Any],
+    send: Callable[[object], None],
+    cancel_id: SharedInt,
+    parent_pid: int,
+) -> bool:
+    """Run one job and send its Done; False when the parent is gone."""
+    job_started = time.monotonic()
+    deadline = None if message.time_left_s is None else job_started + message.time_left_s
+    ctx = JobContext(
+        job_id=message.job_id, send=send, cancel_id=cancel_id, deadline=deadline, parent_pid=parent_pid
+    )
+    outcome: Ok | Failed
+    try:
+        task = pickle.loads(message.task_bytes)
+        outcome = Ok(handler(state, task, ctx))
+    except Exception as exc:
+        outcome = _failure(exc)
+    done = Done(message.job_id, outcome, ctx.steps, ctx.stopped, time.monotonic() - job_started)
+    try:
+        send(done)
+    except OSError:
+        return False
+    except Exception as exc:  # the result does not pickle: answer the job instead of dying
+        send(Done(message.job_id, _failure(exc), ctx.steps, ctx.stopped, done.run_s))
+    return True

@@ -1,4 +1,4 @@
-"""The gradient workers load weights.pt with weights_only=True: a pickle that carries code is refused
+"""The gradient processes load weights.pt with weights_only=True: a pickle that carries code is refused
 and its code never runs, even when metadata.json's sha256 matches it (an attacker who can write the
 repository can write metadata.json too; the hash proves integrity, not that the file is safe).
 
@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-from test_tasks import write_version
+from job_helpers import write_version
 
 from export.models import build
-from service.worker.tasks import load_models
+from service.worker.loading import load_models
 
 
 def plant(directory: Path, marker: Path) -> None:
@@ -51,7 +51,7 @@ def test_a_weights_file_carrying_code_is_refused_and_the_code_never_runs(tmp_pat
     with pytest.raises(
         pickle.UnpicklingError, match=r"(?s)Weights only load failed.*GLOBAL (posix|os|nt)\.system"
     ):
-        # What each worker process runs at start (the pool's initializer), config as it crosses spawn.
+        # What each gradient process runs at start (the pool's initializer), config as it crosses spawn.
         load_models(pickle.loads(pickle.dumps(config)))
     assert not marker.exists()
 
