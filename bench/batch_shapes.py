@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.raw_ort import open_session
-from service.classify.session import ModelSession
+from service.engine.session import ModelSession
 
 CYCLE = (3, 7, 12, 5, 16, 9, 1, 14, 6, 11, 2, 8, 15, 4, 10, 13)
 

@@ -35,8 +35,8 @@ from export.preprocessing import Preprocessing
 from service import images
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-from service.classify.engine import softmax
-from service.servicers import top_classes
+from service.frontend.classify import softmax
+from service.frontend.convert import top_classes
 from service.settings import Settings
 
 

@@ -1,7 +1,7 @@
 """The in-process baseline: raw ONNX Runtime on a model file, no gRPC, no decoding, no batcher.
 
 `make bench` compares the served numbers against these. The session is built exactly as the
-service builds it (service.classify.session: same SessionOptions from the same Settings, same
+service builds it (service.engine.session: same SessionOptions from the same Settings, same
 provider choice, IO binding on CUDA, fp16 cast), so the ratio measures the service's own overhead.
 
     python -m bench.raw_ort model_repository/resnet50/1/model.onnx --batch-sizes 1,8,16 --json
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from service.classify.providers import select_provider
-from service.classify.session import ModelSession
+from service.engine.providers import select_provider
+from service.engine.session import ModelSession
 from service.settings import Settings
 
 

@@ -315,7 +315,7 @@ def wait_gradients_serving(address: str, timeout_s: float = 300.0) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from service.server import GRADIENTS_SERVICE
+    from service.frontend.server import GRADIENTS_SERVICE
 
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:

@@ -56,6 +56,16 @@ class LoadedModel:
     path: Path | None = field(default=None, compare=False)
 
 
+def input_name(model: LoadedModel) -> str:
+    """The name of the model's input tensor, as ONNX Runtime, ModelInfo and the OIP know it."""
+    return str((model.metadata or {}).get("input", {}).get("name", "input"))
+
+
+def output_name(model: LoadedModel) -> str:
+    """The name of the model's logits output, as ONNX Runtime, ModelInfo and the OIP know it."""
+    return str((model.metadata or {}).get("output", {}).get("name", "logits"))
+
+
 def loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = None) -> LoadedModel:
     """metadata.json -> LoadedModel, checking what the service relies on."""
     try:

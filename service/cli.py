@@ -108,8 +108,8 @@ def settings_from_args(
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from service.frontend.server import run
     from service.observability.logs import configure_logging
-    from service.server import run
 
     settings = settings_from_args(args, parser)
     configure_logging(settings)
@@ -131,8 +131,8 @@ def register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from service.frontend.gradient_tier import run_worker
     from service.observability.logs import configure_logging
-    from service.worker_server import run_worker
 
     settings = settings_from_args(args, parser, WorkerSettings)
     if settings.workers < 1:

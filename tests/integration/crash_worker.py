@@ -128,7 +128,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     handlers.handle = handle  # type: ignore[assignment]  # both read by Server._make_pool
     loading.load_models = load_models
-    from service.classify.session import ModelSession
+    from service.engine.session import ModelSession
 
     global _real_run
     _real_run = ModelSession.run

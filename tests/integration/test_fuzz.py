@@ -14,7 +14,7 @@ hangs, the server and its worker never crash, the server is SERVING afterwards, 
 by less than RSS_GROWTH_BOUND_BYTES. The gradient caps are small, so a gradient request that passes
 validation is a fraction of a second of work (one resnet18 explain, or 4 dream steps on <= 64 px).
 Raw bodies that do not parse must be answered INVALID_ARGUMENT, which takes
-service.servicers.MalformedRequestInterceptor on the server (grpc.aio alone answers UNKNOWN).
+service.frontend.interceptors.MalformedRequestInterceptor on the server (grpc.aio alone answers UNKNOWN).
 
 Hypothesis runs with derandomize=True (a fixed seed) and no shrinking: a failure is reported as the
 request that was sent. The test prints how many requests each RPC got and the codes seen.

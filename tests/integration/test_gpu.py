@@ -23,7 +23,7 @@ from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as oip
 from service._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
-from service.classify.providers import cuda_status
+from service.engine.providers import cuda_status
 
 pytestmark = [
     pytest.mark.integration,

@@ -20,7 +20,7 @@ from server_process import ServerProcess, module_server
 
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-from service.server import GRADIENTS_SERVICE
+from service.frontend.server import GRADIENTS_SERVICE
 
 pytestmark = pytest.mark.integration
 

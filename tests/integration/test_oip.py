@@ -26,7 +26,7 @@ from service._proto.cnnserve.v1 import inference_pb2, inference_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as mc
-from service.oip import TRITON_UNIMPLEMENTED
+from service.frontend.triton import TRITON_UNIMPLEMENTED
 
 pytestmark = pytest.mark.integration
 

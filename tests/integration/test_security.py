@@ -44,9 +44,9 @@ from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service._proto.grpc.reflection.v1 import reflection_pb2 as reflection_v1_pb2
 from service._proto.inference import grpc_predict_v2_pb2 as oip
 from service._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
-from service.classify import session as session_mod
-from service.classify.engine import ClassificationEngine
-from service.server import GRADIENTS_SERVICE
+from service.engine import session as session_mod
+from service.engine.engine import ClassificationEngine
+from service.frontend.server import GRADIENTS_SERVICE
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration

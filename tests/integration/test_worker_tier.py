@@ -26,7 +26,7 @@ from server_process import ServerProcess
 
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-from service.server import GRADIENTS_SERVICE
+from service.frontend.server import GRADIENTS_SERVICE
 from service.worker import jobs
 from service.worker.params import DreamParams
 

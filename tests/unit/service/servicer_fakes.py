@@ -1,8 +1,9 @@
 """A classification engine double for the servicer and server tests (no ONNX Runtime).
 
-It honours the engine contract of docs/SERVICE_INTERFACES.md: `get` raises NotFound, images are
-decoded and validated by the real service.images, probabilities are a softmax, and the deadline
-is honoured like the batcher does (DeadlineExceeded, never computed). Its "network" is
+It honours the engine protocol (service/engine/protocol.py): `get` raises NotFound, `admit` and
+`infer` take preprocessed tensors (the real classify path, service/frontend/classify.py, decodes in
+front of it and applies the softmax), and the deadline is honoured like the batcher does
+(DeadlineExceeded, never computed). Its "network" is
 transparent: logits[k] = -(mean(x) - k)^2, so a tensor filled with 3.0 is class 3.
 """
 
@@ -17,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from export.preprocessing import DIGITS, Preprocessing
-from service import images
-from service.errors import DeadlineExceeded, NotFound, ResourceExhausted
+from service.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
 
 
 @dataclass(frozen=True)
@@ -114,22 +114,24 @@ class FakeEngine:
         self.computed_images += batch.shape[0]
         return fake_logits(batch, model.num_classes)
 
-    async def classify_images(self, model: FakeModel, data: list[bytes], deadline: float | None):
-        tensors = [
-            images.image_to_tensor(images.decode_image(d, max_pixels=10_000_000), model.preprocessing)
-            for d in data
-        ]
-        logits = await self._compute(model, np.stack(tensors), deadline)
-        return softmax(logits), FakeTimings(0.001, 0.002, 0.0, self.delay_s)
+    def admit(self, model: FakeModel, n: int) -> FakeAdmission:
+        if not self._ready:
+            raise Unavailable("models are still loading", reason="unavailable")
+        self.get(model.name, model.version)  # NotFound like the engine
+        return FakeAdmission()
 
-    async def classify_tensors(self, model: FakeModel, batch: np.ndarray, deadline: float | None):
-        assert batch.ndim == 4 and batch.dtype == model.input_dtype
-        logits = await self._compute(model, batch, deadline)
-        return softmax(logits), FakeTimings(0.0, 0.0, 0.0, self.delay_s)
+    async def infer(
+        self, model: FakeModel, batch: np.ndarray, deadline: float | None, admission: Any = None
+    ) -> tuple[np.ndarray, FakeTimings]:
+        # The engine's contract: a preprocessed batch of the model's shape (its session casts).
+        assert batch.ndim == 4 and tuple(batch.shape[1:]) == model.input_shape
+        logits = await self._compute(model, batch.astype(model.input_dtype), deadline)
+        return logits, FakeTimings(0.0, 0.0, 0.0, self.delay_s)
 
-    async def infer(self, model: FakeModel, batch: np.ndarray, deadline: float | None):
-        assert batch.ndim == 4 and batch.dtype == model.input_dtype
-        return await self._compute(model, batch, deadline), FakeTimings(0.0, 0.0, 0.0, self.delay_s)
+
+class FakeAdmission:
+    def release(self) -> None:
+        pass
 
 
 def queue_full() -> ResourceExhausted:
@@ -137,7 +139,7 @@ def queue_full() -> ResourceExhausted:
 
 
 class Harness:
-    """The real service.server.Server around a FakeEngine, on 127.0.0.1 with ephemeral ports, its
+    """The real service.frontend.server.Server around a FakeEngine, on 127.0.0.1 with ephemeral ports, its
     event loop in a background thread; tests talk to it over a real channel."""
 
     def __init__(
@@ -145,7 +147,7 @@ class Harness:
     ) -> None:
         import grpc
 
-        from service.server import Server
+        from service.frontend.server import Server
         from service.settings import Settings
 
         self.engine = engine or FakeEngine()

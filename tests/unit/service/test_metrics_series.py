@@ -15,10 +15,10 @@ from servicer_fakes import FakeEngine, FakeModel, Harness
 
 from service._proto.cnnserve.v1 import inference_pb2
 from service._proto.inference import grpc_predict_v2_pb2
+from service.frontend.gradient_tier import WorkerServer
 from service.observability import metrics
 from service.settings import Settings
 from service.worker.jobs import JobKind
-from service.worker_server import WorkerServer
 
 GRADIENTS = {"classify": True, "explain": True, "dream": True, "stylize": True}
 CLASSIFY_ONLY = {"classify": True, "explain": False, "dream": False, "stylize": False}

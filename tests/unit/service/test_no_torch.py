@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.mark.parametrize(
     "module",
     [
-        "service.classify.engine",
+        "service.engine.engine",
+        "service.frontend.server",  # the gRPC process of the coming frontend/engine split
+        "service.frontend.gradient_tier",
         "export.repository",
         "service.catalog",
         "service.worker.jobs",  # the serving process builds and prices gradient jobs
@@ -29,6 +31,16 @@ def test_importing_the_module_does_not_import_torch(module: str) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "False", f"importing {module} imports torch"
+
+
+def test_the_frontend_imports_no_onnx_runtime_either() -> None:
+    """A frontend process decodes and speaks gRPC; the engine behind its protocol runs ONNX Runtime
+    (server.py builds the in-process engine only when it serves, inside a function)."""
+    code = "import sys, service.frontend.server; print(any(m.startswith('onnxruntime') for m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "False"
 
 
 def test_the_catalog_imports_no_onnx_runtime_either() -> None:

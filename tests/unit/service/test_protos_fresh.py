@@ -313,7 +313,7 @@ def test_open_inference_protocol_service_methods() -> None:
         "ServerMetadata",
         "ModelMetadata",
         "ModelInfer",
-        # Triton's read-only additions (its other ones answer UNIMPLEMENTED: service.oip).
+        # Triton's read-only additions (its other ones answer UNIMPLEMENTED: service.frontend.triton).
         "ModelConfig",
         "ModelStatistics",
         "RepositoryIndex",

@@ -183,7 +183,7 @@ def test_classify_unknown_model_fails(
 
 
 def test_worker_pool_timeouts_come_from_the_settings() -> None:
-    from service.server import Server
+    from service.frontend.server import Server
 
     class NoModels:
         ready = False

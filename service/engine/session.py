@@ -1,0 +1,307 @@
+"""One ONNX Runtime session per model version.
+
+The model file is checked before ONNX Runtime sees it (external data must stay inside the model's
+folder), the session's inputs and outputs are checked against metadata.json, and `provider` reports
+the provider the session really runs on, not the one that was asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Collection, Iterable, Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from service.catalog import ModelLoadError
+from service.engine.providers import CUDA, ProviderChoice
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+
+
+class ModelRunError(RuntimeError):
+    """A run returned something that cannot be the model's answer (wrong output shape)."""
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    """SessionOptions from the settings; shared by the service and bench/raw_ort.py."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization_level]
+    so.intra_op_num_threads = settings.intra_op_threads  # 0: ONNX Runtime picks one per core
+    so.inter_op_num_threads = settings.inter_op_threads
+    # CNNs are chains of big ops: parallelism belongs inside each op (intra-op), not across them.
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads spin by default, burning the cores that decode images and run gRPC.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
+    # Warnings such as "some nodes were not assigned to the preferred execution provider" are
+    # expected on CUDA (shape ops run on CPU); we report what matters ourselves.
+    so.log_severity_level = 3
+    return so
+
+
+# --- external data ---------------------------------------------------------------------------------
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for sub in attr.graphs:
+            yield from _graph_tensors(sub)
+
+
+def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def check_external_data(model_path: Path, listed_files: Collection[str] | None = None) -> list[Path]:
+    """Refuse a model whose external data could read files outside its own folder.
+
+    Every tensor stored as external data must name a relative `location` with no `..`, no
+    symlink on the way, resolving to an existing file inside the model's folder. With
+    `listed_files` (the names metadata.json lists, each with its sha256), the file must also be one
+    of them, so every byte ONNX Runtime reads has been checked against a hash. Runs on the
+    ModelProto loaded *without* its external data, before any session exists. Returns the external
+    files (empty for the usual self-contained model). Raises ModelLoadError.
+    """
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{model_path}: not a readable ONNX model ({exc})") from exc
+    folder = model_path.parent.resolve(strict=True)
+    files: dict[str, Path] = {}
+    for tensor in _model_tensors(model):
+        entries = {e.key: e.value for e in tensor.external_data}
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not entries:
+            continue
+        location = entries.get("location", "")
+        if location not in files:
+            path = _safe_external_path(model_path, folder, tensor.name, location)
+            if listed_files is not None and path.relative_to(folder).as_posix() not in listed_files:
+                raise ModelLoadError(
+                    f"{model_path}: refusing to load: tensor {tensor.name!r} keeps its data in "
+                    f"{location!r}, which metadata.json does not list (no sha256 to check it against)"
+                )
+            files[location] = path
+    return list(files.values())
+
+
+def _safe_external_path(model_path: Path, folder: Path, tensor: str, location: str) -> Path:
+    def refuse(why: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"{model_path}: refusing to load: tensor {tensor!r} keeps its data in {location!r}, {why}; "
+            "external data must be a plain file inside the model's folder"
+        )
+
+    if not location:
+        raise refuse("an empty location")
+    if "\x00" in location:
+        raise refuse("a location with a NUL byte")
+    # Judge the location as both POSIX and Windows paths: "..\\x" or "C:x" must not slip through.
+    posix, windows = PurePosixPath(location), PureWindowsPath(location)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or location.startswith(("/", "\\")):
+        raise refuse("an absolute path")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise refuse("a path with '..'")
+    candidate = folder / posix
+    # No symlink anywhere between the folder and the file (a link could be swapped after this check).
+    part = candidate
+    while part != folder:
+        if part.is_symlink():
+            raise refuse(f"a path through the symlink {part.relative_to(folder)}")
+        part = part.parent
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError):
+        raise refuse("a file that does not exist") from None
+    if not resolved.is_relative_to(folder):
+        raise refuse("a path outside the model folder")
+    if not resolved.is_file():
+        raise refuse("something that is not a regular file")
+    return resolved
+
+
+# --- the session -----------------------------------------------------------------------------------
+
+
+class ModelSession:
+    """An onnxruntime.InferenceSession for one model version.
+
+    `run(batch)` takes an (N, C, H, W) float32 (or the model's dtype) array and returns float32
+    logits (N, K). fp16 models are served as exported: the input is cast to float16 and the
+    float16 logits back to float32. On CUDA the run uses IO binding: the input is copied to the
+    device once, the output stays on the device until one copy back.
+
+    Not thread-safe by design: the batcher calls it from the model's single runner thread.
+    """
+
+    def _error(self, message: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: {message}")
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        settings: Settings,
+        provider: ProviderChoice,
+        input_name: str = "input",
+        output_name: str = "logits",
+        input_dtype: np.dtype | type = np.float32,
+        input_shape: tuple[int, ...] | None = None,
+        require_provider: bool = False,
+        listed_files: Collection[str] | None = None,
+    ) -> None:
+        """`input_shape` is the per-image (C, H, W) from metadata.json; `require_provider` makes a
+        fallback from the chosen provider an error instead of a warning (device=cuda);
+        `listed_files`: see check_external_data."""
+        self.path = Path(model_path)
+        self.input_name = input_name
+        self.output_name = output_name
+        self.input_dtype = np.dtype(input_dtype)
+        if self.input_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise self._error(f"unsupported input dtype {self.input_dtype} (float32 or float16)")
+
+        self.external_files = check_external_data(self.path, listed_files)
+        started = time.perf_counter()
+        try:
+            self._session = ort.InferenceSession(
+                os.fspath(self.path), session_options(settings), providers=provider.session_providers()
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
+        self.load_s = time.perf_counter() - started
+
+        self.provider: str = self._session.get_providers()[0]
+        if self.provider != provider.name:
+            message = f"{self.path}: asked for {provider.name} but onnxruntime runs it on {self.provider}"
+            if require_provider:
+                raise ModelLoadError(message)
+            log.warning("%s; serving it on %s", message, self.provider)
+        self._cuda = self.provider == CUDA
+        self._device_id = provider.device_id or 0
+
+        self.input_shape, self.batch_limit = self._check_input(input_shape)
+        self.num_classes = self._check_output()
+        # Rows every run is zero-padded to (fix_batch_size); None: batches run at their own size.
+        self.fixed_batch: int | None = None
+
+    def fix_batch_size(self, rows: int) -> None:
+        """Run every batch of up to `rows` images zero-padded to exactly `rows` rows (a larger batch
+        is refused). For the CUDA provider, which rebuilds its convolution plans on every change
+        of the input shape (Settings.cuda_fixed_batch); the padding rows' outputs are dropped."""
+        if rows < 1 or (self.batch_limit is not None and rows > self.batch_limit):
+            raise ValueError(f"cannot fix the batch size of {self.path} at {rows}")
+        self.fixed_batch = rows
+
+    def _check_input(self, expected: tuple[int, ...] | None) -> tuple[tuple[int, ...], int | None]:
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        if list(inputs) != [self.input_name]:
+            raise self._error(
+                f"expected exactly one input named {self.input_name!r}, the model has {list(inputs)}"
+            )
+        meta = inputs[self.input_name]
+        dtype = _ORT_TYPES.get(meta.type)
+        if dtype != self.input_dtype:
+            raise self._error(
+                f"input {self.input_name!r} is {meta.type}, metadata says {self.input_dtype.name}"
+            )
+        dims = list(meta.shape)
+        if len(dims) != 4:
+            raise self._error(f"input {self.input_name!r} has shape {dims}, expected [N, C, H, W]")
+        model_chw = dims[1:]
+        if expected is not None:
+            for got, want in zip(model_chw, expected, strict=True):
+                if isinstance(got, int) and got != want:
+                    raise self._error(
+                        f"input shape {dims} does not match metadata [N, {', '.join(map(str, expected))}]"
+                    )
+            shape = tuple(int(d) for d in expected)
+        elif all(isinstance(d, int) for d in model_chw):
+            shape = tuple(int(d) for d in model_chw)
+        else:
+            raise self._error(f"input shape {dims} is not static and no shape was given")
+        # Exported models have a dynamic batch dimension; a fixed one caps the batch size.
+        batch_limit = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+        return shape, batch_limit
+
+    def _check_output(self) -> int | None:
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if self.output_name not in outputs:
+            raise self._error(f"no output named {self.output_name!r}; it has {list(outputs)}")
+        meta = outputs[self.output_name]
+        if meta.type not in _ORT_TYPES:
+            raise self._error(f"output {self.output_name!r} is {meta.type}, expected float logits")
+        dims = list(meta.shape)
+        if len(dims) != 2:
+            raise self._error(f"output {self.output_name!r} has shape {dims}, expected [N, classes]")
+        return dims[1] if isinstance(dims[1], int) else None
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 logits (N, K) for the (N, C, H, W) batch."""
+        x = np.ascontiguousarray(batch, dtype=self.input_dtype)
+        rows = x.shape[0]
+        if self.fixed_batch is not None and rows != self.fixed_batch:
+            if rows > self.fixed_batch:
+                raise ModelRunError(f"{self.path}: batch of {rows} over the fixed size {self.fixed_batch}")
+            padded = np.zeros((self.fixed_batch, *x.shape[1:]), dtype=x.dtype)
+            padded[:rows] = x
+            x = padded
+        if self._cuda:
+            binding = self._session.io_binding()
+            binding.bind_ortvalue_input(
+                self.input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self._device_id)
+            )
+            binding.bind_output(self.output_name, "cuda", self._device_id)
+            self._session.run_with_iobinding(binding)
+            logits = binding.copy_outputs_to_cpu()[0]
+        else:
+            logits = self._session.run([self.output_name], {self.input_name: x})[0]
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ModelRunError(
+                f"{self.path}: returned shape {list(logits.shape)} for a batch of {x.shape[0]}"
+            )
+        logits = logits[:rows]
+        # Softmax and clients get float32 even from a float16 model.
+        return np.asarray(logits, dtype=np.float32)
+
+    def warmup(self, batch_sizes: Iterable[int]) -> float:
+        """Run each batch size once (allocations, CUDA kernels, cuDNN algorithm search happen here,
+        not in the first requests). Returns the seconds it took."""
+        started = time.perf_counter()
+        for n in batch_sizes:
+            self.run(np.zeros((n, *self.input_shape), dtype=self.input_dtype))
+        return time.perf_counter() - started
