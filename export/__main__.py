@@ -137,7 +137,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _onnx(args: argparse.Namespace) -> None:
     from export.models import get_spec
-    from export.onnx_export import export_to_repository
+    from export.publish import export_to_repository
 
     get_spec(args.arch)
     if args.trained_on is not None and args.weights is None:

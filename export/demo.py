@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from export.errors import RepositoryError, UsageError
-from export.onnx_export import export_to_repository
+from export.publish import export_to_repository
 from export.repository import ModelVersion, latest, scan, verify_files
 
 DEMO_MODELS: tuple[str, ...] = ("lenet5", "alexnet", "googlenet", "resnet18", "resnet50", "vgg19")

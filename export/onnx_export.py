@@ -1,4 +1,5 @@
-"""PyTorch -> ONNX: export, check, verify against PyTorch with ONNX Runtime, write a repository version.
+"""PyTorch -> ONNX: export, check, verify against PyTorch with ONNX Runtime (export.publish writes
+the result as a repository version).
 
 Exporter: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript), the maintained path;
 the TorchScript exporter is deprecated. With a `torch.export.Dim` on the batch axis it gives every
@@ -22,7 +23,7 @@ Every export is then:
      (~1e-11) underflow, random resnet152's (~1e8) overflow.
    ORT's CPU provider has no float16 kernels for some ops and inserts float32 casts around them; the
    result is still the float16 model's numbers at its inputs and outputs.
-A model that fails either step is refused with VerificationError and its version directory removed.
+A model that fails either step is refused with VerificationError.
 """
 
 from __future__ import annotations
@@ -30,11 +31,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,8 @@ import onnx
 import torch
 from torch import nn
 
-from export.checkpoints import load_weights
 from export.errors import UsageError, VerificationError
-from export.preprocessing import describe_input
-from export.repository import ONNX_FILE, WEIGHTS_FILE, ModelVersion, VersionWriter, check_name
+from export.repository import ModelVersion
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -61,7 +58,6 @@ FP16_SMALLEST_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-05
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-RANDOM_WEIGHTS_SEED = 0
 # Architectures whose gradient features the service offers (besides classify and explain).
 DREAM_ARCHITECTURES = frozenset(
     {"alexnet", "alexnet_torchvision", "googlenet", "resnet18", "resnet34", "resnet50", "resnet101"}
@@ -83,14 +79,6 @@ class Verification:
     min_top1_agreement: float
     reference: str
     provider: str
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    version: ModelVersion
-    seconds: float  # export + check + verification + writing
-    onnx_bytes: int
-    verification: Verification
 
 
 # Loggers whose warnings are the exporter talking to itself: "torchvision is not installed. Skipping
@@ -144,6 +132,12 @@ def _inline_external_data(path: Path) -> None:
         (path.parent / location).unlink(missing_ok=True)
 
 
+def check_opset(opset: int) -> None:
+    """UsageError unless this exporter supports ONNX opset `opset`."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
+
+
 def export_onnx(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -158,8 +152,7 @@ def export_onnx(
     With `fp16` the weights, input and output are float16 (the model is converted on a copy).
     """
     path = Path(path)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UsageError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
+    check_opset(opset)
     if fp16:
         model = _half_copy(model)
     dtype = torch.float16 if fp16 else torch.float32
@@ -221,12 +214,55 @@ def check(path: Path, opset: int | None = None) -> None:
         )
 
 
-def _session(path: Path) -> Any:
+def ort_session(path: Path) -> Any:
+    """An ONNX Runtime session for `path` on the CPUExecutionProvider (what verify runs)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings about inserted casts are expected
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _run_onnx(session: Any, path: Path, x: np.ndarray, fp16: bool, shape: tuple[int, ...]) -> np.ndarray:
+    """The ONNX model's logits for float32 input `x` (cast to float16 for an fp16 model), refused
+    unless they have `shape` and the model's dtype."""
+    feed = x.astype(np.float16 if fp16 else np.float32)
+    try:
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: feed})
+    except Exception as e:  # ORT raises its own Fail/InvalidArgument/NotImplemented types
+        raise VerificationError(
+            f"ONNX Runtime cannot run {path.name}: {' '.join(str(e).split())[:300]}"
+        ) from None
+    expected_dtype = np.float16 if fp16 else np.float32
+    if got.shape != shape or got.dtype != expected_dtype:
+        raise VerificationError(
+            f"{path.name} returned {got.dtype} {list(got.shape)}, expected {np.dtype(expected_dtype)} "
+            f"{list(shape)}"
+        )
+    return np.asarray(got)
+
+
+def _refuse_outside_bounds(result: Verification, scale: float, fp16: bool) -> None:
+    """VerificationError unless `result` meets its bounds (and float16 can represent logits of
+    magnitude `scale`)."""
+    precision = "float16" if fp16 else "float32"
+    if fp16 and scale < FP16_SMALLEST_NORMAL:
+        raise VerificationError(
+            f"float16 export is meaningless for these weights: the logits' magnitude {scale:.3g} is below "
+            f"float16's smallest normal number {FP16_SMALLEST_NORMAL:.3g}"
+        )
+    relative, bound = result.relative_diff, result.max_relative_diff
+    if not relative <= bound:
+        raise VerificationError(
+            f"{precision} ONNX model disagrees with PyTorch: relative diff {relative:.3g} > {bound:g} "
+            f"(max abs diff {result.max_abs_diff:.3g})"
+        )
+    agreement, min_agreement = result.top1_agreement, result.min_top1_agreement
+    if agreement < min_agreement:
+        raise VerificationError(
+            f"{precision} ONNX model disagrees with PyTorch: top-1 equal on {agreement:.0%} of "
+            f"{result.batch} rows, need {min_agreement:.0%}"
+        )
 
 
 def verify(
@@ -246,21 +282,8 @@ def verify(
     x = torch.randn(batch, *input_shape, generator=generator)
     with torch.no_grad():
         reference = model.eval()(x).double().numpy()
-    feed = x.numpy().astype(np.float16 if fp16 else np.float32)
-    session = _session(path)
-    try:
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: feed})
-    except Exception as e:  # ORT raises its own Fail/InvalidArgument/NotImplemented types
-        raise VerificationError(
-            f"ONNX Runtime cannot run {path.name}: {' '.join(str(e).split())[:300]}"
-        ) from None
-    expected_dtype = np.float16 if fp16 else np.float32
-    if got.shape != reference.shape or got.dtype != expected_dtype:
-        raise VerificationError(
-            f"{path.name} returned {got.dtype} {list(got.shape)}, expected {np.dtype(expected_dtype)} "
-            f"{list(reference.shape)}"
-        )
-    got64 = got.astype(np.float64)
+    session = ort_session(path)
+    got64 = _run_onnx(session, path, x.numpy(), fp16, reference.shape).astype(np.float64)
     scale = float(np.abs(reference).max())
     if not np.isfinite(got64).all():
         if fp16 and scale > FP16_MAX:
@@ -286,22 +309,7 @@ def verify(
         reference="pytorch float32",
         provider=session.get_providers()[0],
     )
-    precision = "float16" if fp16 else "float32"
-    if fp16 and scale < FP16_SMALLEST_NORMAL:
-        raise VerificationError(
-            f"float16 export is meaningless for these weights: the logits' magnitude {scale:.3g} is below "
-            f"float16's smallest normal number {FP16_SMALLEST_NORMAL:.3g}"
-        )
-    if not relative <= bound:
-        raise VerificationError(
-            f"{precision} ONNX model disagrees with PyTorch: relative diff {relative:.3g} > {bound:g} "
-            f"(max abs diff {max_abs:.3g})"
-        )
-    if agreement < min_agreement:
-        raise VerificationError(
-            f"{precision} ONNX model disagrees with PyTorch: top-1 equal on {agreement:.0%} of {batch} rows, "
-            f"need {min_agreement:.0%}"
-        )
+    _refuse_outside_bounds(result, scale, fp16)
     return result
 
 
@@ -331,22 +339,6 @@ def exporter_versions() -> dict[str, str]:
     }
 
 
-def labels_for(dataset: str, num_classes: int) -> list[str]:
-    """Class names for a data set: the digits, or ImageNet's 1000 classes (export/data)."""
-    if dataset == "digits":
-        labels = [str(d) for d in range(10)]
-    elif dataset == "imagenet":
-        from importlib import resources
-
-        text = resources.files("export").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
-        labels = text.splitlines()
-    else:
-        raise UsageError(f"no labels for data set {dataset!r}")
-    if len(labels) != num_classes:
-        raise UsageError(f"{dataset} has {len(labels)} labels but the model has {num_classes} classes")
-    return labels
-
-
 def capabilities(arch: str, model: nn.Module) -> dict[str, bool]:
     """What the service may do with this model.
 
@@ -360,127 +352,3 @@ def capabilities(arch: str, model: nn.Module) -> dict[str, bool]:
         "dream": arch in DREAM_ARCHITECTURES,
         "stylize": arch in STYLIZE_ARCHITECTURES,
     }
-
-
-def _digits_accuracy(path: Path, fp16: bool) -> dict[str, Any]:
-    """Held-out accuracy of the exported model itself, run by ONNX Runtime (what the service serves)."""
-    from export.digits import SPLIT_DESCRIPTION, load_split
-
-    split = load_split()
-    session = _session(path)
-    x = split.x_test.astype(np.float16 if fp16 else np.float32)
-    (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
-    correct = int((logits.argmax(1) == split.y_test).sum())
-    return {
-        "dataset": "digits",
-        "split": f"held-out ({SPLIT_DESCRIPTION})",
-        "samples": len(split.y_test),
-        "accuracy": round(correct / len(split.y_test), 6),
-        "runtime": "onnxruntime CPUExecutionProvider",
-    }
-
-
-def export_to_repository(
-    arch: str,
-    repository: str | Path,
-    *,
-    weights: str | Path | None = None,
-    model: nn.Module | None = None,
-    name: str | None = None,
-    version: int | None = None,
-    fp16: bool = False,
-    opset: int = DEFAULT_OPSET,
-    trained_on: str | None = None,
-    training: dict[str, Any] | None = None,
-    build_kwargs: dict[str, Any] | None = None,
-    seed: int = RANDOM_WEIGHTS_SEED,
-) -> ExportResult:
-    """Export architecture `arch` as a new version of model `name` (default: `arch`) in `repository`.
-
-    Weights: `weights` (a checkpoint file, loaded strictly and safely), or an in-memory `model`, or
-    neither: random initialization after `torch.manual_seed(seed)`, recorded as untrained.
-    `trained_on` defaults to the architecture's data set when weights are given. GoogLeNet loaded
-    from a checkpoint is built with transform_input=True as torchvision does for its published
-    weights (override with build_kwargs={"transform_input": False}). The version is built in a
-    `.tmp-*` directory and renamed into place only after the checker and the ORT parity check pass.
-    """
-    from export.describe import describe
-    from export.models import build, get_spec
-
-    started = time.perf_counter()
-    spec = get_spec(arch)
-    name = check_name(name or arch)
-    if weights is not None and model is not None:
-        raise UsageError("give either a checkpoint or an in-memory model, not both")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UsageError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
-    kwargs = dict(build_kwargs or {})
-    if arch == "googlenet" and weights is not None:
-        kwargs.setdefault("transform_input", True)
-    trained = weights is not None or model is not None
-    if trained_on is None and trained:
-        trained_on = spec.dataset
-
-    # Cheap refusals first (an existing version, an unwritable repository, a bad checkpoint), then
-    # the export itself.
-    writer = VersionWriter(repository, name, version)
-    with writer:
-        source_sha256 = None
-        if model is None:
-            with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-                torch.manual_seed(seed)
-                model = build(arch, **kwargs)
-            if weights is not None:
-                source_sha256 = load_weights(model, weights, arch)
-        model = model.eval()
-        state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        torch.save(state_dict, writer.path / WEIGHTS_FILE)
-
-        onnx_path = writer.path / ONNX_FILE
-        export_onnx(model, spec.input_shape, onnx_path, opset=opset, fp16=fp16)
-        check(onnx_path, opset)
-        verification = verify(onnx_path, model, spec.input_shape, fp16=fp16)
-        evaluation = _digits_accuracy(onnx_path, fp16) if trained and spec.dataset == "digits" else None
-
-        described = describe(arch)
-        dtype = "float16" if fp16 else "float32"
-        metadata: dict[str, Any] = {
-            "schema_version": 1,
-            "name": name,
-            "version": 0,  # set by commit
-            "architecture": arch,
-            "input": {
-                "name": INPUT_NAME,
-                "shape": list(spec.input_shape),
-                "dtype": dtype,
-                "description": describe_input(spec.preprocessing),
-            },
-            "output": {"name": OUTPUT_NAME, "shape": [spec.num_classes], "dtype": dtype},
-            "num_classes": spec.num_classes,
-            "preprocessing": spec.preprocessing.to_dict(),
-            "labels": labels_for(spec.dataset, spec.num_classes),
-            "trained": trained,
-            "trained_on": trained_on if trained else None,
-            # What the exported (eval-mode) network computes with: GoogLeNet's aux heads excluded.
-            "parameters": int(described["parameters_without_aux"]),
-            "flops": int(described["flops"]),
-            "fp16": fp16,
-            "source_checkpoint_sha256": source_sha256,
-            "files": {},  # filled in by commit
-            "opset": opset,
-            "exporters": exporter_versions(),
-            "exported_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "verification": asdict(verification),
-            "capabilities": capabilities(arch, model),
-            "training": training,
-            "evaluation": evaluation,
-            "build_kwargs": kwargs,
-        }
-        committed = writer.commit(metadata)
-    onnx_bytes = committed.onnx_path.stat().st_size
-    return ExportResult(
-        version=committed,
-        seconds=time.perf_counter() - started,
-        onnx_bytes=onnx_bytes,
-        verification=verification,
-    )

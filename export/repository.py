@@ -12,7 +12,7 @@ by two exporters racing for the same number (the loser gets `VersionExists`, or 
 when it did not ask for a specific one).
 
 Reading (the service uses only these): `scan`, `read_version`, `load_metadata`, `verify_files`,
-`verify_file`, `latest`, `sha256_file`.
+`verify_file`, `latest`, `sha256_file`. What metadata.json must say: export.metadata.
 """
 
 from __future__ import annotations
@@ -21,34 +21,32 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from export.errors import IntegrityError, MetadataError, RepositoryError, VersionExists
+
+# The schema and the file names it fixes live in export.metadata. The names re-exported here
+# ("X as X") are the repository's public API used across the repo: the service reads
+# repository.WEIGHTS_FILE, the tests call repository.validate_metadata.
+from export.metadata import FILE_RE, NAME_RE, is_int
+from export.metadata import METADATA as METADATA
+from export.metadata import ONNX_FILE as ONNX_FILE
+from export.metadata import WEIGHTS_FILE as WEIGHTS_FILE
+from export.metadata import validate_metadata as validate_metadata
 from export.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-METADATA = "metadata.json"
-ONNX_FILE = "model.onnx"
-WEIGHTS_FILE = "weights.pt"
-REQUIRED_FILES = (ONNX_FILE, WEIGHTS_FILE)
 TMP_PREFIX = ".tmp-"
-DTYPES = ("float32", "float16")
-# Model names are path components and appear in URLs, metric labels and `name:version` selections.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # a plain file name: no "/", no ".."
 _COMMIT_ATTEMPTS = 20
 
 
@@ -130,149 +128,6 @@ class ModelVersion:
         """Keyword arguments for `export.models.build(architecture, ...)` that rebuild the module
         weights.pt belongs to (e.g. GoogLeNet's transform_input); {} when absent."""
         return dict(self.metadata.get("build_kwargs") or {})
-
-
-# --- validation -------------------------------------------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _require(meta: Mapping[str, Any], key: str, ok: bool, what: str, where: str) -> None:
-    if not ok:
-        shown = json.dumps(meta.get(key)) if key in meta else "missing"
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
-        raise MetadataError(f"{where}: field {key!r} must be {what}, got {shown}")
-
-
-def validate_metadata(meta: Any, where: str = METADATA) -> dict[str, Any]:
-    """Check `meta` against schema version 1; returns it, or raises MetadataError naming the field.
-
-    Optional fields: `training` (object or null: how the weights were trained), `evaluation`
-    (object or null: accuracy of model.onnx on a held-out set), `build_kwargs` (object).
-    """
-    if not isinstance(meta, dict):
-        raise MetadataError(f"{where}: not a JSON object")
-
-    def req(key: str, ok: Callable[[Any], bool], what: str) -> None:
-        _require(meta, key, key in meta and ok(meta.get(key)), what, where)
-
-    req("schema_version", lambda v: _is_int(v), "an integer")
-    if meta["schema_version"] != SCHEMA_VERSION:
-        raise MetadataError(
-            f"{where}: schema_version {meta['schema_version']} is not supported "
-            f"(this reader knows {SCHEMA_VERSION})"
-        )
-    req("name", lambda v: isinstance(v, str) and bool(NAME_RE.match(v)), "a model name")
-    req("version", lambda v: _is_int(v) and v >= 1, "a positive integer")
-    req("architecture", lambda v: isinstance(v, str) and bool(v), "a non-empty string")
-    req("num_classes", lambda v: _is_int(v) and v >= 1, "a positive integer")
-    num_classes = meta["num_classes"]
-    for key, shape_ok, shape_what in (
-        ("input", lambda s: len(s) == 3, "[C, H, W]"),
-        ("output", lambda s: s == [num_classes], f"[num_classes] = [{num_classes}]"),
-    ):
-        req(key, lambda v: isinstance(v, dict), "an object")
-        sub = meta[key]
-        _require(
-            sub, "name", isinstance(sub.get("name"), str) and bool(sub["name"]), "a string", f"{where}: {key}"
-        )
-        _require(
-            sub,
-            "shape",
-            isinstance(sub.get("shape"), list)
-            and all(_is_int(d) and d >= 1 for d in sub["shape"])
-            and shape_ok(sub["shape"]),
-            shape_what,
-            f"{where}: {key}",
-        )
-        _require(sub, "dtype", sub.get("dtype") in DTYPES, " or ".join(DTYPES), f"{where}: {key}")
-    if "description" in meta["input"]:
-        _require(
-            meta["input"],
-            "description",
-            isinstance(meta["input"]["description"], str),
-            "a string",
-            f"{where}: input",
-        )
-    if meta["input"]["dtype"] != meta["output"]["dtype"]:
-        raise MetadataError(f"{where}: input dtype {meta['input']['dtype']} differs from output dtype")
-    req("preprocessing", lambda v: isinstance(v, dict), "an object")
-    try:
-        pre = Preprocessing.from_dict(meta["preprocessing"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise MetadataError(f"{where}: field 'preprocessing' is invalid: {e}") from None
-    if [pre.channels, pre.crop, pre.crop] != meta["input"]["shape"]:
-        raise MetadataError(
-            f"{where}: preprocessing gives {[pre.channels, pre.crop, pre.crop]} but input shape is "
-            f"{meta['input']['shape']}"
-        )
-    req(
-        "labels",
-        lambda v: isinstance(v, list) and len(v) == num_classes and all(isinstance(x, str) for x in v),
-        f"a list of {num_classes} strings",
-    )
-    req("trained", lambda v: isinstance(v, bool), "true or false")
-    req("trained_on", lambda v: v is None or (isinstance(v, str) and bool(v)), "a string or null")
-    req("parameters", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
-    req("flops", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
-    req("fp16", lambda v: isinstance(v, bool), "true or false")
-    if meta["fp16"] != (meta["input"]["dtype"] == "float16"):
-        raise MetadataError(
-            f"{where}: fp16 is {json.dumps(meta['fp16'])} but the input dtype is {meta['input']['dtype']}"
-        )
-    req(
-        "source_checkpoint_sha256",
-        lambda v: v is None or (isinstance(v, str) and bool(_SHA256_RE.match(v))),
-        "a sha256 hex digest or null",
-    )
-    req("files", lambda v: isinstance(v, dict), "an object")
-    for required in REQUIRED_FILES:
-        if required not in meta["files"]:
-            raise MetadataError(f"{where}: 'files' does not list {required}")
-    for fname, entry in meta["files"].items():
-        if not _FILE_RE.match(fname) or fname == METADATA:
-            raise MetadataError(
-                f"{where}: 'files' lists {fname!r}, which is not a plain file name in the version"
-            )
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("sha256"), str)
-            and bool(_SHA256_RE.match(entry["sha256"]))
-            and _is_int(entry.get("bytes"))
-            and entry["bytes"] >= 0
-        )
-        if not ok:
-            raise MetadataError(f'{where}: files[{fname!r}] must be {{"sha256": <64 hex>, "bytes": <int>}}')
-    req("opset", lambda v: _is_int(v) and v >= 1, "a positive integer")
-    req("exporters", lambda v: isinstance(v, dict), "an object")
-    req("exported_at", lambda v: isinstance(v, str) and bool(v), "a timestamp string")
-    req("verification", lambda v: isinstance(v, dict), "an object")
-    ver = meta["verification"]
-    for key, ok, what in (
-        ("batch", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        ("max_abs_diff", _is_number, "a number"),
-        ("relative_diff", _is_number, "a number"),
-        ("top1_equal", lambda v: isinstance(v, bool), "true or false"),
-    ):
-        _require(ver, key, key in ver and ok(ver[key]), what, f"{where}: verification")
-    req(
-        "capabilities",
-        lambda v: isinstance(v, dict) and all(isinstance(x, bool) for x in v.values()) and "classify" in v,
-        "an object of booleans with 'classify'",
-    )
-    for key in ("training", "evaluation"):
-        if key in meta:
-            req(key, lambda v: v is None or isinstance(v, dict), "an object or null")
-    if "build_kwargs" in meta:
-        req("build_kwargs", lambda v: isinstance(v, dict), "an object")
-    return meta
 
 
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -446,7 +301,7 @@ class VersionWriter:
     def __init__(self, root: str | os.PathLike[str], name: str, version: int | None = None) -> None:
         self.root = Path(root)
         self.name = check_name(name)
-        if version is not None and not (_is_int(version) and 1 <= version < 10**18):
+        if version is not None and not (is_int(version) and 1 <= version < 10**18):
             raise RepositoryError(f"version must be a positive integer, got {version!r}")
         self.requested = version
         self.committed: ModelVersion | None = None
@@ -508,7 +363,7 @@ class VersionWriter:
             for p in sorted(self.path.iterdir()):
                 if p.name == METADATA:
                     continue
-                if not p.is_file() or not _FILE_RE.match(p.name):
+                if not p.is_file() or not FILE_RE.match(p.name):
                     raise RepositoryError(f"{p} is not a plain file; a version holds plain files only")
                 _fsync_file(p)
                 files[p.name] = file_entry(p)

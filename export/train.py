@@ -15,13 +15,14 @@ still differ across machines and thread counts in the last bits of float sums.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,63 @@ class _Progress:
         self.stream.flush()
 
 
+def _check_arguments(epochs: int, batch_size: int, lr: float, seed: int) -> None:
+    if not 1 <= epochs <= MAX_EPOCHS:
+        raise UsageError(f"--epochs must be between 1 and {MAX_EPOCHS}, got {epochs}")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"learning rate must be a positive number, got {lr}")
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed must be between 0 and 2**63-1, got {seed}")
+
+
+def _optimizer(
+    model: nn.Module, lr: float, total_steps: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
+    """The recipe's optimizer: SGD with Nesterov momentum and weight decay, one-cycle up to `lr`."""
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=lr,
+        momentum=DEFAULT_MOMENTUM,
+        weight_decay=DEFAULT_WEIGHT_DECAY,
+        nesterov=True,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
+    return optimizer, scheduler
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    batch_size: int,
+    background: float,
+    generator: torch.Generator,
+    on_step: Callable[[int], None],
+) -> float:
+    """One epoch over a fresh shuffle of the training split, each batch randomly shifted (the
+    background fills the border); `on_step(steps done)` after each step. Returns the summed loss."""
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    order = torch.randperm(len(x_train), generator=generator)
+    total_loss = 0.0
+    for step in range(math.ceil(len(x_train) / batch_size)):
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        inputs = random_shift(x_train[batch], MAX_SHIFT, background, generator)
+        loss = loss_fn(model(inputs), y_train[batch])
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += float(loss.detach()) * len(batch)
+        on_step(step + 1)
+    return total_loss
+
+
 def train_lenet5(
     *,
     epochs: int = DEFAULT_EPOCHS,
@@ -173,14 +231,7 @@ def train_lenet5(
     `progress` gets a progress bar (if it is a terminal) and one line per epoch with the mean loss
     and the train/held-out accuracy; None is silent.
     """
-    if not 1 <= epochs <= MAX_EPOCHS:
-        raise UsageError(f"--epochs must be between 1 and {MAX_EPOCHS}, got {epochs}")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be positive, got {batch_size}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise UsageError(f"learning rate must be a positive number, got {lr}")
-    if not 0 <= seed < 2**63:
-        raise UsageError(f"--seed must be between 0 and 2**63-1, got {seed}")
+    _check_arguments(epochs, batch_size, lr, seed)
 
     from export.models import build
 
@@ -194,34 +245,22 @@ def train_lenet5(
     with _deterministic(seed):
         model = build("lenet5")
         generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=lr,
-            momentum=DEFAULT_MOMENTUM,
-            weight_decay=DEFAULT_WEIGHT_DECAY,
-            nesterov=True,
-        )
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch
-        )
-        loss_fn = nn.CrossEntropyLoss()
+        optimizer, scheduler = _optimizer(model, lr, epochs * steps_per_epoch)
         bar = _Progress(progress, steps_per_epoch)
         history: list[EpochStats] = []
         for epoch in range(1, epochs + 1):
             started = time.perf_counter()
-            model.train()
-            order = torch.randperm(len(x_train), generator=generator)
-            total_loss = 0.0
-            for step in range(steps_per_epoch):
-                batch = order[step * batch_size : (step + 1) * batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                inputs = random_shift(x_train[batch], MAX_SHIFT, background, generator)
-                loss = loss_fn(model(inputs), y_train[batch])
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total_loss += float(loss.detach()) * len(batch)
-                bar.step(step + 1, epoch, epochs)
+            total_loss = _train_epoch(
+                model,
+                optimizer,
+                scheduler,
+                x_train,
+                y_train,
+                batch_size=batch_size,
+                background=background,
+                generator=generator,
+                on_step=functools.partial(bar.step, epoch=epoch, epochs=epochs),
+            )
             stats = EpochStats(
                 epoch=epoch,
                 loss=total_loss / len(x_train),

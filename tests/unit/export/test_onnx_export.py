@@ -20,7 +20,7 @@ from export import onnx_export
 from export.checkpoints import load_weights
 from export.errors import UsageError, VerificationError
 from export.models import build, get_spec
-from export.onnx_export import ExportResult, export_to_repository
+from export.publish import ExportResult, export_to_repository
 from export.repository import load_metadata, scan, verify_files
 
 FAST = ["lenet5", "alexnet", "googlenet", "resnet18"]

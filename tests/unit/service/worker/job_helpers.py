@@ -39,7 +39,7 @@ def write_version(root: Path, name: str, version: int, arch: str, model: torch.n
     weights.pt and a schema-1 metadata.json), so the processes' parity self-test has the ONNX model to
     check against. One change: every version offers explain and dream (metadata.json is not hashed),
     so the jobs' plain-gradient path is tested on LeNet-5 too, which has no ReLU to guide."""
-    from export.onnx_export import export_to_repository
+    from export.publish import export_to_repository
 
     path = export_to_repository(arch, root, model=model, name=name, version=version).version.path
     meta = json.loads((path / "metadata.json").read_text())

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from export.models import ARCHITECTURES, build
-from export.onnx_export import export_to_repository
+from export.publish import export_to_repository
 from service.errors import FailedPrecondition
 from service.worker.loading import LoadedModels, load_models
 
