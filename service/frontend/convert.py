@@ -52,7 +52,7 @@ SERVED_CAPABILITIES = frozenset({"classify"})
 # The wire's ExplainMethod enum, derived from the one list of job methods (params.EXPLAIN_METHODS):
 # method "m" is EXPLAIN_METHOD_<M>, UNSPECIFIED is the first (guided backprop). "gradient" has no
 # enum value (the plain gradient comes with include_plain_gradient); an enum value with no job method
-# would be refused as unknown (tests/unit/service/test_servicers_gradients.py checks there is none).
+# would be refused as unknown (tests/unit/service/frontend/test_servicers_gradients.py checks there is none).
 EXPLAIN_METHOD_ENUM: dict[str, pb.ExplainMethod] = {
     method: pb.ExplainMethod.Value(f"EXPLAIN_METHOD_{method.upper()}")
     for method in EXPLAIN_METHODS

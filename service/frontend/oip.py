@@ -321,73 +321,19 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> tuple[np.ndarray, Timings]:
         """Logits of the request's one input, down the classify path: a tensor is validated and
         encoded images decoded only after the engine admitted them."""
-        expected_name = input_name(model)
-        if len(request.inputs) != 1:
-            raise InvalidArgument(
-                f"{model.name} takes exactly one input {expected_name!r}; got {len(request.inputs)}",
-                reason="invalid_argument",
-            )
-        tensor = request.inputs[0]
-        if tensor.name != expected_name:
-            raise InvalidArgument(
-                f"unknown input {tensor.name!r}; {model.name} takes {expected_name!r}",
-                reason="invalid_argument",
-            )
-        raw: bytes | None = None
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != len(request.inputs):
-                raise InvalidArgument(
-                    "raw_input_contents must have one entry per input", reason="invalid_argument"
-                )
-            if tensor.HasField("contents"):
-                raise InvalidArgument(
-                    "use either raw_input_contents or contents, not both", reason="invalid_argument"
-                )
-            raw = request.raw_input_contents[0]
+        tensor, raw = _the_input(request, model)
         shape = [int(d) for d in tensor.shape]
         if not shape or any(d < 0 for d in shape):
             raise InvalidArgument(f"invalid input shape {shape}", reason="invalid_argument")
-        n = shape[0]
-        if n == 0:
+        if shape[0] == 0:
             raise InvalidArgument(
                 "empty batch: the first dimension of the input is 0", reason="invalid_argument"
             )
-        self._state.check_image_count(n)
-
-        datatype = tensor.datatype.upper()
-        if datatype == "BYTES":
+        self._state.check_image_count(shape[0])
+        if tensor.datatype.upper() == "BYTES":
             encoded = _encoded_images(tensor, raw, shape)
             return await self._classify.images_logits(model, encoded, deadline)
-        wire = _DATATYPES.get(datatype)
-        if wire is None:
-            raise InvalidArgument(
-                f"unsupported input datatype {tensor.datatype!r}; use FP32, FP16, or BYTES (encoded images)",
-                reason="invalid_argument",
-            )
-        count = math.prod(shape)
-        if raw is not None:
-            if len(raw) != count * wire.itemsize:
-                raise InvalidArgument(
-                    f"input has {len(raw)} bytes of raw content; "
-                    f"shape {shape} {datatype} needs {count * wire.itemsize}",
-                    reason="invalid_argument",
-                )
-            arr = np.frombuffer(raw, dtype=wire).reshape(shape)
-        elif datatype == "FP32" and len(tensor.contents.fp32_contents) == count:
-            arr = np.asarray(tensor.contents.fp32_contents, dtype=np.float32).reshape(shape)
-        else:
-            have = len(tensor.contents.fp32_contents)
-            raise InvalidArgument(
-                f"input has {have} {datatype} values in contents; shape {shape} needs {count}"
-                + (" (FP16 must be sent in raw_input_contents)" if datatype == "FP16" else ""),
-                reason="invalid_argument",
-            )
-        if arr.ndim != 4:
-            raise InvalidArgument(
-                f"input shape must be [N, {', '.join(map(str, model.input_shape))}], got {shape}",
-                reason="invalid_argument",
-            )
-        return await self._classify.infer(model, arr, deadline)
+        return await self._classify.infer(model, _float_tensor(tensor, raw, shape, model), deadline)
 
     def _response(
         self,
@@ -442,3 +388,67 @@ def _encoded_images(
             reason="invalid_argument",
         )
     return elements
+
+
+def _the_input(
+    request: pb.ModelInferRequest, model: LoadedModel
+) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes | None]:
+    """The request's one input tensor and its raw content (None: in `contents`)."""
+    expected_name = input_name(model)
+    if len(request.inputs) != 1:
+        raise InvalidArgument(
+            f"{model.name} takes exactly one input {expected_name!r}; got {len(request.inputs)}",
+            reason="invalid_argument",
+        )
+    tensor = request.inputs[0]
+    if tensor.name != expected_name:
+        raise InvalidArgument(
+            f"unknown input {tensor.name!r}; {model.name} takes {expected_name!r}", reason="invalid_argument"
+        )
+    if not request.raw_input_contents:
+        return tensor, None
+    if len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidArgument("raw_input_contents must have one entry per input", reason="invalid_argument")
+    if tensor.HasField("contents"):
+        raise InvalidArgument(
+            "use either raw_input_contents or contents, not both", reason="invalid_argument"
+        )
+    return tensor, request.raw_input_contents[0]
+
+
+def _float_tensor(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: list[int], model: LoadedModel
+) -> np.ndarray:
+    """An FP32/FP16 input as an [N, C, H, W] array, not yet validated (the classify path does it
+    once admitted)."""
+    datatype = tensor.datatype.upper()
+    wire = _DATATYPES.get(datatype)
+    if wire is None:
+        raise InvalidArgument(
+            f"unsupported input datatype {tensor.datatype!r}; use FP32, FP16, or BYTES (encoded images)",
+            reason="invalid_argument",
+        )
+    count = math.prod(shape)
+    if raw is not None:
+        if len(raw) != count * wire.itemsize:
+            raise InvalidArgument(
+                f"input has {len(raw)} bytes of raw content; "
+                f"shape {shape} {datatype} needs {count * wire.itemsize}",
+                reason="invalid_argument",
+            )
+        arr = np.frombuffer(raw, dtype=wire).reshape(shape)
+    elif datatype == "FP32" and len(tensor.contents.fp32_contents) == count:
+        arr = np.asarray(tensor.contents.fp32_contents, dtype=np.float32).reshape(shape)
+    else:
+        have = len(tensor.contents.fp32_contents)
+        raise InvalidArgument(
+            f"input has {have} {datatype} values in contents; shape {shape} needs {count}"
+            + (" (FP16 must be sent in raw_input_contents)" if datatype == "FP16" else ""),
+            reason="invalid_argument",
+        )
+    if arr.ndim != 4:
+        raise InvalidArgument(
+            f"input shape must be [N, {', '.join(map(str, model.input_shape))}], got {shape}",
+            reason="invalid_argument",
+        )
+    return arr

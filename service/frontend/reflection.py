@@ -3,7 +3,7 @@
 Current grpcurl, Postman and grpc_cli ask for v1 first (v1alpha is deprecated); older tools ask only
 for v1alpha. grpcio-reflection serves only v1alpha (grpc/grpc#38576), so v1 is served here by the
 same grpcio-reflection servicer: v1 is v1alpha renamed, field for field (protos/grpc/reflection/v1/
-reflection.proto; tests/unit/service/test_reflection.py checks it), so each v1 request is re-read
+reflection.proto; tests/unit/service/frontend/test_reflection.py checks it), so each v1 request is re-read
 as a v1alpha one and each answer re-read as v1. Both answer from protobuf's default descriptor
 pool, where every file is named by its path under protos/ (`cnnserve/v1/inference.proto`; see
 tools/gen_protos.py). When grpcio-reflection ships v1, use its servicer and drop this module.

@@ -187,7 +187,7 @@ class Server:
         )
         services = self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        # Reflection v1 and v1alpha (service/reflection.py), listing both and everything above.
+        # Reflection v1 and v1alpha (reflection.py), listing both and everything above.
         reflection.enable_server_reflection((*services, HEALTH_SERVICE), server)
         for name in ("", *services, GRADIENTS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -115,7 +115,7 @@ TASK_CANCELLATIONS = Counter(
 # samples of a series: a counter born at 1 hides its first event, so
 # `increase(cnnserve_engine_restarts_total[15m]) > 0` never fired on a pod's first engine restart.
 # Every per-model counter is therefore created at 0 when the model loads, for the label values that
-# are known then and form a small fixed set: the RPC methods that serve the model (as servicers.py
+# are known then and form a small fixed set: the RPC methods that serve the model (as frontend/calls.py
 # labels them) with code OK, and queue_full, the classification path's load shedding, which
 # CnnserveQueueFullRejections watches. Other codes and reasons depend on the client or, for
 # gradient RPCs, on the tier (cost_budget where jobs run, resource_exhausted or worker_unreachable

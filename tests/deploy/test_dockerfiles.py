@@ -369,7 +369,8 @@ def test_the_copied_sources_build_a_complete_wheel(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "wheel").glob("cnnserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("service/cli.py", "service/server.py", "export/models/resnet.py", "export/demo.py"):
+    for required in ("service/cli.py", "service/frontend/server.py", "export/models/resnet.py",
+                     "export/demo.py"):  # fmt: skip
         assert required in names, f"{required} missing from the wheel"
     assert any(n.startswith("service/_proto/") and n.endswith("_pb2.py") for n in names), (
         "generated stubs missing"

@@ -2,7 +2,7 @@
 50 ms, and cnnserve_rejections_total rises by exactly k. Once for classification, once for the
 gradient cost budget, on one real server.
 
-Classification (service/classify/batcher.py): a model version admits at most Q + N images at once,
+Classification (service/engine/batcher.py): a model version admits at most Q + N images at once,
 Q = max_queue_size waiting and N = max_batch_size in the batch ONNX Runtime computes; an image
 counts until its request is answered. The arithmetic holds as long as nothing is answered while
 the flood arrives, so a blocker holds the runner: one ClassifyBatch of BLOCKER images (a request

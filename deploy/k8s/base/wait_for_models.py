@@ -31,7 +31,7 @@ from pathlib import Path
 
 MARKER = ".demo-complete"
 POLL_S = 10.0
-# The server's model selection syntax (service/classify/engine.py, parse_model_selection).
+# The server's model selection syntax (service/catalog.py, parse_model_selection).
 _ITEM = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]*)(?::(?P<versions>all|[1-9][0-9]*(?:\+[1-9][0-9]*)*))?$"
 )

@@ -81,7 +81,7 @@ class IdlePool:
 
 def test_label_values_are_the_real_rpc_methods_and_task_kinds() -> None:
     """The series created at load must be the ones the servicers increment: the methods are RPCs of
-    our two services (servicers.py labels each RPC by its short name), the jobs JobKind."""
+    our two services (frontend/calls.py labels each RPC by its short name), the jobs JobKind."""
     rpcs = {
         *inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods_by_name,
         *grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name,

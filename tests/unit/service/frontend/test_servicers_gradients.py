@@ -1,4 +1,4 @@
-"""The gradient RPCs (service/gradients.py) over a real server with a fake engine and a fake worker
+"""The gradient RPCs (service/frontend/gradients.py) over a real server with a fake engine and a fake worker
 pool: what reaches the pool, what comes back, refusals before submit, cancellation, health."""
 
 from __future__ import annotations
