@@ -2,7 +2,7 @@
 
     python -m bench                      # everything, ~30 minutes on 2 cores (gradients at 256+512 px)
     python -m bench --quick              # 4 s windows instead of 12
-    python -m bench --parts resnet,lenet # a subset: repo, resnet, lenet, style, gradients
+    python -m bench --parts resnet,lenet # a subset: resnet, lenet, proxy, style, gradients
     python -m bench --no-write           # print the table, leave BENCHMARKS.md alone
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = ROOT / "artifacts" / "bench_repository"
-PARTS = ("resnet", "lenet", "style", "gradients")
+PARTS = ("resnet", "lenet", "proxy", "style", "gradients")
 LISTENING = re.compile(r"listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)")
 
 # Targets (ratios are served / raw unless noted).
@@ -575,6 +575,48 @@ def part_lenet(args: argparse.Namespace, paths: dict[str, Path], report: Report)
             child.stop()
 
 
+def part_proxy(args: argparse.Namespace, paths: dict[str, Path], report: Report) -> None:
+    """The CPU proxy of a GPU server (bench/proxy.py): lenet5 on 224x224 JPEGs, served against the
+    raw pipeline in 1 process and on every core."""
+    from bench.load import run_load
+    from bench.proxy import raw_pipeline
+    from service._proto.cnnserve.v1 import inference_pb2 as pb
+
+    lenet_dir = paths["lenet5"].parent
+    jpeg = jpeg_224()
+    cores = os.cpu_count() or 1
+    raw_seconds = max(3.0, args.seconds / 2)
+    log(f"proxy: raw pipeline (decode + preprocess + ORT per image) in 1 and {cores} processes")
+    one = raw_pipeline(lenet_dir, jpeg, seconds=raw_seconds, processes=1)
+    every = raw_pipeline(lenet_dir, jpeg, seconds=raw_seconds, processes=cores)
+    add = report.add
+    add("proxy raw pipeline", "images/s, lenet5 on 224x224 JPEGs", f"{one:.0f} img/s (1 process)",
+        f"{every:.0f} img/s ({cores} processes)", f"{one / every:.2f}", "context", None)  # fmt: skip
+    request = pb.ClassifyRequest(model="lenet5", top_k=5, image=pb.ImageInput(encoded=jpeg))
+    server = Server(args.repository, "--models", "lenet5", "--workers", "0")
+    try:
+        log("proxy: served Classify c=16 and ClassifyStream")
+        unary = run_load(server.address, request, concurrency=16, processes=args.client_procs,
+                         duration_s=args.seconds)  # fmt: skip
+        stream = run_load(server.address, request, concurrency=args.stream_window, processes=1,
+                          duration_s=args.seconds, kind="stream")  # fmt: skip
+    finally:
+        server.stop()
+    stream_name = f"ClassifyStream ({args.stream_window} in flight)"
+    for name, result, target in (("Classify c=16", unary, 0.5), (stream_name, stream, 0.7)):
+        rate = result.completed / result.seconds
+        add(f"proxy served {name}", f"images/s (errors {result.errors})", f"{rate:.0f} img/s",
+            f"raw {every:.0f} img/s all cores; {one:.0f} one",
+            f"{rate / every:.2f} ({rate / one:.2f} of one)",
+            f">= {target} all cores (issue 12)", rate / every >= target)  # fmt: skip
+        if result.error_samples:
+            report.notes.append(f"proxy errors: {result.error_samples[:3]}")
+    report.raw["proxy"] = {
+        "raw_one": one, "raw_all": every, "cores": cores,
+        "unary_c16": unary.completed / unary.seconds, "stream": stream.completed / stream.seconds,
+    }  # fmt: skip
+
+
 def part_gradients(args: argparse.Namespace, report: Report) -> None:
     import torch
 
@@ -638,6 +680,11 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
         " softmax, top-k, response; no batching, no metrics, no thread hops); `--no-model` skips the"
         " ONNX Runtime call. What a hand-rolled Python server reaches here: a target below it cannot"
         " be met by a Python server on this machine.",
+        "- Proxy (`bench.proxy`): lenet5 fed a 224x224 JPEG, so inference is almost free and the serving"
+        " path is the work, as on a GPU. Baseline: the raw pipeline (service.images decode +"
+        " preprocessing + one ONNX Runtime call per image, session built like the service's) in one"
+        " process and in one spawned process per core at once; served: `--models lenet5 --workers 0`,"
+        " Classify at c=16 and one ClassifyStream, against the all-core raw figure (issue 12's targets).",
         "- CPU at c=16: per-thread CPU of the server process from /proc over the whole load (warm-up"
         " included); the busiest threads, one per core, are ONNX Runtime's intra-op threads; the"
         " rest of the machine is the load client and any neighbour.",
@@ -729,6 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         part_style(args, report)
     if "lenet" in args.parts:
         part_lenet(args, paths, report)
+    if "proxy" in args.parts:
+        part_proxy(args, paths, report)
     if "gradients" in args.parts:
         part_gradients(args, report)
     elapsed = time.perf_counter() - started

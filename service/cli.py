@@ -131,14 +131,14 @@ def register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from service.frontend.gradient_tier import run_worker
+    from service.frontend.gradient_tier import run_gradient_tier
     from service.observability.logs import configure_logging
 
     settings = settings_from_args(args, parser, WorkerSettings)
     if settings.workers < 1:
         parser.error(f"a worker needs at least one worker process: workers is {settings.workers}")
     configure_logging(settings)
-    return asyncio.run(run_worker(settings))
+    return asyncio.run(run_gradient_tier(settings))
 
 
 def register_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

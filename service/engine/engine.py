@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,10 @@ class _Served:
     model: LoadedModel
     session: ModelSession
     batcher: DynamicBatcher
+    images: Any = field(init=False, repr=False)  # this model's images counter, looked up once
+
+    def __post_init__(self) -> None:
+        self.images = metrics.IMAGES.labels(model=self.model.name)
 
 
 class ClassificationEngine:
@@ -213,7 +218,7 @@ class ClassificationEngine:
         if admission is not None and not isinstance(admission, Admission):
             raise TypeError(f"admission must come from this engine's admit(), got {type(admission).__name__}")
         logits, timings = await served.batcher.submit_timed(x, deadline, admission)
-        metrics.IMAGES.labels(model=model.name).inc(len(x))
+        served.images.inc(len(x))
         return logits, timings
 
 

@@ -104,14 +104,14 @@ async def streamed(
     context: grpc.aio.ServicerContext,
     produce: Callable[[Rpc], AsyncIterator[T]],
     *,
-    counted: bool = True,
+    items: bool = False,
 ) -> AsyncIterator[T]:
     """Relay the messages of `produce(rpc)` as they come, each checked against the send limit; any
     failure becomes the call's status (`context.abort`, with metrics), and a cancelled call
     (client gone, deadline passed) closes `produce`, which stops its work.
 
-    counted=False: the call itself is not recorded when it succeeds (ClassifyStream counts its
-    items instead); a failure of the whole call is recorded all the same.
+    items=True: the messages are a stream's items, each already recorded and checked by `item`
+    (ClassifyStream): the call itself is recorded only when it fails as a whole.
     """
     rpc = Rpc(method)
     inflight = child(INFLIGHT, method)
@@ -121,15 +121,15 @@ async def streamed(
     try:
         messages = produce(rpc)
         async for message in messages:
-            yield checked_response(message)
+            yield message if items else checked_response(message)
     except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: grpc.aio stopped reading
-        if counted:
+        if not items:
             rpc.cancelled(context)
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never UNKNOWN
         failure = exc
     else:
-        if counted:
+        if not items:
             rpc.succeeded()
     finally:
         inflight.dec()

@@ -20,7 +20,7 @@ the gradient tier (service/frontend/gradient_tier.py), which runs the same servi
 
 The frontend still counts every forwarded call in its own metrics (cnnserve_requests_total and
 friends, labelled with the model when the frontend serves a model of that name, else ""); the
-worker tier counts the jobs (cnnserve_task_*) on its own metrics endpoint.
+gradient tier counts the jobs (cnnserve_task_*) on its own metrics endpoint.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata the worker tier puts on every status it answers itself (worker_server.py).
+# Trailing metadata the gradient tier puts on every status it answers itself (gradient_tier.py).
 TIER_METADATA_KEY = "cnnserve-tier"
 TIER_METADATA = ((TIER_METADATA_KEY, "worker"),)
 
@@ -88,7 +88,7 @@ _UNREACHABLE_SIGNS = (
     "resolve",
     "empty address list",
 )
-# At most one warning per this many seconds about an unreachable worker tier (a flood of failing
+# At most one warning per this many seconds about an unreachable gradient tier (a flood of failing
 # calls must not flood the log; the health poller logs every change of state anyway).
 _WARN_EVERY_S = 10.0
 
@@ -117,7 +117,7 @@ def _ms(seconds: float) -> int:
 
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
-    """Options of the frontend's channel to the worker tier, consistent with the server settings that
+    """Options of the frontend's channel to the gradient tier, consistent with the server settings that
     both tiers share (service.server.grpc_options is the server side)."""
     service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     return [
@@ -155,7 +155,7 @@ def hop_timeout(remaining_s: float, max_deadline_s: float) -> float:
 
 
 class ForwardedError(ServiceError):
-    """A status to answer the caller with, as the worker tier (or the hop to it) gave it."""
+    """A status to answer the caller with, as the gradient tier (or the hop to it) gave it."""
 
     def __init__(self, code: grpc.StatusCode, message: str, *, reason: str) -> None:
         super().__init__(message, reason=reason)
@@ -163,7 +163,7 @@ class ForwardedError(ServiceError):
 
 
 def answered_by_worker(exc: grpc.aio.AioRpcError) -> bool:
-    """True when the worker tier itself answered with this status (its trailing-metadata mark)."""
+    """True when the gradient tier itself answered with this status (its trailing-metadata mark)."""
     return any(key == TIER_METADATA_KEY for key, _ in exc.trailing_metadata() or ())
 
 
@@ -194,8 +194,8 @@ def forwarded_error(exc: grpc.aio.AioRpcError, method: str) -> ForwardedError:
     return ForwardedError(code, details, reason=code.name.lower())
 
 
-class WorkerTier:
-    """The channel to the worker tier: forwarding stubs and its health.
+class GradientTier:
+    """The channel to the gradient tier: forwarding stubs and its health.
 
     `open()` inside the event loop (the server's start), `await close()` after the server stopped.
     """
@@ -219,7 +219,7 @@ class WorkerTier:
             self._channel = None
 
     async def serving(self, timeout_s: float) -> tuple[bool, str]:
-        """One health check of the worker tier's gradient service: (SERVING?, why not)."""
+        """One health check of the gradient tier's gradient service: (SERVING?, why not)."""
         if self._health is None:
             return False, "not connected"
         try:
@@ -248,7 +248,7 @@ class WorkerTier:
 class ForwardedGradients:
     """The gradient RPCs relayed to the gradient tier (a servicer backend, like LocalGradients)."""
 
-    def __init__(self, state: ServingState, tier: WorkerTier) -> None:
+    def __init__(self, state: ServingState, tier: GradientTier) -> None:
         self._state = state
         self._tier = tier
 
@@ -283,7 +283,7 @@ class ForwardedGradients:
         self._state.check_ready()
         rpc.model = self._model_label(request.model)
         stub = self._tier.stub
-        assert stub is not None, "WorkerTier.open() was not called"
+        assert stub is not None, "GradientTier.open() was not called"
         return getattr(stub, method)(request, timeout=self._timeout(context))
 
     async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext, rpc: Rpc) -> Any:
@@ -329,7 +329,7 @@ __all__ = [
     "TIER_METADATA",
     "ForwardedError",
     "ForwardedGradients",
-    "WorkerTier",
+    "GradientTier",
     "channel_options",
     "forwarded_error",
     "hop_timeout",

@@ -16,7 +16,7 @@ specialised:
   tier, checks each version's weights.pt against metadata.json and leaves a broken version out
   (logged), and the gradient processes load those weights.pt files;
 - grpc.health.v1: "", cnnserve.v1.Inference, cnnserve.v1.Inference/gradients and model:<name> are
-  SERVING while at least one worker process is alive (so a pod whose workers are all dead or
+  SERVING while at least one gradient process is alive (so a pod whose processes are all dead or
   restarting leaves its Service until one is back), reflection, Prometheus metrics on its own port
   (the same metrics: requests by method and code, and the gradient-job metrics), and the same
   SIGTERM drain as `serve`: NOT_SERVING, accepted jobs get grace_period_s, then the pool closes.
@@ -61,7 +61,7 @@ NOT_HERE_MESSAGE = (
 
 
 def _torch_provider(settings: Settings) -> str:
-    """ModelInfo.execution_provider of the worker's models (the workers resolve "auto" themselves)."""
+    """ModelInfo.execution_provider of the tier's models (its gradient processes resolve "auto")."""
     if settings.device == "cuda":
         return f"pytorch:cuda:{settings.cuda_device_id}"
     return f"pytorch:{settings.device}" if settings.device == "cpu" else "pytorch"
@@ -132,7 +132,7 @@ class ModelCatalog:
         return self._catalog.get(name, version)
 
 
-class WorkerServer(Server):
+class GradientTierServer(Server):
     """service.server.Server serving the gradient RPCs from its own pool (see the module docstring)."""
 
     def __init__(self, settings: Settings, catalog: Any = None, pool: Any = None) -> None:
@@ -164,7 +164,7 @@ class WorkerServer(Server):
         return ["", INFERENCE_SERVICE, GRADIENTS_SERVICE, *(f"model:{name}" for name in models)]
 
     async def load(self) -> None:
-        """Read the repository, start the worker processes (each loads the weights), then follow
+        """Read the repository, start the gradient processes (each loads the weights), then follow
         their liveness with every health status."""
         settings = self.settings
         started = time.perf_counter()
@@ -201,13 +201,13 @@ class WorkerServer(Server):
         )
 
 
-async def run_worker(settings: Settings) -> int:
+async def run_gradient_tier(settings: Settings) -> int:
     """`cnnserve worker`: serve the gradient RPCs until SIGTERM/SIGINT; returns the exit status."""
     if settings.worker_address:
         # One settings file may serve both tiers; only `serve` forwards.
         log.info("cnnserve worker ignores worker_address=%r: it runs its own pool", settings.worker_address)
         settings = settings.model_copy(update={"worker_address": ""})
-    return await run(settings, server=WorkerServer(settings))
+    return await run(settings, server=GradientTierServer(settings))
 
 
-__all__ = ["NOT_HERE_MESSAGE", "ModelCatalog", "WorkerServer", "run_worker"]
+__all__ = ["NOT_HERE_MESSAGE", "ModelCatalog", "GradientTierServer", "run_gradient_tier"]

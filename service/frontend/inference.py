@@ -106,7 +106,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._state.check_ready()
             return self._stream(request_iterator, context)
 
-        async for response in streamed("ClassifyStream", context, produce, counted=False):
+        async for response in streamed("ClassifyStream", context, produce, items=True):
             yield response
 
     def _path(self) -> ClassifyPath:

@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.engine.protocol import Engine, ModelSource
 from service.frontend import reflection
 from service.frontend.classify import ClassifyPath
-from service.frontend.forwarding import ForwardedGradients, WorkerTier
+from service.frontend.forwarding import ForwardedGradients, GradientTier
 from service.frontend.gradients import LocalGradients
 from service.frontend.health import HealthServicer
 from service.frontend.inference import InferenceServicer
@@ -153,8 +153,8 @@ class Server:
         self._engine_started = False
         self.pool: Any = pool
         self._pool_task: asyncio.Task[None] | None = None
-        # The worker tier the gradient RPCs go to (settings.worker_address); None: the local pool.
-        self.tier: WorkerTier | None = None
+        # The gradient tier the gradient RPCs go to (settings.worker_address); None: the local pool.
+        self.tier: GradientTier | None = None
 
     # --- readiness ------------------------------------------------------------------------------
 
@@ -219,7 +219,7 @@ class Server:
         gradients: LocalGradients | ForwardedGradients = self.local_gradients
         if self.settings.worker_address:
             try:
-                self.tier = WorkerTier(self.settings)
+                self.tier = GradientTier(self.settings)
             except ValueError as exc:
                 raise StartupError(str(exc)) from None
             self.tier.open()
@@ -321,7 +321,7 @@ class Server:
             await pool.wait_alive_change(generation, GRADIENT_HEALTH_POLL_S)
 
     async def _follow_worker_tier(self) -> None:
-        """Mirror the worker tier's gradients health (polled) on GRADIENTS_SERVICE until shutdown."""
+        """Mirror the gradient tier's gradients health (polled) on GRADIENTS_SERVICE until shutdown."""
         assert self.tier is not None
         serving: bool | None = None
         while not self.state.draining:
@@ -379,7 +379,7 @@ class Server:
 async def run(settings: Settings, engine: ModelSource | None = None, *, server: Server | None = None) -> int:
     """Serve until SIGTERM/SIGINT. Returns the process exit status.
 
-    server: the Server to run (e.g. service.frontend.gradient_tier.WorkerServer); default
+    server: the Server to run (e.g. service.frontend.gradient_tier.GradientTierServer); default
     Server(settings, engine).
     """
     # See Settings.gil_switch_interval_ms: the model runner threads must get the GIL back quickly.

@@ -15,7 +15,7 @@ from servicer_fakes import FakeEngine, FakeModel, Harness
 
 from service._proto.cnnserve.v1 import inference_pb2
 from service._proto.inference import grpc_predict_v2_pb2
-from service.frontend.gradient_tier import WorkerServer
+from service.frontend.gradient_tier import GradientTierServer
 from service.observability import metrics
 from service.settings import Settings
 from service.worker.jobs import JobKind
@@ -140,7 +140,7 @@ def test_worker_tier_creates_the_gradient_counters_at_zero() -> None:
     settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0)
 
     async def load() -> None:
-        worker = WorkerServer(settings, catalog=FakeEngine([vgg]), pool=IdlePool())
+        worker = GradientTierServer(settings, catalog=FakeEngine([vgg]), pool=IdlePool())
         await worker.start()
         try:
             await worker.load()

@@ -1,5 +1,5 @@
 """The gradient-worker tier in one process: a real frontend Server (fake classification engine,
-worker_address set) forwarding to a real WorkerServer (fake catalog, fake pool), both on 127.0.0.1
+worker_address set) forwarding to a real GradientTierServer (fake catalog, fake pool), both on 127.0.0.1
 over real channels. What crosses the hop: answers, progress, deadlines, cancellation, statuses,
 health; plus the pure helpers (target, channel options, status mapping).
 
@@ -39,7 +39,7 @@ from service.frontend.forwarding import (
     hop_timeout,
     worker_target,
 )
-from service.frontend.gradient_tier import NOT_HERE_MESSAGE, WorkerServer
+from service.frontend.gradient_tier import NOT_HERE_MESSAGE, GradientTierServer
 from service.frontend.server import GRADIENTS_SERVICE, StartupError
 from service.settings import Settings
 from service.worker import jobs
@@ -257,7 +257,7 @@ def _models() -> list[FakeModel]:
 
 
 class WorkerHarness:
-    """A real WorkerServer (fake catalog and pool) on 127.0.0.1, its loop in a background thread."""
+    """A real GradientTierServer (fake catalog and pool) on 127.0.0.1, its loop in a background thread."""
 
     def __init__(self, pool: FakePool, port: int = 0, **overrides: Any) -> None:
         self.pool = pool
@@ -272,7 +272,7 @@ class WorkerHarness:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="worker-loop", daemon=True)
         self._thread.start()
-        self.server = WorkerServer(self.settings, catalog=FakeEngine(_models()), pool=pool)
+        self.server = GradientTierServer(self.settings, catalog=FakeEngine(_models()), pool=pool)
         self.run(self.server.start())
         self.run(self.server.load())
         self.address = f"127.0.0.1:{self.server.grpc_port}"
@@ -575,7 +575,7 @@ def test_worker_needs_a_worker_process() -> None:
     settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, workers=0)
 
     async def start() -> None:
-        server = WorkerServer(settings, catalog=FakeEngine())
+        server = GradientTierServer(settings, catalog=FakeEngine())
         await server.start()
         try:
             await server.load()

@@ -23,7 +23,7 @@ from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.catalog import ModelLoadError
 from service.errors import NotFound
-from service.frontend.gradient_tier import ModelCatalog, WorkerServer
+from service.frontend.gradient_tier import GradientTierServer, ModelCatalog
 from service.frontend.server import GRADIENTS_SERVICE
 from service.settings import Settings
 
@@ -176,7 +176,7 @@ def test_worker_drain_lets_the_forwarded_job_finish() -> None:
         return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
 
     settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0)
-    worker = WorkerServer(settings, catalog=FakeEngine([vgg]), pool=pool)
+    worker = GradientTierServer(settings, catalog=FakeEngine([vgg]), pool=pool)
     run(worker.start())
     run(worker.load())
     frontend = Harness(FakeEngine([vgg]), worker_address=f"127.0.0.1:{worker.grpc_port}")
