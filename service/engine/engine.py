@@ -33,7 +33,7 @@ from service.catalog import (
 from service.engine.batcher import Admission, BatchTimings, DynamicBatcher
 from service.engine.providers import CUDA, ProviderChoice, select_provider
 from service.engine.session import ModelSession
-from service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from service.errors import DeadlineExceeded, NotFound, Unavailable
 from service.observability import metrics
 from service.settings import Settings
 
@@ -196,30 +196,38 @@ class ClassificationEngine:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def admit(self, model: LoadedModel, n: int) -> Admission:
-        """Reserve room for `n` images of `model` now, before any work on their input: refused at
-        once (ResourceExhausted, reason queue_full) when they do not fit; Unavailable while loading
-        or draining, NotFound for a version not served."""
-        return self._serving(model).batcher.admit(n)
+    async def admit(self, model: LoadedModel, n: int) -> LocalAdmission:
+        """Reserve room for `n` images of `model` now, before any work on their input, with their
+        input rows: refused at once (ResourceExhausted, reason queue_full) when they do not fit;
+        Unavailable while loading or draining, NotFound for a version not served."""
+        served = self._serving(model)
+        place = served.batcher.admit(n)
+        return LocalAdmission(place, np.empty((n, *model.input_shape), dtype=np.float32))
 
     async def infer(
-        self, model: LoadedModel, x: np.ndarray, deadline: float | None, admission: object | None = None
+        self, model: LoadedModel, admission: object, deadline: float | None
     ) -> tuple[np.ndarray, BatchTimings]:
-        """float32 logits [n, K] for `x` [n, *model.input_shape] of model.input_dtype (validated by
-        the caller: the frontend checks values once, this checks only the contract)."""
+        """float32 logits [n, K] for the admitted rows, filled by the caller (values validated by the
+        frontend: this checks only that the admission is one of ours)."""
         served = self._serving(model)
+        if not isinstance(admission, LocalAdmission):
+            raise TypeError(f"admission must come from this engine's admit(), got {type(admission).__name__}")
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline exceeded before inference", reason="deadline")
-        if x.ndim != len(model.input_shape) + 1 or tuple(x.shape[1:]) != tuple(model.input_shape):
-            expected = ", ".join(map(str, model.input_shape))
-            raise InvalidArgument(
-                f"expected a batch of shape [N, {expected}], got {list(x.shape)}", reason="invalid_argument"
-            )
-        if admission is not None and not isinstance(admission, Admission):
-            raise TypeError(f"admission must come from this engine's admit(), got {type(admission).__name__}")
-        logits, timings = await served.batcher.submit_timed(x, deadline, admission)
-        served.images.inc(len(x))
+        logits, timings = await served.batcher.submit_timed(admission.inputs, deadline, admission.place)
+        served.images.inc(len(admission.inputs))
         return logits, timings
 
 
-__all__ = ["ClassificationEngine"]
+@dataclass(frozen=True)
+class LocalAdmission:
+    """An in-process Admission: the batcher's place and the rows, a private array."""
+
+    place: Admission
+    inputs: np.ndarray
+
+    def release(self) -> None:
+        self.place.release()
+
+
+__all__ = ["ClassificationEngine", "LocalAdmission"]

@@ -2,8 +2,11 @@
 implements today and the engine process of the coming split implements remotely.
 
     models() / get(name, version)   the model versions served (service.catalog.LoadedModel)
-    admit(model, n)                 a place for n images, taken before any work on their input
-    infer(model, x, deadline, adm)  float32 logits [n, K] for a preprocessed, validated batch
+    await admit(model, n)           a place for n images, taken before any work on their input;
+                                    the Admission holds their input rows: the frontend
+                                    preprocesses straight into them
+    await infer(model, admission, deadline)
+                                    float32 logits [n, K] for the admitted, filled rows
 
 Tensors in, logits out: decoding, preprocessing, validation of client values and the softmax are
 the frontend's (service/frontend/classify.py). Errors are service.errors with their status:
@@ -21,8 +24,24 @@ if TYPE_CHECKING:
     from service.catalog import LoadedModel
 
 
+class Rows(Protocol):
+    """n input rows: `rows[i]` is a writable float32 (C, H, W) array (a numpy batch is one)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int, /) -> np.ndarray: ...
+
+
 class Admission(Protocol):
-    """A place in a model version's batcher, held from admit() until infer() takes it over."""
+    """A place for n images in a model version's batcher, held from admit() until infer() takes it
+    over, with their input rows, written by the frontend row by row (in the engine process of the
+    coming split, rows of a shared-memory slot block, service/engine/slots.py, not necessarily
+    adjacent: hence rows, not one array)."""
+
+    @property
+    def inputs(self) -> Rows:
+        """The n input rows to fill before infer()."""
+        ...
 
     def release(self) -> None:
         """Give the place back (a no-op once infer() took it over)."""
@@ -54,11 +73,11 @@ class ModelSource(Protocol):
 class Engine(ModelSource, Protocol):
     """Batching and inference (service.engine.engine.ClassificationEngine)."""
 
-    def admit(self, model: LoadedModel, n: int) -> Admission: ...
+    async def admit(self, model: LoadedModel, n: int) -> Admission: ...
 
     async def infer(
-        self, model: LoadedModel, x: np.ndarray, deadline: float | None, admission: Admission | None = None
+        self, model: LoadedModel, admission: Admission, deadline: float | None
     ) -> tuple[np.ndarray, InferTimings]: ...
 
 
-__all__ = ["Admission", "Engine", "InferTimings", "ModelSource"]
+__all__ = ["Admission", "Engine", "InferTimings", "ModelSource", "Rows"]

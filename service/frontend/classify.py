@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image
 
-from service.engine.protocol import Engine
+from service.engine.protocol import Engine, Rows
 from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from service.images import check_tensor, decode_image, image_to_tensor, load_image, open_image
 from service.observability import metrics
@@ -161,26 +161,26 @@ class ClassifyPath:
     async def images_logits(
         self, model: LoadedModel, images: list[bytes], deadline: float | None
     ) -> tuple[np.ndarray, Timings]:
-        """float32 logits [n, K] for n encoded images: admitted, then decoded into the batch."""
+        """float32 logits [n, K] for n encoded images: admitted, then decoded into their rows."""
         n = len(images)
         if n == 0:
             raise InvalidArgument("no images in the request", reason="empty_image")
         self._check_count(n)
         _check_deadline(deadline, "before decoding")
         # Under overload the request is refused here, at once, before any decoding.
-        admission = self._engine.admit(model, n)
+        admission = await self._engine.admit(model, n)
         self._active += 1
         try:
-            batch = np.empty((n, *model.input_shape), dtype=np.float32)
-            inline = self._prepare_inline(model, images, batch)
+            rows = admission.inputs
+            inline = self._prepare_inline(model, images, rows)
             if inline is not None:
                 decode_s, preprocess_s = inline
             else:
-                jobs = [functools.partial(self._prepare, model, images, i, batch) for i in range(n)]
+                jobs = [functools.partial(self._prepare, model, images, i, rows) for i in range(n)]
                 parts = await self._on_pool(jobs, deadline)
                 decode_s = sum(d for d, _ in parts)
                 preprocess_s = sum(p for _, p in parts)
-            logits, engine_timings = await self._engine.infer(model, batch, deadline, admission)
+            logits, engine_timings = await self._engine.infer(model, admission, deadline)
         finally:
             self._active -= 1
             admission.release()  # a no-op once the engine took it over
@@ -190,20 +190,22 @@ class ClassifyPath:
         self, model: LoadedModel, batch: np.ndarray, deadline: float | None, *, checked: bool = False
     ) -> tuple[np.ndarray, Timings]:
         """float32 logits [n, K] for a raw tensor (the Open Inference Protocol's output): admitted,
-        then validated on the thread pool (unless `checked`), then inferred."""
+        then validated into the admitted rows on the thread pool (unless `checked`: copied), then
+        inferred."""
         _check_deadline(deadline, "before inference")
         n = batch.shape[0] if batch.ndim == len(model.input_shape) + 1 else 1
         self._check_count(n)
-        admission = self._engine.admit(model, max(1, n))  # refused before validation when full
+        admission = await self._engine.admit(model, max(1, n))  # refused before validation when full
         self._active += 1
         try:
             started = time.perf_counter()
             if checked:
-                x = batch if batch.ndim == len(model.input_shape) + 1 else batch[None]
+                _fill(admission.inputs, batch.reshape((-1, *model.input_shape)))
             else:
-                (x,) = await self._on_pool([functools.partial(self._validated, model, batch)], deadline)
+                fill = functools.partial(self._validate_into, model, batch, admission.inputs)
+                await self._on_pool([fill], deadline)
             check_s = time.perf_counter() - started
-            logits, engine_timings = await self._engine.infer(model, x, deadline, admission)
+            logits, engine_timings = await self._engine.infer(model, admission, deadline)
         finally:
             self._active -= 1
             admission.release()
@@ -218,11 +220,9 @@ class ClassifyPath:
                 f"{n} images in one request; max_images_per_request is {cap}", reason="too_many_images"
             )
 
-    def _validated(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
-        n = batch.shape[0] if batch.ndim == len(model.input_shape) + 1 else 1
-        self._check_count(n)
-        x = validated_tensor(batch, model)
-        return x if x.ndim == len(model.input_shape) + 1 else x[None]
+    def _validate_into(self, model: LoadedModel, batch: np.ndarray, rows: Rows) -> None:
+        """Validate a client tensor (validated_tensor) and write it into the admitted rows."""
+        _fill(rows, validated_tensor(batch, model).reshape((-1, *model.input_shape)))
 
     def _model_metrics(self, model: LoadedModel) -> _ModelMetrics:
         found = self._metrics.get(model.name)
@@ -235,7 +235,7 @@ class ClassifyPath:
         model: LoadedModel,
         images: list[bytes],
         i: int,
-        batch: np.ndarray,
+        batch: Rows,
         opened: tuple[Image.Image, float] | None = None,
     ) -> tuple[float, float]:
         """Decode images[i] into batch[i] (preprocessed); returns (decode, preprocess) seconds.
@@ -260,7 +260,7 @@ class ClassifyPath:
         return t1 - t0, t2 - t1
 
     def _prepare_inline(
-        self, model: LoadedModel, images: list[bytes], batch: np.ndarray
+        self, model: LoadedModel, images: list[bytes], batch: Rows
     ) -> tuple[float, float] | None:
         """Decode and preprocess a single image on the event loop where the two thread hops to the
         preprocessing pool and back cost more than they buy. None: use the pool.
@@ -321,6 +321,14 @@ class ClassifyPath:
                     future.cancel()
                 elif not future.cancelled():
                     future.exception()  # retrieved: no "exception was never retrieved" noise
+
+
+def _fill(rows: Rows, x: np.ndarray) -> None:
+    """Write the tensor x [n, C, H, W] into n admitted rows (cast to their float32)."""
+    if len(x) != len(rows):
+        raise InvalidArgument(f"{len(x)} images for {len(rows)} admitted rows", reason="invalid_argument")
+    for i in range(len(x)):
+        rows[i][...] = x[i]
 
 
 def _check_deadline(deadline: float | None, when: str) -> None:

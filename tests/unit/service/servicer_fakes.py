@@ -1,9 +1,9 @@
 """A classification engine double for the servicer and server tests (no ONNX Runtime).
 
-It honours the engine protocol (service/engine/protocol.py): `get` raises NotFound, `admit` and
-`infer` take preprocessed tensors (the real classify path, service/frontend/classify.py, decodes in
-front of it and applies the softmax), and the deadline is honoured like the batcher does
-(DeadlineExceeded, never computed). Its "network" is
+It honours the engine protocol (service/engine/protocol.py): `get` raises NotFound, `admit` hands
+out input rows that the real classify path (service/frontend/classify.py) decodes or copies into,
+`infer` computes them (the classify path applies the softmax), and the deadline is honoured like
+the batcher does (DeadlineExceeded, never computed). Its "network" is
 transparent: logits[k] = -(mean(x) - k)^2, so a tensor filled with 3.0 is class 3.
 """
 
@@ -114,22 +114,26 @@ class FakeEngine:
         self.computed_images += batch.shape[0]
         return fake_logits(batch, model.num_classes)
 
-    def admit(self, model: FakeModel, n: int) -> FakeAdmission:
+    async def admit(self, model: FakeModel, n: int) -> FakeAdmission:
         if not self._ready:
             raise Unavailable("models are still loading", reason="unavailable")
         self.get(model.name, model.version)  # NotFound like the engine
-        return FakeAdmission()
+        return FakeAdmission(np.empty((n, *model.input_shape), dtype=np.float32))
 
     async def infer(
-        self, model: FakeModel, batch: np.ndarray, deadline: float | None, admission: Any = None
+        self, model: FakeModel, admission: FakeAdmission, deadline: float | None
     ) -> tuple[np.ndarray, FakeTimings]:
-        # The engine's contract: a preprocessed batch of the model's shape (its session casts).
+        # The engine's contract: the admitted float32 rows, filled by the frontend (its session casts).
+        batch = admission.inputs
         assert batch.ndim == 4 and tuple(batch.shape[1:]) == model.input_shape
         logits = await self._compute(model, batch.astype(model.input_dtype), deadline)
         return logits, FakeTimings(0.0, 0.0, 0.0, self.delay_s)
 
 
 class FakeAdmission:
+    def __init__(self, inputs: np.ndarray) -> None:
+        self.inputs = inputs
+
     def release(self) -> None:
         pass
 
