@@ -87,7 +87,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
 # --- responses over the send limit ------------------------------------------------------------------
 
 # The send limit (settings.max_message_bytes) of the server handling the current call, set for each
-# call by service.servicers.MalformedRequestInterceptor. A response over it would fail inside gRPC
+# call by service.frontend.interceptors.MalformedRequestInterceptor. A response over it would fail inside gRPC
 # core: RESOURCE_EXHAUSTED with gRPC's own message and a logged traceback, after the call was
 # already counted OK. `checked_response` refuses it first, naming the setting.
 RESPONSE_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(

@@ -200,8 +200,7 @@ class ClassificationEngine:
         """Reserve room for `n` images of `model` now, before any work on their input, with their
         input rows: refused at once (ResourceExhausted, reason queue_full) when they do not fit;
         Unavailable while loading or draining, NotFound for a version not served."""
-        served = self._serving(model)
-        place = served.batcher.admit(n)
+        place = self.reserve(model, n)
         return LocalAdmission(place, np.empty((n, *model.input_shape), dtype=np.float32))
 
     async def infer(
@@ -209,13 +208,29 @@ class ClassificationEngine:
     ) -> tuple[np.ndarray, BatchTimings]:
         """float32 logits [n, K] for the admitted rows, filled by the caller (values validated by the
         frontend: this checks only that the admission is one of ours)."""
-        served = self._serving(model)
         if not isinstance(admission, LocalAdmission):
             raise TypeError(f"admission must come from this engine's admit(), got {type(admission).__name__}")
+        return await self.run(model, admission.inputs, deadline, admission.place)
+
+    # --- the engine process's primitives (service/engine/process.py) -------------------------------
+
+    def capacity(self, model: LoadedModel) -> int:
+        """Most images of this version admitted at once (its batcher's queue + batch)."""
+        return self._serving(model).batcher.capacity
+
+    def reserve(self, model: LoadedModel, n: int) -> Admission:
+        """admit() without the rows: the batcher's place for n images."""
+        return self._serving(model).batcher.admit(n)
+
+    async def run(
+        self, model: LoadedModel, x: np.ndarray, deadline: float | None, place: Admission
+    ) -> tuple[np.ndarray, BatchTimings]:
+        """Logits for x [n, *input_shape] in the reserved place."""
+        served = self._serving(model)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline exceeded before inference", reason="deadline")
-        logits, timings = await served.batcher.submit_timed(admission.inputs, deadline, admission.place)
-        served.images.inc(len(admission.inputs))
+        logits, timings = await served.batcher.submit_timed(x, deadline, place)
+        served.images.inc(len(x))
         return logits, timings
 
 

@@ -118,7 +118,7 @@ def _ms(seconds: float) -> int:
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     """Options of the frontend's channel to the gradient tier, consistent with the server settings that
-    both tiers share (service.server.grpc_options is the server side)."""
+    both tiers share (service.frontend.server.grpc_options is the server side)."""
     service_config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     return [
         ("grpc.service_config", json.dumps(service_config)),

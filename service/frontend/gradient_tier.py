@@ -133,7 +133,7 @@ class ModelCatalog:
 
 
 class GradientTierServer(Server):
-    """service.server.Server serving the gradient RPCs from its own pool (see the module docstring)."""
+    """service.frontend.server.Server serving the gradient RPCs from its own pool (the module docstring)."""
 
     def __init__(self, settings: Settings, catalog: Any = None, pool: Any = None) -> None:
         """catalog: an engine-like model catalog (tests); default ModelCatalog(settings).

@@ -33,10 +33,13 @@ def test_importing_the_module_does_not_import_torch(module: str) -> None:
     assert result.stdout.strip() == "False", f"importing {module} imports torch"
 
 
-def test_the_frontend_imports_no_onnx_runtime_either() -> None:
+@pytest.mark.parametrize("module", ["service.frontend.server", "service.engine.remote"])
+def test_the_frontend_imports_no_onnx_runtime_either(module: str) -> None:
     """A frontend process decodes and speaks gRPC; the engine behind its protocol runs ONNX Runtime
-    (server.py builds the in-process engine only when it serves, inside a function)."""
-    code = "import sys, service.frontend.server; print(any(m.startswith('onnxruntime') for m in sys.modules))"
+    (server.py builds the in-process engine only when it serves, inside a function; engine.remote
+    is what a frontend holds instead when the engine is a process of its own)."""
+    heavy = "any(m.startswith('onnxruntime') or m == 'torch' for m in sys.modules)"
+    code = f"import sys, {module}; print({heavy})"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )
