@@ -113,6 +113,10 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     settings = settings_from_args(args, parser)
     configure_logging(settings)
+    if settings.frontends > 1:
+        from service.frontend.multiprocess import run_multiprocess
+
+        return run_multiprocess(settings)
     return asyncio.run(run(settings))
 
 

@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     preprocess_threads: int = Field(
         0, ge=0, description="Threads decoding and preprocessing images (0: half the cores, at least 1)."
     )
+    frontends: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Serving processes. 1: one process runs everything. N > 1: N frontend processes "
+        "share the gRPC port (parsing, decoding, streams, OIP) in front of one engine process (ONNX "
+        "Runtime and the batchers) and one gradient process, under a supervisor that serves /metrics "
+        "(serve only; README \"Processes\").",
+    )
 
     # --- request caps ----------------------------------------------------------------------------
     # A request over a cap gets INVALID_ARGUMENT naming it (README "Request caps", SECURITY.md).

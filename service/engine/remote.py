@@ -55,10 +55,15 @@ class RemoteAdmission:
 
 
 class RemoteEngine:
-    """See the module docstring. `await connect()` before use, `await close()` at the end."""
+    """See the module docstring. `await connect()` before use, `await close()` at the end; or, as
+    a server's engine, load() (nothing to load here), `await start()` (connect, then reconnect
+    whenever the engine process is replaced) and `await stop()`."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, *, connect_timeout_s: float = 600.0) -> None:
         self._path = socket_path
+        self._connect_timeout_s = connect_timeout_s
+        self._keeper: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -99,7 +104,7 @@ class RemoteEngine:
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self._listener is not None:
+        if self._listener is not None and not self._listener.done():
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
@@ -111,6 +116,50 @@ class RemoteEngine:
     @property
     def ready(self) -> bool:
         return self._engine_ready and self._listener is not None and not self._listener.done()
+
+    @property
+    def why_not_ready(self) -> str | None:
+        """What a call refused while not ready is told (ServingState.check_ready)."""
+        return None if self.ready or self._keeper is None else GONE_MESSAGE
+
+    # --- as a server's engine ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Nothing to load: the engine process loads the models (Server.load runs this first)."""
+
+    async def start(self) -> None:
+        """Connect (waiting for the engine process to load), then keep connected: when the engine
+        process goes, reconnect to its replacement."""
+        self._changed = asyncio.Event()
+        await self.connect(self._connect_timeout_s)
+        self._keeper = asyncio.create_task(self._keep_connected(), name="cnnserve-engine-keeper")
+
+    async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        await self.close()
+
+    async def wait_ready_change(self, timeout_s: float) -> None:
+        """Return when `ready` may have changed, or after timeout_s."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        self._changed.clear()
+
+    async def _keep_connected(self) -> None:
+        while True:
+            assert self._listener is not None
+            await asyncio.wait({self._listener})
+            self._changed.set()
+            await self.close()
+            while True:
+                try:
+                    await self.connect(self._connect_timeout_s)
+                    break
+                except (Unavailable, OSError, asyncio.IncompleteReadError):
+                    await asyncio.sleep(0.2)
+            self._changed.set()
 
     # --- the Engine protocol -------------------------------------------------------------------------
 

@@ -135,10 +135,12 @@ class ModelCatalog:
 class GradientTierServer(Server):
     """service.frontend.server.Server serving the gradient RPCs from its own pool (the module docstring)."""
 
-    def __init__(self, settings: Settings, catalog: Any = None, pool: Any = None) -> None:
+    def __init__(self, settings: Settings, catalog: Any = None, pool: Any = None, **server: Any) -> None:
         """catalog: an engine-like model catalog (tests); default ModelCatalog(settings).
-        pool: a GradientPool-like object instead of the one built from the settings (tests)."""
-        super().__init__(settings, catalog if catalog is not None else ModelCatalog(settings), pool=pool)
+        pool: a GradientPool-like object instead of the one built from the settings (tests).
+        server: Server's keyword options (the gradient process of `serve --frontends N`)."""
+        models = catalog if catalog is not None else ModelCatalog(settings)
+        super().__init__(settings, models, pool=pool, **server)
         self.trailing_metadata = TIER_METADATA
         self._pool_started = False
 

@@ -127,11 +127,24 @@ async def _in_daemon_thread(fn: Callable[[], T], name: str) -> T:
 class Server:
     """The gRPC server, its health/reflection services and the metrics endpoint, around an engine."""
 
-    def __init__(self, settings: Settings, engine: ModelSource | None = None, pool: Any = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: ModelSource | None = None,
+        pool: Any = None,
+        *,
+        share_port: bool = False,
+        metrics_endpoint: bool = True,
+        bind: str | None = None,
+    ) -> None:
         """engine: the Engine (service/engine/protocol.py) to serve, default the ONNX Runtime one;
         the gradient tier passes a ModelSource. pool: a GradientPool-like object to use for the
         gradient RPCs instead of building one from the settings (tests); it is started by `load` and
-        closed by `shutdown` all the same."""
+        closed by `shutdown` all the same. Under `cnnserve serve --frontends N`
+        (service/frontend/multiprocess.py): share_port lets sibling frontends bind the same gRPC port
+        (SO_REUSEPORT; the supervisor holds the port against foreign processes), metrics_endpoint
+        False leaves /metrics and /healthz to the supervisor, and bind replaces host:grpc_port (the
+        gradient tier on a Unix socket)."""
         if engine is None:
             from service.engine.engine import ClassificationEngine  # onnxruntime: only where it serves
 
@@ -145,6 +158,10 @@ class Server:
         self.local_gradients = LocalGradients(self.state)
         # Trailing metadata on every status this server answers (the gradient tier marks its own).
         self.trailing_metadata: tuple[tuple[str, str], ...] = ()
+        self.share_port = share_port
+        self.metrics_endpoint = metrics_endpoint
+        self.bind = bind
+        self._engine_task: asyncio.Task[None] | None = None
         self.health = HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.metrics_server: MetricsHTTPServer | None = None
@@ -174,8 +191,11 @@ class Server:
     async def start(self) -> None:
         """Bind and start gRPC and metrics HTTP; health NOT_SERVING until `load` finishes."""
         settings = self.settings
+        options = grpc_options(settings)
+        if self.share_port:  # the supervisor holds the port; sibling frontends share it on purpose
+            options = [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in options]
         server = grpc.aio.server(
-            options=grpc_options(settings),
+            options=options,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             # A body that is not a valid message: INVALID_ARGUMENT naming the type (grpc.aio: UNKNOWN).
             # It also tells errors.checked_response the send limit of each call.
@@ -191,22 +211,26 @@ class Server:
         reflection.enable_server_reflection((*services, HEALTH_SERVICE), server)
         for name in ("", *services, GRADIENTS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = _address(settings.host, settings.grpc_port)
+        address = self.bind or _address(settings.host, settings.grpc_port)
         try:
             self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise StartupError(f"cannot bind gRPC to {address}: {exc}") from None
-        try:
-            self.metrics_server = MetricsHTTPServer(
-                settings.host, settings.metrics_port, metrics.registry, self.readiness
-            )
-        except OSError as exc:
-            raise StartupError(
-                f"cannot bind metrics HTTP to {_address(settings.host, settings.metrics_port)}: {exc}"
-            ) from None
-        self.metrics_port = self.metrics_server.port
+        if self.metrics_endpoint:
+            try:
+                self.metrics_server = MetricsHTTPServer(
+                    settings.host, settings.metrics_port, metrics.registry, self.readiness
+                )
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot bind metrics HTTP to {_address(settings.host, settings.metrics_port)}: {exc}"
+                ) from None
+            self.metrics_port = self.metrics_server.port
         await server.start()
         self.grpc_server = server
+        if self.metrics_server is None:
+            log.info("supervised process listening grpc=%s", address)
+            return
         self.metrics_server.start()
         log.info(
             "listening grpc=%s metrics=%s",
@@ -256,6 +280,8 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         models = ", ".join(f"{m.name}:{m.version} ({m.provider})" for m in self.engine.models())
         log.info("ready in %.2fs: serving %s", time.perf_counter() - started, models)
+        if hasattr(self.engine, "wait_ready_change"):  # an engine process: it can go and come back
+            self._engine_task = asyncio.create_task(self._follow_engine(), name="cnnserve-engine-health")
         if self.tier is not None:
             self._pool_task = asyncio.create_task(self._follow_worker_tier(), name="cnnserve-worker-tier")
         elif self.settings.workers > 0 or self.pool is not None:
@@ -320,6 +346,30 @@ class Server:
             # how late a drain is noticed.
             await pool.wait_alive_change(generation, GRADIENT_HEALTH_POLL_S)
 
+    async def _follow_engine(self) -> None:
+        """Keep every health status but the gradients' in step with the engine process: NOT_SERVING
+        while it is gone (calls fail UNAVAILABLE at once), SERVING again once its replacement is
+        connected."""
+        names = [name for name in self._health_names() if name != GRADIENTS_SERVICE]
+        serving = True
+        while not self.state.draining:
+            await self.engine.wait_ready_change(GRADIENT_HEALTH_POLL_S)
+            ready = bool(self.engine.ready)
+            if ready == serving or self.state.draining:
+                continue
+            serving = ready
+            if ready:
+                log.info("the engine process is back: SERVING")
+            else:
+                log.warning("the engine process is gone: NOT_SERVING until its replacement is connected")
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in names:
+                await self.health.set(name, status)
+
     async def _follow_worker_tier(self) -> None:
         """Mirror the gradient tier's gradients health (polled) on GRADIENTS_SERVICE until shutdown."""
         assert self.tier is not None
@@ -351,6 +401,8 @@ class Server:
         log.info("shutting down: health NOT_SERVING, up to %.1fs for accepted calls to finish", grace)
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
+        if self._engine_task is not None:
+            self._engine_task.cancel()
         if self._pool_task is not None:
             self._pool_task.cancel()
             try:
@@ -376,11 +428,18 @@ class Server:
         log.info("stopped")
 
 
-async def run(settings: Settings, engine: ModelSource | None = None, *, server: Server | None = None) -> int:
+async def run(
+    settings: Settings,
+    engine: ModelSource | None = None,
+    *,
+    server: Server | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
     """Serve until SIGTERM/SIGINT. Returns the process exit status.
 
     server: the Server to run (e.g. service.frontend.gradient_tier.GradientTierServer); default
-    Server(settings, engine).
+    Server(settings, engine). on_ready: called once the models are loaded and health is SERVING
+    (a supervised process tells its supervisor).
     """
     # See Settings.gil_switch_interval_ms: the model runner threads must get the GIL back quickly.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
@@ -426,6 +485,8 @@ async def run(settings: Settings, engine: ModelSource | None = None, *, server: 
     if not load.done():
         log.info("stopping before the models finished loading")
         load.cancel()
+    elif on_ready is not None:
+        on_ready()
     await stopping
     await server.shutdown()
     return 0

@@ -34,7 +34,9 @@ class ServingState:
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica", reason="shutting_down")
         if not self.models.ready:
-            raise Unavailable("server is starting: models are still loading", reason="not_ready")
+            # An engine process being replaced says so (service/engine/remote.py); else: starting.
+            why = getattr(self.models, "why_not_ready", None)
+            raise Unavailable(why or "server is starting: models are still loading", reason="not_ready")
 
     def deadline(self, context: grpc.aio.ServicerContext, *, cap_longer: bool = False) -> float:
         """The call's deadline as an absolute time.monotonic().

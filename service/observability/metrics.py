@@ -2,9 +2,13 @@
 
 Naming follows prometheus.io: `cnnserve_` prefix, base units in the name, `_total` on counters,
 histograms for durations, and the same low-cardinality labels everywhere: `method`, `model`, `code`,
-`reason`, `task`, `provider`. Everything is measured in the serving process around calls into the
-engines and the worker pool, so no multiprocess mode is needed. Process metrics (`process_*`) come
-from client_python's default collectors on the same registry.
+`reason`, `task`, `provider`. In-process (`serve`, `worker`) everything is measured in the one
+serving process around calls into the engine and the gradient pool. Under `serve --frontends N`
+(service/frontend/multiprocess.py) the frontend, engine and gradient processes each record what
+happens in them into client_python's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the
+supervisor before it spawns them), and the supervisor's /metrics adds them up: the same names and
+labels, one view (gauges say how: `multiprocess_mode`, ignored in-process). Process metrics
+(`process_*`) come from client_python's default collectors on the same registry (in-process only).
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ REQUEST_DURATION = Histogram(
     "cnnserve_request_duration_seconds", "End-to-end RPC latency in the server.",
     ["method", "model"], buckets=LATENCY_BUCKETS,
 )
-INFLIGHT = Gauge("cnnserve_inflight_requests", "RPCs being handled now.", ["method"])
+INFLIGHT = Gauge(
+    "cnnserve_inflight_requests", "RPCs being handled now.", ["method"], multiprocess_mode="livesum"
+)
 REJECTIONS = Counter(
     "cnnserve_rejections_total",
     "Requests refused before or instead of computing, by reason "
@@ -62,13 +68,17 @@ INFERENCE_DURATION = Histogram(
 BATCH_SIZE = Histogram(
     "cnnserve_batch_size", "Images per ONNX Runtime call.", ["model"], buckets=BATCH_BUCKETS,
 )
-QUEUE_DEPTH = Gauge("cnnserve_queue_depth", "Images waiting in the batching queue.", ["model"])
+QUEUE_DEPTH = Gauge(
+    "cnnserve_queue_depth", "Images waiting in the batching queue.", ["model"], multiprocess_mode="livesum"
+)
 MODEL_INFO = Gauge(
     "cnnserve_model_info", "Loaded model versions (value 1), with the execution provider in use.",
     ["model", "version", "provider", "trained"],
+    multiprocess_mode="livemax",
 )
 PROVIDER_INFO = Gauge(
     "cnnserve_execution_provider_info", "The ONNX Runtime execution provider in use (value 1).", ["provider"],
+    multiprocess_mode="livemax",
 )
 ENGINE_RESTARTS = Counter(
     "cnnserve_engine_restarts_total", "Classification engine threads restarted after a crash.", ["model"],
@@ -91,11 +101,19 @@ TASK_QUEUE_WAIT = Histogram(
     "cnnserve_task_queue_wait_seconds", "Time a gradient job waited for a worker.", ["task"],
     buckets=TASK_BUCKETS,
 )
-TASKS_INFLIGHT = Gauge("cnnserve_tasks_inflight", "Gradient jobs admitted and not finished.", ["task"])
+TASKS_INFLIGHT = Gauge(
+    "cnnserve_tasks_inflight",
+    "Gradient jobs admitted and not finished.",
+    ["task"],
+    multiprocess_mode="livesum",
+)
 TASK_QUEUED_COST = Gauge(
     "cnnserve_task_queued_cost", "Admitted gradient work not yet finished, in cost units (pixels x steps).",
+    multiprocess_mode="livesum",
 )
-TASK_COST_BUDGET = Gauge("cnnserve_task_cost_budget", "The gradient admission budget, in cost units.")
+TASK_COST_BUDGET = Gauge(
+    "cnnserve_task_cost_budget", "The gradient admission budget, in cost units.", multiprocess_mode="livemax"
+)
 WORKER_RESTARTS = Counter("cnnserve_worker_restarts_total", "Gradient worker processes restarted.")
 WORKER_DEATHS = Counter(
     "cnnserve_worker_deaths_total",
@@ -104,7 +122,9 @@ WORKER_DEATHS = Counter(
     "killed by the pool: stop_overdue (ignored a cancel or deadline), ready_timeout, protocol_error.",
     ["reason"],
 )
-WORKERS_ALIVE = Gauge("cnnserve_workers_alive", "Gradient worker processes alive and ready.")
+WORKERS_ALIVE = Gauge(
+    "cnnserve_workers_alive", "Gradient worker processes alive and ready.", multiprocess_mode="livesum"
+)
 TASK_CANCELLATIONS = Counter(
     "cnnserve_task_cancellations_total", "Gradient jobs stopped by cancellation or deadline.", ["task"],
 )
@@ -151,9 +171,38 @@ def init_gradient_series(model: str, capabilities: Mapping[str, bool], *, runs_j
             TASK_STEPS.labels(task=task, model=model)
 
 
+class _Uncounted:
+    """A metric child that records nothing (stop_counting_requests)."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_REQUEST_METRICS = (REQUESTS, REQUEST_DURATION, INFLIGHT, REJECTIONS)
+_counting_requests = True
+
+
+def stop_counting_requests() -> None:
+    """In this process, record no RPC-level metric (requests, durations, in-flight, rejections):
+    for the gradient process behind the frontends of `serve --frontends N`, whose calls the
+    frontends already counted in the same /metrics view (each client call counts once). Its job
+    metrics (cnnserve_task_*, the workers) are its own and still recorded."""
+    global _counting_requests
+    _counting_requests = False
+    child.cache_clear()
+
+
 @functools.lru_cache(maxsize=8192)
 def child(metric: Any, *labels: str) -> Any:
     """`metric.labels(*labels)`, remembered: the hot path asks for the same few children on every
     request, and labels() validates, stringifies and takes a lock each time. Bounded: label values
     are model names, methods, codes and reasons (never client-chosen strings)."""
+    if not _counting_requests and any(metric is m for m in _REQUEST_METRICS):
+        return _Uncounted()
     return metric.labels(*labels)

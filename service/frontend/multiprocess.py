@@ -1,0 +1,338 @@
+"""`cnnserve serve --frontends N`: the serving path in processes, so it can use more than one core of
+Python (issue 12). The supervisor (this process) starts, watches and replaces:
+
+    supervisor ── holds the gRPC port (SO_REUSEPORT, a lock file against a second supervisor),
+    │             serves /metrics (every process's metrics, added up) and /healthz
+    ├─ frontend 0..N-1   grpc.aio on the shared port: parsing, caps, decode + preprocessing into
+    │                    the engine's shared-memory rows, streams, OIP, health, reflection
+    │                    (service/frontend/server.py with a RemoteEngine)
+    ├─ engine            ONNX Runtime sessions and the dynamic batchers for every frontend, so a
+    │                    batch merges requests from all of them and admission stays exact
+    │                    (service/engine/process.py); Unix socket + shared memory
+    └─ gradients         the gradient pool behind gRPC on a Unix socket (the gradient tier's
+                         server); every frontend forwards Explain/Dream/Stylize to it (workers > 0
+                         and no worker_address)
+
+A frontend that dies is replaced (its calls fail UNAVAILABLE: the client's retry policy resends
+them; the other frontends lose nothing; the engine gives back its places and rows). An engine that
+dies fails every waiting call UNAVAILABLE at once, its frontends report NOT_SERVING, and a new
+engine loads; they reconnect. SIGTERM drains the frontends within grace_period_s, then stops the
+engine and the gradient process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+log = logging.getLogger("service.server")
+
+# A child that dies this soon after its start, before it was ever ready, is failing to start:
+# the supervisor gives up instead of restarting it in a loop.
+RESTART_DELAY_S = 0.5
+_CTX = mp.get_context("spawn")
+
+
+# --- the children's entry points (spawned: module-level, settings as JSON) --------------------------
+
+
+def _child_settings(settings_json: str, **update: Any) -> Settings:
+    from service.observability.logs import configure_logging
+
+    _follow_the_supervisor()
+    settings = Settings.model_validate_json(settings_json).model_copy(update=update)
+    configure_logging(settings)
+    return settings
+
+
+def _follow_the_supervisor() -> None:
+    """Signals come from the supervisor alone: a child leaves the terminal's process group (a Ctrl-C
+    would otherwise reach it directly and again through the supervisor, and a second signal means
+    "exit without draining"), and it drains itself if the supervisor dies (SIGKILL, OOM), so no
+    child outlives it."""
+    os.setpgrp()
+    supervisor = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="cnnserve-supervisor-watch", daemon=True).start()
+
+
+def engine_main(settings_json: str, socket_path: str, prefix: str) -> None:
+    from service.engine.process import run_engine_process
+
+    _child_settings(settings_json)
+    run_engine_process(settings_json, socket_path, prefix)
+
+
+def frontend_main(
+    settings_json: str, socket_path: str, port: int, worker_address: str, events: Any, index: int
+) -> None:
+    from service.engine.remote import RemoteEngine
+    from service.frontend.server import Server, run
+
+    settings = _child_settings(settings_json, grpc_port=port, worker_address=worker_address)
+    server = Server(settings, RemoteEngine(Path(socket_path)), share_port=True, metrics_endpoint=False)
+    sys.exit(asyncio.run(run(settings, server=server, on_ready=lambda: events.put(("frontend", index)))))
+
+
+def gradients_main(settings_json: str, socket_path: str, events: Any) -> None:
+    from service.frontend.gradient_tier import GradientTierServer
+    from service.frontend.server import run
+    from service.observability import metrics
+
+    settings = _child_settings(settings_json, worker_address="")
+    metrics.stop_counting_requests()  # the frontends count every call that reaches it
+    server = GradientTierServer(settings, bind=f"unix:{socket_path}", metrics_endpoint=False)
+    sys.exit(asyncio.run(run(settings, server=server, on_ready=lambda: events.put(("gradients", 0)))))
+
+
+# --- the supervisor ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    kind: str
+    index: int
+    process: BaseProcess
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind != "frontend" else f"frontend {self.index}"
+
+
+class Multiprocess:
+    """The supervisor (see the module docstring). `await run()` returns the exit status."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime = Path(tempfile.mkdtemp(prefix="cnnserve-"))
+        self.engine_socket = self.runtime / "engine.sock"
+        self.gradients_socket = self.runtime / "gradients.sock"
+        self.prefix = f"cnnserve-{os.getpid()}"
+        self.children: dict[tuple[str, int], _Child] = {}
+        self.events: Any = _CTX.Queue()
+        self.port = 0
+        self._port_socket: socket.socket | None = None
+        self._lock_file: Any = None
+        self._stopping = False
+        self._failed = False
+        self._started = time.perf_counter()
+        self._announced = False
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        from service.engine.slots import remove_blocks
+
+        try:
+            self._hold_port()
+        except OSError as exc:
+            log.error("cannot bind gRPC to %s:%d: %s", self.settings.host, self.settings.grpc_port, exc)
+            return 1
+        metrics = self._start_metrics()
+        if metrics is None:
+            return 1
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        threading.Thread(target=self._read_events, args=(loop,), daemon=True, name="cnnserve-events").start()
+        self._spawn("engine", 0)
+        if self._serves_gradients:
+            self._spawn("gradients", 0)
+        for index in range(self.settings.frontends):
+            self._spawn("frontend", index)
+        watcher = asyncio.create_task(self._watch(stop))
+        await stop.wait()
+        watcher.cancel()
+        await self._stop_all()
+        metrics.stop()
+        remove_blocks(self.prefix)
+        shutil.rmtree(self.runtime, ignore_errors=True)
+        if self._port_socket is not None:
+            self._port_socket.close()
+        if self._lock_file is not None:
+            Path(self._lock_file.name).unlink(missing_ok=True)
+            self._lock_file.close()
+        log.info("stopped")
+        return 1 if self._failed else 0
+
+    @property
+    def _serves_gradients(self) -> bool:
+        return self.settings.workers > 0 and not self.settings.worker_address
+
+    def _hold_port(self) -> None:
+        """Bind the gRPC port with SO_REUSEPORT and keep it: the frontends share it on purpose, a
+        foreign process cannot take it, and a second supervisor is refused by the lock file."""
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        held = socket.socket(family, socket.SOCK_STREAM)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((self.settings.host, self.settings.grpc_port))
+        self.port = held.getsockname()[1]
+        lock = open(Path(tempfile.gettempdir()) / f"cnnserve-port-{self.port}.lock", "w")  # noqa: SIM115
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            held.close()
+            lock.close()
+            raise OSError(f"port {self.port} is held by another cnnserve supervisor") from None
+        self._port_socket, self._lock_file = held, lock
+
+    def _start_metrics(self) -> Any:
+        """/metrics adds up every process's metrics (client_python's multiprocess mode: the children
+        inherit PROMETHEUS_MULTIPROC_DIR and write their values there); /healthz is our readiness."""
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from service.observability.http import MetricsHTTPServer
+
+        directory = self.runtime / "metrics"
+        directory.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+        try:
+            server = MetricsHTTPServer(
+                self.settings.host, self.settings.metrics_port, registry, self.readiness
+            )
+        except OSError as exc:
+            log.error(
+                "cannot bind metrics HTTP to %s:%d: %s", self.settings.host, self.settings.metrics_port, exc
+            )
+            return None
+        server.start()
+        log.info(
+            "listening grpc=%s:%d metrics=%s:%d (supervisor of %d frontend processes)",
+            self.settings.host, self.port, self.settings.host, server.port, self.settings.frontends,
+        )  # fmt: skip
+        return server
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "shutting down"
+        waiting = [c.name for c in self.children.values() if not c.ready and c.kind != "engine"]
+        return (not waiting, f"waiting for {', '.join(waiting)}" if waiting else "")
+
+    # --- children -------------------------------------------------------------------------------------
+
+    def _spawn(self, kind: str, index: int) -> None:
+        settings_json = self.settings.model_dump_json()
+        target: Callable[..., None]
+        args: tuple[Any, ...]
+        if kind == "engine":
+            target, args = engine_main, (settings_json, str(self.engine_socket), self.prefix)
+        elif kind == "gradients":
+            target, args = gradients_main, (settings_json, str(self.gradients_socket), self.events)
+        else:
+            address = (
+                f"unix:{self.gradients_socket}" if self._serves_gradients else self.settings.worker_address
+            )
+            target = frontend_main
+            args = (settings_json, str(self.engine_socket), self.port, address, self.events, index)
+        process = _CTX.Process(target=target, args=args, name=f"cnnserve-{kind}-{index}", daemon=False)
+        process.start()
+        self.children[(kind, index)] = _Child(kind, index, process)
+        log.info("started %s (pid %d)", self.children[(kind, index)].name, process.pid)
+
+    def _read_events(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                kind, index = self.events.get()
+            except (EOFError, OSError):
+                return
+            loop.call_soon_threadsafe(self._on_ready, kind, index)
+
+    def _on_ready(self, kind: str, index: int) -> None:
+        child = self.children.get((kind, index))
+        if child is None:
+            return
+        child.ready = True
+        if not self._announced and self.readiness()[0]:
+            self._announced = True
+            log.info(
+                "ready in %.2fs: %d frontend processes, one engine process%s",
+                time.perf_counter() - self._started,
+                self.settings.frontends,
+                ", one gradient process" if self._serves_gradients else "",
+            )
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """Replace a child that dies; give up (and stop) when one cannot start at all."""
+        from prometheus_client import multiprocess
+
+        from service.engine.slots import remove_blocks
+
+        while True:
+            await asyncio.sleep(0.1)
+            for key, child in list(self.children.items()):
+                if child.process.is_alive() or self._stopping:
+                    continue
+                code = child.process.exitcode
+                multiprocess.mark_process_dead(child.process.pid)  # type: ignore[no-untyped-call]
+                never_ready = not child.ready and (child.kind != "engine" or not self._announced)
+                if never_ready:
+                    log.error("%s exited with status %s before it was ready: stopping", child.name, code)
+                    self._failed = True
+                    stop.set()
+                    return
+                log.warning(
+                    "%s (pid %s) exited with status %s: replacing it", child.name, child.process.pid, code
+                )
+                if child.kind == "engine":
+                    remove_blocks(self.prefix)  # what it left; the new engine makes new blocks
+                    with contextlib.suppress(FileNotFoundError):
+                        self.engine_socket.unlink()
+                await asyncio.sleep(RESTART_DELAY_S)
+                self._spawn(child.kind, child.index)
+                if child.kind == "engine":
+                    self.children[key].ready = True  # readiness is the frontends'
+
+    async def _stop_all(self) -> None:
+        """SIGTERM the frontends (they drain within grace_period_s), then the engine and the
+        gradient process; kill whatever is left after its time."""
+        self._stopping = True
+        grace = self.settings.grace_period_s
+        for kinds, timeout in ((("frontend",), grace + 5), (("engine", "gradients"), grace + 15)):
+            group = [c for c in self.children.values() if c.kind in kinds]
+            for child in group:
+                if child.process.is_alive():
+                    os.kill(child.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
+            deadline = time.monotonic() + timeout
+            for child in group:
+                await asyncio.to_thread(child.process.join, max(0.0, deadline - time.monotonic()))
+                if child.process.is_alive():
+                    log.warning("%s did not stop in %.0f s: killed", child.name, timeout)
+                    child.process.kill()
+                    await asyncio.to_thread(child.process.join, 5)
+
+
+def run_multiprocess(settings: Settings) -> int:
+    """`cnnserve serve` with settings.frontends > 1: the supervisor until SIGTERM/SIGINT."""
+    return asyncio.run(Multiprocess(settings).run())
+
+
+__all__ = ["Multiprocess", "run_multiprocess"]
