@@ -593,28 +593,37 @@ def part_proxy(args: argparse.Namespace, paths: dict[str, Path], report: Report)
     add("proxy raw pipeline", "images/s, lenet5 on 224x224 JPEGs", f"{one:.0f} img/s (1 process)",
         f"{every:.0f} img/s ({cores} processes)", f"{one / every:.2f}", "context", None)  # fmt: skip
     request = pb.ClassifyRequest(model="lenet5", top_k=5, image=pb.ImageInput(encoded=jpeg))
-    server = Server(args.repository, "--models", "lenet5", "--workers", "0")
-    try:
-        log("proxy: served Classify c=16 and ClassifyStream")
-        unary = run_load(server.address, request, concurrency=16, processes=args.client_procs,
-                         duration_s=args.seconds)  # fmt: skip
-        stream = run_load(server.address, request, concurrency=args.stream_window, processes=1,
-                          duration_s=args.seconds, kind="stream")  # fmt: skip
-    finally:
-        server.stop()
-    stream_name = f"ClassifyStream ({args.stream_window} in flight)"
-    for name, result, target in (("Classify c=16", unary, 0.5), (stream_name, stream, 0.7)):
-        rate = result.completed / result.seconds
-        add(f"proxy served {name}", f"images/s (errors {result.errors})", f"{rate:.0f} img/s",
-            f"raw {every:.0f} img/s all cores; {one:.0f} one",
-            f"{rate / every:.2f} ({rate / one:.2f} of one)",
-            f">= {target} all cores (issue 12)", rate / every >= target)  # fmt: skip
-        if result.error_samples:
-            report.notes.append(f"proxy errors: {result.error_samples[:3]}")
-    report.raw["proxy"] = {
-        "raw_one": one, "raw_all": every, "cores": cores,
-        "unary_c16": unary.completed / unary.seconds, "stream": stream.completed / stream.seconds,
-    }  # fmt: skip
+    raw: dict[str, Any] = {"raw_one": one, "raw_all": every, "cores": cores}
+    for frontends in args.proxy_frontends:
+        flags = ("--models", "lenet5", "--workers", "0", "--frontends", str(frontends))
+        server = Server(args.repository, *flags)
+        try:
+            log(f"proxy: served Classify c=16 and ClassifyStream, --frontends {frontends}")
+            unary = run_load(server.address, request, concurrency=16, processes=args.client_procs,
+                             duration_s=args.seconds)  # fmt: skip
+            stream = run_load(server.address, request, concurrency=args.stream_window, processes=1,
+                              duration_s=args.seconds, kind="stream")  # fmt: skip
+            c1 = run_load(server.address, request, concurrency=1, processes=1, duration_s=args.seconds / 2)
+        finally:
+            server.stop()
+        stream_name = f"ClassifyStream ({args.stream_window} in flight)"
+        for name, result, target in (("Classify c=16", unary, 0.5), (stream_name, stream, 0.7)):
+            rate = result.completed / result.seconds
+            add(f"proxy --frontends {frontends} {name}", f"images/s (errors {result.errors})",
+                f"{rate:.0f} img/s",
+                f"raw {every:.0f} img/s all cores; {one:.0f} one",
+                f"{rate / every:.2f} ({rate / one:.2f} of one)",
+                f">= {target} all cores (issue 12)", rate / every >= target)  # fmt: skip
+            if result.error_samples:
+                report.notes.append(f"proxy errors: {result.error_samples[:3]}")
+        add(f"proxy --frontends {frontends} Classify c=1", "latency p50 / p99",
+            f"{ms(pct(c1.latencies_s, 50))} / {ms(pct(c1.latencies_s, 99))}",
+            ratio=f"errors {c1.errors}")  # fmt: skip
+        raw[f"frontends_{frontends}"] = {
+            "unary_c16": unary.completed / unary.seconds, "stream": stream.completed / stream.seconds,
+            "c1_p50": pct(c1.latencies_s, 50),
+        }  # fmt: skip
+    report.raw["proxy"] = raw
 
 
 def part_gradients(args: argparse.Namespace, report: Report) -> None:
@@ -743,6 +752,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=1, help="client processes for concurrency > 1")
     p.add_argument("--lenet-concurrency", type=int, default=16)
     p.add_argument("--stream-window", type=int, default=64)
+    p.add_argument(
+        "--proxy-frontends",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1, 2],
+        help="the proxy part's `serve --frontends` values, comma-separated",
+    )
     p.add_argument("--style-size", type=int, default=256, help="Stylize image side next to classification")
     p.add_argument("--style-repository", type=Path, default=ROOT / "artifacts" / "bench_style_repository")
     p.add_argument(
