@@ -232,10 +232,15 @@ class Multiprocess:
         return server
 
     def readiness(self) -> tuple[bool, str]:
+        """Ready once every child reported ready; afterwards while a frontend is (a replaced one
+        must not take the whole pod out of its Service while its sibling serves)."""
         if self._stopping:
             return False, "shutting down"
         waiting = [c.name for c in self.children.values() if not c.ready and c.kind != "engine"]
-        return (not waiting, f"waiting for {', '.join(waiting)}" if waiting else "")
+        if self._announced:
+            serving = any(c.ready and c.kind == "frontend" for c in self.children.values())
+            return serving, "" if serving else "no frontend process is ready"
+        return not waiting, f"waiting for {', '.join(waiting)}" if waiting else ""
 
     # --- children -------------------------------------------------------------------------------------
 

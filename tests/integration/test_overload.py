@@ -1,6 +1,7 @@
 """Overload, exactly: N + Q + k requests yield exactly k RESOURCE_EXHAUSTED, each answered within
 50 ms, and cnnserve_rejections_total rises by exactly k. Once for classification, once for the
-gradient cost budget, on one real server.
+gradient cost budget, on one real server; and classification again under `serve --frontends 2`,
+where the calls spread over two frontend processes and the engine process admits them.
 
 Classification (service/engine/batcher.py): a model version admits at most Q + N images at once,
 Q = max_queue_size waiting and N = max_batch_size in the batch ONNX Runtime computes; an image
@@ -159,6 +160,32 @@ def report(what: str, calls: list[Timed], server_side: dict[float, float]) -> No
 
 
 def test_classification_queue_refuses_exactly_the_excess(server: ServerProcess) -> None:
+    _queue_refuses_exactly_the_excess(server)
+
+
+@pytest.fixture(scope="module")
+def two_frontends(demo_repository: Path) -> Iterator[ServerProcess]:
+    """The same classification settings under `serve --frontends 2`: admission is the engine
+    process's, for both frontends at once."""
+    yield from module_server(
+        demo_repository,
+        "--frontends", "2",
+        "--models", "resnet18",
+        "--max-batch-size", str(N),
+        "--max-queue-size", str(Q),
+        "--max-queue-delay-s", "0",
+        "--intra-op-threads", "1",
+        "--workers", "0",
+    )  # fmt: skip
+
+
+def test_classification_queue_refuses_exactly_the_excess_across_frontends(
+    two_frontends: ServerProcess,
+) -> None:
+    _queue_refuses_exactly_the_excess(two_frontends)
+
+
+def _queue_refuses_exactly_the_excess(server: ServerProcess) -> None:
     stub = pb_grpc.InferenceStub(server.channel)
     for seed in range(3):  # warm-up: channel, server paths, metric children
         stub.Classify(

@@ -83,10 +83,22 @@ def _wait(condition: Callable[[], bool], what: str, load: Load) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("frontends", ["1", "2"])
 def test_sigterm_drain_and_replacement_under_load_lose_nothing(
-    demo_repository: Path, start_server: Callable[..., ServerProcess]
+    demo_repository: Path, start_server: Callable[..., ServerProcess], frontends: str
 ) -> None:
-    flags = ("--models", "lenet5", "--intra-op-threads", "1", "--grace-period-s", "20")
+    """frontends 2: each replica is a supervisor with two frontend processes and an engine process,
+    and its SIGTERM drains them all."""
+    flags = (
+        "--models",
+        "lenet5",
+        "--intra-op-threads",
+        "1",
+        "--grace-period-s",
+        "20",
+        "--frontends",
+        frontends,
+    )
     replica_a = start_server(demo_repository, *flags)
     replica_b = start_server(demo_repository, *flags)
     replica_a.wait_ready()
