@@ -7,9 +7,12 @@ one shared-memory block per model version (service/engine/slots.py, rows = the v
 capacity, so an admitted request always finds its rows). Per request:
 
     admit(n)   the batcher's place (exact: refused at once when full) and n rows of the block
-    infer      the rows are copied out of the block (rows are reused as soon as the answer is sent,
-               while a cancelled request's batch may still be computing) and run; the logits go back
-               in the reply; the rows are free again
+    infer      the rows run where they are when they are one run (a batch of one request then
+               reaches ONNX Runtime as a view of the shared memory: no copy), else gathered; the
+               logits go back in the reply; the rows are free again. A cancelled request's rows are
+               free at once, while its batch may still be computing: a new request writing them can
+               only spoil the output of the abandoned one, which nobody reads (a batch of several
+               requests is concatenated, i.e. copied, before it runs)
     release    an admission that will not be inferred (the frontend failed to decode, say)
     cancel     the caller went away: the request leaves the batcher, its rows are free again
 
@@ -35,7 +38,7 @@ from service.catalog import LoadedModel, input_name
 from service.engine import wire
 from service.engine.batcher import Admission
 from service.engine.engine import ClassificationEngine
-from service.engine.slots import RowAllocator, SlotBlock, SlotLayout
+from service.engine.slots import RowAllocator, SlotBlock, SlotLayout, is_contiguous
 from service.errors import InvalidArgument
 from service.settings import Settings
 
@@ -179,7 +182,7 @@ class EngineServer:
         try:
             if held is None:
                 raise InvalidArgument(f"infer of request {request_id}, which holds no admission")
-            x = held.version.block.inputs[list(held.rows)]  # a copy (see the module docstring)
+            x = _rows(held.version.block, held.rows)
             logits, timings = await self._engine.run(held.version.model, x, deadline, held.place)
         except asyncio.CancelledError:
             raise
@@ -197,6 +200,13 @@ class EngineServer:
         if held is not None:
             held.place.release()  # a no-op once the batcher took it over
             held.version.rows.release(held.rows)
+
+
+def _rows(block: SlotBlock, rows: tuple[int, ...]) -> Any:
+    """The request's rows of `block`: a view when they are one run, else a gathered copy."""
+    if is_contiguous(rows):
+        return block.inputs[rows[0] : rows[0] + len(rows)]
+    return block.inputs[list(rows)]
 
 
 def run_engine_process(settings_json: str, socket_path: str, prefix: str) -> None:
