@@ -141,6 +141,8 @@ def _worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = settings_from_args(args, parser, WorkerSettings)
     if settings.workers < 1:
         parser.error(f"a worker needs at least one worker process: workers is {settings.workers}")
+    if settings.frontends != 1:
+        parser.error("frontends is a `cnnserve serve` setting: a worker runs one gRPC process")
     configure_logging(settings)
     return asyncio.run(run_gradient_tier(settings))
 

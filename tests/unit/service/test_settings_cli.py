@@ -77,6 +77,14 @@ def test_invalid_flag_values_are_usage_errors(
     assert needle in capsys.readouterr().err
 
 
+def test_frontends_is_a_serve_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert serve_settings(["--frontends", "3"]).frontends == 3
+    with pytest.raises(SystemExit) as info:
+        cli.main(["worker", "--frontends", "2", "--repository", "nowhere"])
+    assert info.value.code == 2
+    assert "frontends is a `cnnserve serve` setting" in capsys.readouterr().err
+
+
 def test_choices_are_checked_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         serve_settings(["--device", "tpu"])
