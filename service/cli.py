@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = settings_from_args(args, parser)
     configure_logging(settings)
     if settings.frontends > 1:
-        from service.frontend.multiprocess import run_multiprocess
+        from service.multiprocess import run_multiprocess
 
         return run_multiprocess(settings)
     return asyncio.run(run(settings))

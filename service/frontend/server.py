@@ -141,7 +141,7 @@ class Server:
         the gradient tier passes a ModelSource. pool: a GradientPool-like object to use for the
         gradient RPCs instead of building one from the settings (tests); it is started by `load` and
         closed by `shutdown` all the same. Under `cnnserve serve --frontends N`
-        (service/frontend/multiprocess.py): share_port lets sibling frontends bind the same gRPC port
+        (service/multiprocess.py): share_port lets sibling frontends bind the same gRPC port
         (SO_REUSEPORT; the supervisor holds the port against foreign processes), metrics_endpoint
         False leaves /metrics and /healthz to the supervisor, and bind replaces host:grpc_port (the
         gradient tier on a Unix socket)."""

@@ -4,7 +4,7 @@ Naming follows prometheus.io: `cnnserve_` prefix, base units in the name, `_tota
 histograms for durations, and the same low-cardinality labels everywhere: `method`, `model`, `code`,
 `reason`, `task`, `provider`. In-process (`serve`, `worker`) everything is measured in the one
 serving process around calls into the engine and the gradient pool. Under `serve --frontends N`
-(service/frontend/multiprocess.py) the frontend, engine and gradient processes each record what
+(service/multiprocess.py) the frontend, engine and gradient processes each record what
 happens in them into client_python's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the
 supervisor before it spawns them), and the supervisor's /metrics adds them up: the same names and
 labels, one view (gauges say how: `multiprocess_mode`, ignored in-process). Process metrics

@@ -1,4 +1,4 @@
-"""`cnnserve serve --frontends 2` (service/frontend/multiprocess.py): two frontend processes on one
+"""`cnnserve serve --frontends 2` (service/multiprocess.py): two frontend processes on one
 port in front of one engine process, under a supervisor. Answers, one /metrics view with the totals
 the client counted, a SIGKILLed frontend replaced while a client keeps classifying without an
 error, a SIGKILLed engine failing calls at once and coming back, and a clean SIGTERM."""
