@@ -32,6 +32,10 @@ T = TypeVar("T")
 # How close to its deadline a cancelled call counts as expired rather than cancelled (see
 # Rpc.cancelled): generous for a loaded machine, far below any deadline worth setting.
 DEADLINE_SLACK_S = 0.25
+# Trailing metadata with a failure's metrics reason, on a server that marks its statuses (the
+# gradient tier): the frontend that forwarded the call counts the failure by the same reason
+# (cost_budget, too_many_pixels, ...), not by its status code alone (forwarding.forwarded_error).
+REASON_METADATA_KEY = "cnnserve-reason"
 
 
 class Rpc:
@@ -41,11 +45,12 @@ class Rpc:
     so a client sending made-up model names cannot blow up the label cardinality.
     """
 
-    __slots__ = ("method", "model", "_start")
+    __slots__ = ("method", "model", "reason", "_start")
 
     def __init__(self, method: str) -> None:
         self.method = method
         self.model = ""
+        self.reason = ""  # of the failure, once failed()
         self._start = time.perf_counter()
 
     def succeeded(self) -> None:
@@ -54,8 +59,17 @@ class Rpc:
     def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         """Record a failure; returns the (code, client-safe message) to answer with."""
         code, message, reason = errors.status_of(exc)
+        self.reason = reason
         self._record(code, None if code == grpc.StatusCode.INTERNAL else reason)
         return code, message
+
+    async def abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        """Record the failure and answer the call with its status (raises, as context.abort does)."""
+        code, message = self.failed(exc)
+        marked = tuple(context.trailing_metadata() or ())
+        if marked:  # a server that marks its statuses (REASON_METADATA_KEY: why)
+            context.set_trailing_metadata((*marked, (REASON_METADATA_KEY, self.reason)))
+        await context.abort(code, message)
 
     def cancelled(self, context: grpc.aio.ServicerContext) -> None:
         """The call ended under us: the client cancelled it or its deadline passed.
@@ -89,8 +103,7 @@ async def unary(method: str, context: grpc.aio.ServicerContext, work: Callable[[
         rpc.cancelled(context)
         raise
     except Exception as exc:  # noqa: BLE001 - the one place every error becomes a status
-        code, message = rpc.failed(exc)
-        await context.abort(code, message)
+        await rpc.abort(context, exc)
         raise AssertionError("context.abort returned") from None  # abort always raises
     else:
         rpc.succeeded()
@@ -136,8 +149,7 @@ async def streamed(
         if messages is not None:
             await _close(messages)
     if failure is not None:
-        code, details = rpc.failed(failure)
-        await context.abort(code, details)
+        await rpc.abort(context, failure)
 
 
 async def item(

@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.errors import ServiceError
+from service.frontend.calls import REASON_METADATA_KEY
 from service.frontend.gradients import GRADIENT_CAPABILITIES
 from service.settings import Settings
 
@@ -172,7 +173,9 @@ def forwarded_error(exc: grpc.aio.AioRpcError, method: str) -> ForwardedError:
     code = exc.code()
     details = exc.details() or ""
     if answered_by_worker(exc):
-        return ForwardedError(code, details, reason=_REASONS.get(code, code.name.lower()))
+        told = [value for key, value in exc.trailing_metadata() or () if key == REASON_METADATA_KEY]
+        reason = str(told[0]) if told else _REASONS.get(code, code.name.lower())
+        return ForwardedError(code, details, reason=reason)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ForwardedError(
             code, f"deadline exceeded while the gradient worker tier ran {method}", reason="deadline"

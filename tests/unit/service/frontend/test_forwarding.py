@@ -31,6 +31,7 @@ from export.preprocessing import IMAGENET
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.errors import Internal, ResourceExhausted, Unavailable
+from service.frontend.calls import REASON_METADATA_KEY
 from service.frontend.forwarding import (
     TIER_METADATA,
     UNREACHABLE_REASON,
@@ -140,6 +141,16 @@ def test_status_mapping(
     assert error.reason == want_reason
     if marked:
         assert error.message == details
+
+
+def test_the_tiers_reason_crosses_the_hop() -> None:
+    """The tier tells its metrics reason in the trailing metadata (calls.REASON_METADATA_KEY): the
+    frontend counts the rejection as the tier did, cost_budget rather than resource_exhausted."""
+    trailing = grpc.aio.Metadata(*TIER_METADATA, (REASON_METADATA_KEY, "cost_budget"))
+    told = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailing, "full")
+    error = forwarded_error(told, "Dream")
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (error.message, error.reason) == ("full", "cost_budget")
 
 
 # --- a fake pool and the two tiers ----------------------------------------------------------------
