@@ -28,7 +28,7 @@ import struct
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -748,13 +748,35 @@ def _warm_up(server: ServerProcess, tally: Tally) -> None:
 
 
 def test_fuzzed_requests_on_every_rpc(server: ServerProcess) -> None:
+    _fuzz_every_rpc(server, rss_bytes)
+
+
+@pytest.fixture(scope="module")
+def frontends_server(demo_repository: Path) -> Iterator[ServerProcess]:
+    yield from module_server(demo_repository, *SERVER_ARGS, "--frontends", "2")
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """VmRSS of `pid` and every descendant (the supervisor of `serve --frontends N` and its children)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return rss_bytes(pid) + sum(tree_rss_bytes(int(child)) for child in children)
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_on_every_rpc_with_two_frontends(frontends_server: ServerProcess) -> None:
+    """The same hostile requests under `serve --frontends 2`: frontends in front of the engine
+    process and the gradient process (RSS: the whole process tree)."""
+    _fuzz_every_rpc(frontends_server, tree_rss_bytes)
+
+
+def _fuzz_every_rpc(server: ServerProcess, rss: Callable[[int], int]) -> None:
     deadline = time.monotonic() + 120
     while _health(server, "cnnserve.v1.Inference/gradients") != health_pb2.HealthCheckResponse.SERVING:
         assert time.monotonic() < deadline, f"gradient worker not SERVING:\n{server.log}"
         time.sleep(0.2)
     _warm_up(server, Tally())
     pid = server.process.pid
-    rss_before = rss_bytes(pid)
+    rss_before = rss(pid)
     restarts_before = server.sample("cnnserve_worker_restarts_total")
     tally = Tally()
     channel = server.new_channel()
@@ -792,7 +814,7 @@ def test_fuzzed_requests_on_every_rpc(server: ServerProcess) -> None:
     finally:
         channel.close()
         print(f"\n{tally.summary()}\nin {time.monotonic() - started:.1f} s")
-    rss_after = rss_bytes(pid)
+    rss_after = rss(pid)
     print(f"server VmRSS {rss_before / 2**20:.0f} MiB -> {rss_after / 2**20:.0f} MiB")
 
     assert not tally.failures, "\n".join(tally.failures[:20])
