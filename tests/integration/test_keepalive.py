@@ -112,12 +112,14 @@ def connect(server: ServerProcess, keepalive_s: float, *, stream: bool) -> Watch
     return watched
 
 
-@pytest.fixture(scope="module")
-def keepalive_server(demo_repository: Path) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one-process", "two-frontends"])
+def keepalive_server(demo_repository: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """In one process, and under `serve --frontends 2` (each frontend applies the same keepalive)."""
     yield from module_server(
         demo_repository, "--models", "lenet5", "--max-batch-size", "1",
         "--keepalive-time-s", str(SERVER_KEEPALIVE_S),
         "--keepalive-min-client-ping-s", str(SERVER_MIN_CLIENT_PING_S),
+        "--frontends", request.param,
     )  # fmt: skip
 
 
