@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,8 @@ from service.settings import Settings
 
 log = logging.getLogger("service.server")
 
-# A child that dies this soon after its start, before it was ever ready, is failing to start:
-# the supervisor gives up instead of restarting it in a loop.
+# How long the supervisor waits before it replaces a child that died (a child that dies before it
+# was ever ready is not replaced: it is failing to start, see Multiprocess._watch).
 RESTART_DELAY_S = 0.5
 _CTX = mp.get_context("spawn")
 
@@ -116,7 +116,6 @@ class _Child:
     kind: str
     index: int
     process: BaseProcess
-    started: float = field(default_factory=time.monotonic)
     ready: bool = False
 
     @property

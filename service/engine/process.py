@@ -104,10 +104,6 @@ class EngineServer:
             version.block.unlink()
         self._versions.clear()
 
-    def free_rows(self) -> dict[str, int]:
-        """Free rows per "name:version" (tests and metrics)."""
-        return {f"{name}:{v}": version.rows.free for (name, v), version in self._versions.items()}
-
     # --- one frontend -------------------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

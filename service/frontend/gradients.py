@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 import grpc
 import numpy as np
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from service.frontend.calls import Rpc
     from service.frontend.state import ServingState
 
+T = TypeVar("T")
 GRADIENT_CAPABILITIES = frozenset({"explain", "dream", "stylize"})
 DISABLED_MESSAGE = "gradient workers disabled (the server runs with workers=0)"
 
@@ -137,25 +138,23 @@ class LocalGradients:
         pool, job = await self._stylize_job(request, rpc)
         return convert.stylize_result(await self._run(pool, job, context))
 
-    async def dream(
-        self, request: pb.DreamRequest, context: Context, rpc: Rpc
-    ) -> AsyncIterator[pb.DreamResponse]:
-        pool, job = await self._dream_job(request, rpc)
-        async for progress, result in self._progress(pool, job, context):
-            if result is None:
-                yield pb.DreamResponse(progress=progress)
-            else:
-                yield pb.DreamResponse(result=convert.dream_result(result))
+    def dream(self, request: pb.DreamRequest, context: Context, rpc: Rpc) -> AsyncIterator[pb.DreamResponse]:
+        return self._progress(
+            lambda: self._dream_job(request, rpc),
+            context,
+            lambda progress: pb.DreamResponse(progress=progress),
+            lambda result: pb.DreamResponse(result=convert.dream_result(result)),
+        )
 
-    async def stylize(
+    def stylize(
         self, request: pb.StylizeRequest, context: Context, rpc: Rpc
     ) -> AsyncIterator[pb.StylizeResponse]:
-        pool, job = await self._stylize_job(request, rpc)
-        async for progress, result in self._progress(pool, job, context):
-            if result is None:
-                yield pb.StylizeResponse(progress=progress)
-            else:
-                yield pb.StylizeResponse(result=convert.stylize_result(result))
+        return self._progress(
+            lambda: self._stylize_job(request, rpc),
+            context,
+            lambda progress: pb.StylizeResponse(progress=progress),
+            lambda result: pb.StylizeResponse(result=convert.stylize_result(result)),
+        )
 
     # --- from request to job -----------------------------------------------------------------------
 
@@ -251,10 +250,15 @@ class LocalGradients:
             ) from exc
 
     async def _progress(
-        self, pool: Pool, job: jobs.Job, context: Context
-    ) -> AsyncIterator[tuple[pb.GradientProgress, Any]]:
-        """(progress, None) for each update the gradient process reports, then (empty, result). The
-        job is cancelled when the caller stops reading (cancelled call, failed send)."""
+        self,
+        prepare: Callable[[], Awaitable[tuple[Pool, jobs.Job]]],
+        context: Context,
+        progress_message: Callable[[pb.GradientProgress], T],
+        result_message: Callable[[Any], T],
+    ) -> AsyncIterator[T]:
+        """A streaming job's messages: one per progress update the gradient process reports, then
+        the result. The job is cancelled when the caller stops reading (cancelled call, failed send)."""
+        pool, job = await prepare()
         updates: asyncio.Queue[jobs.ProgressUpdate] = asyncio.Queue()
         running = asyncio.ensure_future(self._run(pool, job, context, on_progress=updates.put_nowait))
         try:
@@ -266,12 +270,12 @@ class LocalGradients:
                     if not getter.done():
                         getter.cancel()
                 if getter.done() and not getter.cancelled():
-                    yield convert.progress_proto(getter.result()), None
+                    yield progress_message(convert.progress_proto(getter.result()))
                     continue
                 break
             while not updates.empty():  # reported before the job finished
-                yield convert.progress_proto(updates.get_nowait()), None
-            yield pb.GradientProgress(), running.result()
+                yield progress_message(convert.progress_proto(updates.get_nowait()))
+            yield result_message(running.result())
         finally:
             if not running.done():
                 running.cancel()

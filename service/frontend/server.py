@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -327,6 +327,13 @@ class Server:
             return
         await self._follow_pool(pool, (GRADIENTS_SERVICE,))
 
+    async def _set_health(self, names: Iterable[str], serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in names:
+            await self.health.set(name, status)
+
     async def _follow_pool(self, pool: Any, names: tuple[str, ...]) -> None:
         """Keep the health of `names` SERVING while pool.alive_workers > 0, until shutdown."""
         serving: bool | None = None
@@ -335,13 +342,7 @@ class Server:
             alive = pool.alive_workers > 0
             if alive != serving:
                 serving = alive
-                status = (
-                    health_pb2.HealthCheckResponse.SERVING
-                    if alive
-                    else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
-                for name in names:
-                    await self.health.set(name, status)
+                await self._set_health(names, alive)
             # Woken by the pool the moment a worker dies or becomes ready; the timeout only bounds
             # how late a drain is noticed.
             await pool.wait_alive_change(generation, GRADIENT_HEALTH_POLL_S)
@@ -362,13 +363,7 @@ class Server:
                 log.info("the engine process is back: SERVING")
             else:
                 log.warning("the engine process is gone: NOT_SERVING until its replacement is connected")
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if ready
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            for name in names:
-                await self.health.set(name, status)
+            await self._set_health(names, ready)
 
     async def _follow_worker_tier(self) -> None:
         """Mirror the gradient tier's gradients health (polled) on GRADIENTS_SERVICE until shutdown."""
@@ -384,12 +379,7 @@ class Server:
                 else:
                     log.warning("worker tier %s: gradients not serving (%s)", self.tier.target, why)
                 serving = ok
-                status = (
-                    health_pb2.HealthCheckResponse.SERVING
-                    if ok
-                    else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
-                await self.health.set(GRADIENTS_SERVICE, status)
+                await self._set_health((GRADIENTS_SERVICE,), ok)
             await asyncio.sleep(GRADIENT_HEALTH_POLL_S)
 
     async def shutdown(self, grace_s: float | None = None) -> None:
