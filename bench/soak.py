@@ -4,6 +4,7 @@ worker, checking that nothing is lost and nothing leaks or slows down. Not part 
     python -m bench.soak                      # 10,000 requests at concurrency 8 (see BENCHMARKS.md)
     python -m bench.soak --requests 2000      # a shorter run
     python -m bench.soak --no-write           # print the table, leave BENCHMARKS.md alone
+    python -m bench.soak --frontends 2        # the same under `serve --frontends 2` (issue 12)
 
 The mix (DEFAULT_MIX; seeded and shuffled, so every tenth of the run sees the same mix): Classify
 on lenet5 (60%, 32x32 PNG digits) and resnet18 (36%, 160x160 JPEGs), Explain on resnet18 (2.5%,
@@ -250,7 +251,9 @@ def tree_rss(root: int) -> tuple[int, dict[int, int]]:
 
 
 def roles(per: dict[int, int], root: int) -> str:
-    """'server 1900 MiB, worker 800 MiB, ...' (children named from their command lines)."""
+    """'server 1900 MiB, worker 800 MiB, ...' (children named from their command lines; under
+    `--frontends N` the supervisor's frontend, engine and gradient processes are spawned children
+    too, and a gradient worker is a grandchild: "spawned process" names them all alike)."""
     parts = []
     for pid, rss in sorted(per.items()):
         try:
@@ -260,7 +263,7 @@ def roles(per: dict[int, int], root: int) -> str:
         role = (
             "server" if pid == root
             else "resource tracker" if "resource_tracker" in cmd
-            else "gradient worker" if "spawn_main" in cmd
+            else "spawned process" if "spawn_main" in cmd
             else f"pid {pid}"
         )  # fmt: skip
         parts.append(f"{role} {rss / 2**20:.0f} MiB")
@@ -393,10 +396,15 @@ def analyse(outcomes: Sequence[Outcome], report: Report) -> None:
             )
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the `## Soak` section of BENCHMARKS.md, leaving the rest alone."""
+def section_title(frontends: int) -> str:
+    """Each process layout keeps its own section: `## Soak`, `## Soak (--frontends 2)`."""
+    return SECTION if frontends == 1 else f"{SECTION} (--frontends {frontends})"
+
+
+def write_section(path: Path, text: str, title: str = SECTION) -> None:
+    """Replace (or append) the `title` section of BENCHMARKS.md, leaving the rest alone."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
 
@@ -404,12 +412,14 @@ def write_section(path: Path, text: str) -> None:
 def section(report: Report, args: argparse.Namespace, machine: list[str], busy: tuple[list[str], list[str]],
             elapsed_s: float) -> str:  # fmt: skip
     mix = ", ".join(f"{k} {w * 100:g}%" for k, w in DEFAULT_MIX.items())
+    layout = f" --frontends {args.frontends}" if args.frontends > 1 else ""
     return "\n".join([
-        SECTION,
+        section_title(args.frontends),
         "",
-        f"Written by `make soak` (`python -m bench.soak`, {elapsed_s / 60:.1f} min): {args.requests}"
-        f" requests after a {args.warmup}-request warm-up, concurrency {args.concurrency}, one"
-        " `python -m service serve` with `--workers 1`; the client uses `default_channel_options()`."
+        f"Written by `make soak` (`python -m bench.soak{layout}`, {elapsed_s / 60:.1f} min):"
+        f" {args.requests} requests after a {args.warmup}-request warm-up, concurrency"
+        f" {args.concurrency}, one `python -m service serve` with `--workers 1{layout}`; the client"
+        " uses `default_channel_options()`."
         f" Mix: {mix}. Verdict: "
         + ("**pass**" if report.passed else "**FAIL**") + ".",
         "",
@@ -453,6 +463,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=500, help="unmeasured requests first (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--frontends", type=int, default=1, help="serve --frontends N (default %(default)s: in-process)"
+    )
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="do not write the Soak section of BENCHMARKS.md")
@@ -477,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = [k for k in DEFAULT_MIX for _ in range(3)] + plan(DEFAULT_MIX, args.warmup, rng)
     measured = plan(DEFAULT_MIX, args.requests, rng)
 
-    server = Server(args.repository, "--workers", "1")
+    server = Server(args.repository, "--workers", "1", "--frontends", str(args.frontends))
     try:
         log(f"server {server.address} (pid {server.process.pid}); waiting for the gradient worker")
         wait_gradients_serving(server.address)
@@ -546,8 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = section(report, args, machine, (busy_start, busy_end), elapsed)
     print(text)
     if not args.no_write:
-        write_section(args.out, text)
-        log(f"wrote the {SECTION!r} section of {args.out}")
+        write_section(args.out, text, section_title(args.frontends))
+        log(f"wrote the {section_title(args.frontends)!r} section of {args.out}")
     if args.json:
         args.json.write_text(json.dumps([o.__dict__ for o in outcomes]))
     log(f"{'PASS' if report.passed else 'FAIL'} in {elapsed / 60:.1f} min")

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -86,18 +87,16 @@ def engine_main(settings_json: str, socket_path: str, prefix: str) -> None:
     run_engine_process(settings_json, socket_path, prefix)
 
 
-def frontend_main(
-    settings_json: str, socket_path: str, port: int, worker_address: str, events: Any, index: int
-) -> None:
+def frontend_main(settings_json: str, socket_path: str, port: int, worker_address: str, ready: Any) -> None:
     from service.engine.remote import RemoteEngine
     from service.frontend.server import Server, run
 
     settings = _child_settings(settings_json, grpc_port=port, worker_address=worker_address)
     server = Server(settings, RemoteEngine(Path(socket_path)), share_port=True, metrics_endpoint=False)
-    sys.exit(asyncio.run(run(settings, server=server, on_ready=lambda: events.put(("frontend", index)))))
+    sys.exit(asyncio.run(run(settings, server=server, on_ready=lambda: ready.send("ready"))))
 
 
-def gradients_main(settings_json: str, socket_path: str, events: Any) -> None:
+def gradients_main(settings_json: str, socket_path: str, ready: Any) -> None:
     from service.frontend.gradient_tier import GradientTierServer
     from service.frontend.server import run
     from service.observability import metrics
@@ -105,7 +104,7 @@ def gradients_main(settings_json: str, socket_path: str, events: Any) -> None:
     settings = _child_settings(settings_json, worker_address="")
     metrics.stop_counting_requests()  # the frontends count every call that reaches it
     server = GradientTierServer(settings, bind=f"unix:{socket_path}", metrics_endpoint=False)
-    sys.exit(asyncio.run(run(settings, server=server, on_ready=lambda: events.put(("gradients", 0)))))
+    sys.exit(asyncio.run(run(settings, server=server, on_ready=lambda: ready.send("ready"))))
 
 
 # --- the supervisor ----------------------------------------------------------------------------------
@@ -116,6 +115,9 @@ class _Child:
     kind: str
     index: int
     process: BaseProcess
+    # The read end of the pipe on which it says "ready" (None for the engine: readiness is the
+    # frontends'). A pipe per child, not a multiprocessing.Queue: no named semaphores in /dev/shm.
+    pipe: Connection | None
     ready: bool = False
 
     @property
@@ -133,7 +135,8 @@ class Multiprocess:
         self.gradients_socket = self.runtime / "gradients.sock"
         self.prefix = f"cnnserve-{os.getpid()}"
         self.children: dict[tuple[str, int], _Child] = {}
-        self.events: Any = _CTX.Queue()
+        self._stop = asyncio.Event()
+        self._replacing: set[asyncio.Task[None]] = set()
         self.port = 0
         self._port_socket: socket.socket | None = None
         self._lock_file: Any = None
@@ -156,18 +159,16 @@ class Multiprocess:
         if metrics is None:
             return 1
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        threading.Thread(target=self._read_events, args=(loop,), daemon=True, name="cnnserve-events").start()
+            loop.add_signal_handler(signum, self._stop.set)
         self._spawn("engine", 0)
         if self._serves_gradients:
             self._spawn("gradients", 0)
         for index in range(self.settings.frontends):
             self._spawn("frontend", index)
-        watcher = asyncio.create_task(self._watch(stop))
-        await stop.wait()
-        watcher.cancel()
+        await self._stop.wait()
+        for task in self._replacing:
+            task.cancel()
         await self._stop_all()
         metrics.stop()
         remove_blocks(self.prefix)
@@ -244,35 +245,40 @@ class Multiprocess:
     # --- children -------------------------------------------------------------------------------------
 
     def _spawn(self, kind: str, index: int) -> None:
+        """Start a child; the event loop hears its "ready" (its pipe) and its exit (its sentinel)."""
         settings_json = self.settings.model_dump_json()
+        reader, writer = _CTX.Pipe(duplex=False)
         target: Callable[..., None]
         args: tuple[Any, ...]
         if kind == "engine":
-            target, args = engine_main, (settings_json, str(self.engine_socket), self.prefix)
+            reader.close()
+            target, args, pipe = engine_main, (settings_json, str(self.engine_socket), self.prefix), None
         elif kind == "gradients":
-            target, args = gradients_main, (settings_json, str(self.gradients_socket), self.events)
+            target, args, pipe = gradients_main, (settings_json, str(self.gradients_socket), writer), reader
         else:
             address = (
                 f"unix:{self.gradients_socket}" if self._serves_gradients else self.settings.worker_address
             )
-            target = frontend_main
-            args = (settings_json, str(self.engine_socket), self.port, address, self.events, index)
+            target, pipe = frontend_main, reader
+            args = (settings_json, str(self.engine_socket), self.port, address, writer)
         process = _CTX.Process(target=target, args=args, name=f"cnnserve-{kind}-{index}", daemon=False)
         process.start()
-        self.children[(kind, index)] = _Child(kind, index, process)
-        log.info("started %s (pid %d)", self.children[(kind, index)].name, process.pid)
+        writer.close()  # the child holds the only write end: its exit is the pipe's EOF
+        child = _Child(kind, index, process, pipe)
+        self.children[(kind, index)] = child
+        loop = asyncio.get_running_loop()
+        if pipe is not None:
+            loop.add_reader(pipe.fileno(), self._on_message, child)
+        loop.add_reader(process.sentinel, self._on_exit, child)
+        log.info("started %s (pid %d)", child.name, process.pid)
 
-    def _read_events(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            try:
-                kind, index = self.events.get()
-            except (EOFError, OSError):
-                return
-            loop.call_soon_threadsafe(self._on_ready, kind, index)
-
-    def _on_ready(self, kind: str, index: int) -> None:
-        child = self.children.get((kind, index))
-        if child is None:
+    def _on_message(self, child: _Child) -> None:
+        assert child.pipe is not None
+        try:
+            child.pipe.recv()
+        except (EOFError, OSError):  # it exited: _on_exit handles that
+            asyncio.get_running_loop().remove_reader(child.pipe.fileno())
+            child.pipe.close()
             return
         child.ready = True
         if not self._announced and self.readiness()[0]:
@@ -284,36 +290,45 @@ class Multiprocess:
                 ", one gradient process" if self._serves_gradients else "",
             )
 
-    async def _watch(self, stop: asyncio.Event) -> None:
-        """Replace a child that dies; give up (and stop) when one cannot start at all."""
+    def _on_exit(self, child: _Child) -> None:
+        asyncio.get_running_loop().remove_reader(child.process.sentinel)
+        if child.pipe is not None and not child.pipe.closed:
+            while child.pipe.poll():  # a "ready" sent just before it died still counts
+                self._on_message(child)
+                if child.pipe.closed:
+                    break
+        if self._stopping:
+            return
+        task = asyncio.create_task(self._replace(child))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, child: _Child) -> None:
+        """Replace a child that died; give up (and stop) when one cannot start at all."""
         from prometheus_client import multiprocess
 
         from service.engine.slots import remove_blocks
 
-        while True:
-            await asyncio.sleep(0.1)
-            for key, child in list(self.children.items()):
-                if child.process.is_alive() or self._stopping:
-                    continue
-                code = child.process.exitcode
-                multiprocess.mark_process_dead(child.process.pid)  # type: ignore[no-untyped-call]
-                never_ready = not child.ready and (child.kind != "engine" or not self._announced)
-                if never_ready:
-                    log.error("%s exited with status %s before it was ready: stopping", child.name, code)
-                    self._failed = True
-                    stop.set()
-                    return
-                log.warning(
-                    "%s (pid %s) exited with status %s: replacing it", child.name, child.process.pid, code
-                )
-                if child.kind == "engine":
-                    remove_blocks(self.prefix)  # what it left; the new engine makes new blocks
-                    with contextlib.suppress(FileNotFoundError):
-                        self.engine_socket.unlink()
-                await asyncio.sleep(RESTART_DELAY_S)
-                self._spawn(child.kind, child.index)
-                if child.kind == "engine":
-                    self.children[key].ready = True  # readiness is the frontends'
+        child.process.join()  # reaped (its sentinel said it is gone)
+        code = child.process.exitcode
+        multiprocess.mark_process_dead(child.process.pid)  # type: ignore[no-untyped-call]
+        never_ready = not child.ready and (child.kind != "engine" or not self._announced)
+        if never_ready:
+            log.error("%s exited with status %s before it was ready: stopping", child.name, code)
+            self._failed = True
+            self._stop.set()
+            return
+        log.warning("%s (pid %s) exited with status %s: replacing it", child.name, child.process.pid, code)
+        if child.kind == "engine":
+            remove_blocks(self.prefix)  # what it left; the new engine makes new blocks
+            with contextlib.suppress(FileNotFoundError):
+                self.engine_socket.unlink()
+        await asyncio.sleep(RESTART_DELAY_S)
+        if self._stopping or self._stop.is_set():
+            return
+        self._spawn(child.kind, child.index)
+        if child.kind == "engine":
+            self.children[(child.kind, child.index)].ready = True  # readiness is the frontends'
 
     async def _stop_all(self) -> None:
         """SIGTERM the frontends (they drain within grace_period_s), then the engine and the

@@ -8,7 +8,10 @@ triggers exist only in a server the test starts as
     python -c "from tests.integration.crash_worker import main; main()" JOBS_DIR serve ...
 
 `main` swaps `service.worker.handlers.handle` and `loading.load_models` for the wrappers below before
-the server builds its pool, and wraps `ModelSession.run`. The pool pickles its handler and initializer by
+the server builds its pool, and wraps `ModelSession.run`. Under `serve --frontends N` the pool and the
+ONNX Runtime sessions live in the supervisor's gradient and engine processes: `main` also swaps
+`service.multiprocess.engine_main` and `gradients_main`, so those processes start in this module and
+install the same wrappers first. The pool pickles its handler and initializer by
 reference, so the spawned workers import this module by name and run the same wrappers around the
 production functions; everything else (servicers, batcher, pool, health, metrics) is the production
 code path.
@@ -41,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from service import multiprocess
 from service.worker import handlers, loading
 from service.worker.jobs import JobContext
 from service.worker.loading import LoadedModels
@@ -53,7 +57,9 @@ ORT_POISON_VALUE = 6.66e6
 
 _real_handle = handlers.handle
 _real_load_models = loading.load_models
-_real_run: Any = None  # ModelSession.run, set by main(); onnxruntime stays out of the workers
+_real_run: Any = None  # ModelSession.run, set by _install(); onnxruntime stays out of the workers
+_real_engine_main = multiprocess.engine_main
+_real_gradients_main = multiprocess.gradients_main
 
 
 def _jobs_dir() -> Path:
@@ -66,6 +72,10 @@ def job_file(jobs_dir: Path, seed: int) -> Path:
 
 def release_file(jobs_dir: Path, seed: int) -> Path:
     return jobs_dir / f"release-{seed}"
+
+
+def gradients_pid_file(jobs_dir: Path) -> Path:
+    return jobs_dir / "gradients-pid"
 
 
 def hold_start_file(jobs_dir: Path) -> Path:
@@ -121,9 +131,8 @@ def _run(self: Any, batch: np.ndarray) -> np.ndarray:
     return _real_run(self, batch)
 
 
-def main() -> None:
-    jobs_dir, *argv = sys.argv[1:]
-    os.environ[JOBS_DIR_ENV] = jobs_dir  # inherited by the spawned workers
+def _install() -> None:
+    """Swap the production functions for the wrappers above, in this process (see the docstring)."""
     # The segfaults must not leave core files behind (core_pattern may write them to the cwd).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     handlers.handle = handle  # type: ignore[assignment]  # both read by Server._make_pool
@@ -131,8 +140,35 @@ def main() -> None:
     from service.engine.session import ModelSession
 
     global _real_run
-    _real_run = ModelSession.run
-    ModelSession.run = _run  # type: ignore[method-assign]  # the batchers bind it at load time
+    if _real_run is None:
+        _real_run = ModelSession.run
+        ModelSession.run = _run  # type: ignore[method-assign]  # the batchers bind it at load time
+
+
+def engine_main(*args: Any) -> None:
+    """`serve --frontends N`: the engine process, with the ORT wrapper installed in it."""
+    _install()
+    _real_engine_main(*args)
+
+
+def gradients_main(*args: Any) -> None:
+    """`serve --frontends N`: the gradient process, whose pool spawns the wrapped workers. It
+    writes its pid, so the test can find the workers among its children."""
+    _install()
+    tmp = _jobs_dir() / ".gradients-pid.tmp"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, gradients_pid_file(_jobs_dir()))
+    _real_gradients_main(*args)
+
+
+def main() -> None:
+    jobs_dir, *argv = sys.argv[1:]
+    os.environ[JOBS_DIR_ENV] = jobs_dir  # inherited by the spawned workers and processes
+    _install()
+    # The supervisor spawns its children by reference to these names: they start here, install
+    # the wrappers in their own interpreter, then run the production entry points.
+    multiprocess.engine_main = engine_main  # type: ignore[assignment]
+    multiprocess.gradients_main = gradients_main  # type: ignore[assignment]
     from service.__main__ import _argv
     from service.cli import main as cli_main
 

@@ -1,8 +1,9 @@
 """Crash and recovery on a real server (issue 6 item 5; issue 4's pool fault points).
 
-One `serve` process with two PyTorch workers, started through tests/integration/crash_worker.py: the
-production server with test-only wrappers around the gradient handler, the worker initializer and
-the ONNX Runtime run (see that module for why a wrapper and not a switch in the service). The tests
+One `serve` process with two PyTorch workers (and again as `serve --frontends 2`, issue 12: the
+workers are then the children of the supervisor's gradient process), started through
+tests/integration/crash_worker.py: the production server with test-only wrappers around the
+gradient handler, the worker initializer and the ONNX Runtime run (see that module for why a wrapper and not a switch in the service). The tests
 kill workers from outside (SIGKILL, SIGSEGV) in the middle of a job, send an input that segfaults
 its worker, hang a worker, take every worker away, and make an ONNX Runtime run fail, and check what
 a client and an operator would notice:
@@ -46,6 +47,7 @@ from crash_worker import (
     HANG_SEED,
     ORT_POISON_VALUE,
     POISON_SEED,
+    gradients_pid_file,
     hold_start_file,
     job_file,
     release_file,
@@ -79,7 +81,16 @@ class Harness:
     server: ServerProcess
     jobs: Path
     stub: pb_grpc.InferenceStub
+    frontends: int
     seen_workers: set[int] = field(default_factory=set)
+
+    @property
+    def pool_pid(self) -> int:
+        """The process whose children are the gradient workers: the server itself, or under
+        `--frontends N` the supervisor's gradient process (which writes its pid for the test)."""
+        if self.frontends == 1:
+            return self.server.process.pid
+        return int(gradients_pid_file(self.jobs).read_text())
 
 
 # --- /proc and /dev/shm ---------------------------------------------------------------------------
@@ -111,13 +122,16 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _worker_pids(server: ServerProcess) -> set[int]:
-    children = _children(server.process.pid)
+def _worker_pids(crash: Harness) -> set[int]:
+    children = _children(crash.pool_pid)
     return {pid for pid, state in children.items() if state != "Z" and "spawn_main" in _cmdline(pid)}
 
 
-def _zombies(server: ServerProcess) -> dict[int, str]:
-    return {pid: _cmdline(pid) for pid, state in _children(server.process.pid).items() if state == "Z"}
+def _zombies(crash: Harness) -> dict[int, str]:
+    parents = {crash.server.process.pid, crash.pool_pid}
+    return {
+        pid: _cmdline(pid) for parent in parents for pid, state in _children(parent).items() if state == "Z"
+    }
 
 
 def _shm() -> set[str]:
@@ -187,13 +201,13 @@ def _full_capacity(crash: Harness) -> set[int]:
 
     def ready() -> bool:
         return (
-            len(_worker_pids(server)) == 2
+            len(_worker_pids(crash)) == 2
             and server.sample("cnnserve_workers_alive") == 2
             and _health(server, GRADIENTS_SERVICE) == SERVING
         )
 
     _wait(ready, RECOVERY_S, "two gradient workers ready and gradients SERVING", server)
-    pids = _worker_pids(server)
+    pids = _worker_pids(crash)
     crash.seen_workers |= pids
     return pids
 
@@ -246,7 +260,7 @@ def _both_workers_take_jobs(crash: Harness, first_seed: int) -> None:
     seeds = (first_seed, first_seed + 1)
     calls = [crash.stub.DreamUnary.future(_dream(seed, steps=1), timeout=120) for seed in seeds]
     pids = {_job_pid(crash, seed) for seed in seeds}
-    assert pids == _worker_pids(crash.server)
+    assert pids == _worker_pids(crash)
     for seed in seeds:
         release_file(crash.jobs, seed).touch()
     for call in calls:
@@ -294,12 +308,18 @@ class ClassifyLoad:
 # --- the server -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def crash(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda n: f"frontends-{n}")
+def crash(
+    request: pytest.FixtureRequest, demo_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Harness]:
+    """The server; `frontends-2` runs every test again under `serve --frontends 2`, where the
+    pool lives in the supervisor's gradient process and ONNX Runtime in its engine process."""
+    frontends: int = request.param
     jobs = tmp_path_factory.mktemp("crash-jobs")
     shm_before = _shm()
     servers = module_server(
         demo_repository,
+        "--frontends", str(frontends),
         "--workers", "2",
         "--torch-threads", "1",
         "--grace-period-s", str(STOP_GRACE_S),
@@ -310,7 +330,7 @@ def crash(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         launcher=(*LAUNCHER, str(jobs)),
     )  # fmt: skip
     server = next(servers)
-    harness = Harness(server, jobs, pb_grpc.InferenceStub(server.channel))
+    harness = Harness(server, jobs, pb_grpc.InferenceStub(server.channel), frontends)
     _full_capacity(harness)
     yield harness
     server_pid = server.process.pid
@@ -325,7 +345,7 @@ def crash(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def test_the_pools_shared_memory_is_unlinked_so_it_cannot_leak(crash: Harness) -> None:
-    pids = [crash.server.process.pid, *_full_capacity(crash)]
+    pids = [crash.pool_pid, *_full_capacity(crash)]
     for pid in pids:
         mapped = _shm_mappings(pid)
         # Every process maps the cancel flags' arena (multiprocessing.heap: /dev/shm/pym-<pid>-...).
@@ -359,7 +379,7 @@ def test_worker_killed_mid_job_fails_only_its_call_and_capacity_returns(
         victim = stub.Dream(_dream(victim_seed, steps=400), timeout=120)
         assert next(victim).HasField("progress")  # it is computing, mid-job
         victim_pid, other_pid = _job_pid(crash, victim_seed), _job_pid(crash, held_seed)
-        assert victim_pid != other_pid and {victim_pid, other_pid} == _worker_pids(server)
+        assert victim_pid != other_pid and {victim_pid, other_pid} == _worker_pids(crash)
 
         killed_at = time.monotonic()
         os.kill(victim_pid, sig)
@@ -403,7 +423,7 @@ def test_worker_killed_mid_job_fails_only_its_call_and_capacity_returns(
 
     # Reaped (no zombie), and nothing left in /dev/shm.
     assert _stat(victim_pid) is None
-    assert _zombies(server) == {}
+    assert _zombies(crash) == {}
     assert _leaked_shm(shm_before) == set()
 
 
@@ -497,12 +517,12 @@ def test_input_that_crashes_workers_twice_is_internal_and_never_retried(crash: H
     assert refused.value.code() == grpc.StatusCode.INTERNAL
     assert refused.value.details() == CRASHED_TWICE_MESSAGE
     assert not job_file(crash.jobs, POISON_SEED).exists()
-    assert _worker_pids(server) == workers
+    assert _worker_pids(crash) == workers
     assert before.delta("cnnserve_worker_restarts_total") == 2
 
     # Other inputs are served as before.
     assert crash.stub.DreamUnary(_dream(5, steps=1), timeout=120).steps == 1
-    assert _zombies(server) == {}
+    assert _zombies(crash) == {}
 
 
 # --- a stuck worker ---------------------------------------------------------------------------------
@@ -527,7 +547,7 @@ def test_stuck_worker_is_killed_after_the_stop_grace_and_replaced(crash: Harness
     assert before.delta("cnnserve_worker_deaths_total", reason="job_crash") == 0
     assert before.delta("cnnserve_worker_restarts_total") == 1
     assert crash.stub.DreamUnary(_dream(6, steps=1), timeout=120).steps == 1
-    assert _zombies(server) == {}
+    assert _zombies(crash) == {}
 
 
 # --- the classification engine ----------------------------------------------------------------------
