@@ -1,9 +1,9 @@
 """`python -m bench` (`make bench`): serving and gradient benchmarks against same-run baselines.
 
-    python -m bench                      # everything, ~30 minutes on 2 cores (gradients at 256+512 px)
-    python -m bench --quick              # 4 s windows instead of 12
-    python -m bench --parts resnet,lenet # a subset: resnet, lenet, proxy, style, gradients
-    python -m bench --no-write           # print the table, leave BENCHMARKS.md alone
+python -m bench                      # everything, ~30 minutes on 2 cores (gradients at 256+512 px)
+python -m bench --quick              # 4 s windows instead of 12
+python -m bench --parts resnet,lenet # a subset: resnet, lenet, proxy, style, gradients
+python -m bench --no-write           # print the table, leave BENCHMARKS.md alone
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def machine_lines() -> list[str]:
 
 def other_cpu_users(exclude: set[int]) -> list[str]:
     """Processes (not ours) that used noticeable CPU over one second: the noise we shared with."""
+
     def ticks() -> dict[int, tuple[int, str]]:
         out = {}
         for d in Path("/proc").iterdir():
@@ -368,21 +369,15 @@ def ms(s: float) -> str:
 
 
 def part_resnet(args: argparse.Namespace, paths: dict[str, Path], report: Report) -> None:
-    from bench.load import run_load
     from bench.raw_ort import measure_latency, measure_throughput, open_session
-    from service._proto.cnnserve.v1 import inference_pb2 as pb
 
     log("resnet50: raw ONNX Runtime in-process")
     session = open_session(paths["resnet50"])
     session.warmup([1, 8, 16])
     # Three rounds over the batch sizes, median per size: a neighbour's burst on the shared cores
     # then skews one round of every size instead of all of one size.
-    rounds = [
-        measure_throughput(session, [1, 8, 16], min_duration_s=args.raw_seconds / 3) for _ in range(3)
-    ]
-    points = [
-        sorted((r[i] for r in rounds), key=lambda p: p.images_per_s)[1] for i in range(len(rounds[0]))
-    ]
+    rounds = [measure_throughput(session, [1, 8, 16], min_duration_s=args.raw_seconds / 3) for _ in range(3)]
+    points = [sorted((r[i] for r in rounds), key=lambda p: p.images_per_s)[1] for i in range(len(rounds[0]))]
     latency = measure_latency(session, iterations=args.latency_iterations)
     del session
     raw_best = max(points, key=lambda p: p.images_per_s)
@@ -392,59 +387,78 @@ def part_resnet(args: argparse.Namespace, paths: dict[str, Path], report: Report
     report.add("resnet50 raw ORT", "batch-1 latency p50 / p99", f"{ms(latency.p50_s)} / {ms(latency.p99_s)}")
     report.raw["resnet50_raw"] = {"throughput": [p.__dict__ for p in points], "latency": latency.__dict__}
 
-    log("resnet50: starting the server")
-    server = Server(args.repository, "--workers", "0")
+    for frontends in args.resnet_frontends:
+        _resnet_served(args, paths, report, latency.p50_s, latency.p99_s, raw_best, frontends)
+
+
+def _resnet_served(args: argparse.Namespace, paths: dict[str, Path], report: Report, raw_p50: float,
+                   raw_p99: float, raw_best: Any, frontends: int) -> None:  # fmt: skip
+    """The served rows of one `serve --frontends N` (row names carry N unless it is 1)."""
+    from bench.load import run_load
+    from service._proto.cnnserve.v1 import inference_pb2 as pb
+
+    layout = "" if frontends == 1 else f" --frontends {frontends}"
+    key = "" if frontends == 1 else f"_frontends_{frontends}"
+    log(f"resnet50: starting the server{layout}")
+    server = Server(args.repository, "--workers", "0", "--frontends", str(frontends))
     try:
         request = pb.ClassifyRequest(model="resnet50", top_k=5, image=pb.ImageInput(encoded=jpeg_224()))
         h0 = server.batch_histogram("resnet50")
         c1 = run_load(server.address, request, concurrency=1, processes=1, duration_s=args.seconds)
         h1 = server.batch_histogram("resnet50")
         p50, p99, p999 = (pct(c1.latencies_s, q) for q in (50, 99, 99.9))
-        target = latency.p50_s + LATENCY_OVERHEAD_TARGET_S
-        report.add("resnet50 served c=1", "latency p50 (JPEG 224)", ms(p50),
-                   f"raw b1 p50 {ms(latency.p50_s)}",
-                   f"{p50 / latency.p50_s:.2f}x (+{(p50 - latency.p50_s) * 1e3:.1f} ms)",
+        target = raw_p50 + LATENCY_OVERHEAD_TARGET_S
+        row = f"resnet50 served{layout} c=1"
+        report.add(row, "latency p50 (JPEG 224)", ms(p50), f"raw b1 p50 {ms(raw_p50)}",
+                   f"{p50 / raw_p50:.2f}x (+{(p50 - raw_p50) * 1e3:.1f} ms)",
                    f"<= raw + 3 ms ({ms(target)})", p50 <= target)  # fmt: skip
-        report.add("resnet50 served c=1", "latency p99 / p99.9", f"{ms(p99)} / {ms(p999)}",
-                   f"raw b1 p99 {ms(latency.p99_s)}", f"{p99 / latency.p99_s:.2f}x")  # fmt: skip
-        report.add("resnet50 served c=1", "requests (errors)", f"{c1.completed} ({c1.errors})",
+        report.add(row, "latency p99 / p99.9", f"{ms(p99)} / {ms(p999)}", f"raw b1 p99 {ms(raw_p99)}",
+                   f"{p99 / raw_p99:.2f}x")  # fmt: skip
+        report.add(row, "requests (errors)", f"{c1.completed} ({c1.errors})",
                    ratio=f"{c1.completed / c1.seconds:.1f} req/s")  # fmt: skip
         dist, mean = batch_distribution(h0, h1)
-        report.add("resnet50 served c=1", "batch sizes (/metrics)", f"mean {mean:.2f}: {dist}")
-        floor_p50 = floor_latency(paths["resnet50"].parent, request, args.seconds)
-        report.add("resnet50 minimal Python server c=1 (bench.floor)", "latency p50 (JPEG 224)",
-                   ms(floor_p50), f"raw b1 p50 {ms(latency.p50_s)}",
-                   f"+{(floor_p50 - latency.p50_s) * 1e3:.1f} ms "
-                   f"(served - floor {(p50 - floor_p50) * 1e3:+.1f} ms)", "context", None)  # fmt: skip
+        report.add(row, "batch sizes (/metrics)", f"mean {mean:.2f}: {dist}")
+        served: dict[str, Any] = {"c1": {"p50": p50, "p99": p99, "p999": p999, "n": c1.completed}}
+        if frontends == 1:
+            floor_p50 = floor_latency(paths["resnet50"].parent, request, args.seconds)
+            report.add("resnet50 minimal Python server c=1 (bench.floor)", "latency p50 (JPEG 224)",
+                       ms(floor_p50), f"raw b1 p50 {ms(raw_p50)}",
+                       f"+{(floor_p50 - raw_p50) * 1e3:.1f} ms "
+                       f"(served - floor {(p50 - floor_p50) * 1e3:+.1f} ms)", "context", None)  # fmt: skip
+            served["c1"]["floor_p50"] = floor_p50
 
-        cpu = CpuWindow(server.process.pid)
-        c16 = run_load(server.address, request, concurrency=16, processes=args.client_procs,
-                       duration_s=args.seconds)  # fmt: skip
-        # ONNX Runtime's intra-op threads (one per core: the runner thread and its pool) are the
-        # server's busiest; everything else shares the same cores with them.
-        split = cpu.split(top=os.cpu_count() or 1)
-        h2 = server.batch_histogram("resnet50")
-        rate = c16.completed / c16.seconds
-        report.add("resnet50 served c=16", "throughput (JPEG 224)", f"{rate:.1f} img/s",
-                   f"raw best b{raw_best.batch_size} {raw_best.images_per_s:.1f} img/s",
-                   f"{rate / raw_best.images_per_s:.2f}", f">= {THROUGHPUT_TARGET}",
-                   rate / raw_best.images_per_s >= THROUGHPUT_TARGET)  # fmt: skip
-        report.add("resnet50 served c=16", "latency p50 / p99", f"{ms(pct(c16.latencies_s, 50))} / "
-                   f"{ms(pct(c16.latencies_s, 99))}", ratio=f"errors {c16.errors}")  # fmt: skip
-        dist, mean = batch_distribution(h1, h2)
-        report.add("resnet50 served c=16", "batch sizes (/metrics)", f"mean {mean:.2f}: {dist}")
-        report.add("resnet50 served c=16", "CPU, cores (whole load incl. warm-up)",
-                   f"ORT threads {split.top:.2f}, rest of server {split.rest_of_process:.2f}, "
-                   f"clients + others {split.rest_of_machine:.2f}, idle {split.idle:.2f}",
-                   ratio=f"non-ORT {(split.rest_of_process + split.rest_of_machine) / rate * 1e3:.1f} ms/img",
-                   target="context", ok=None)  # fmt: skip
-        for r in (c1, c16):
-            if r.error_samples:
-                report.notes.append(f"resnet50 errors: {r.error_samples[:3]}")
-        report.raw["resnet50_served"] = {
-            "c1": {"p50": p50, "p99": p99, "p999": p999, "n": c1.completed, "floor_p50": floor_p50},
-            "c16": {"images_per_s": rate, "n": c16.completed, "cpu": split.__dict__},
-        }
+        for concurrency in args.resnet_concurrency:
+            cpu = CpuWindow(server.process.pid)
+            result = run_load(server.address, request, concurrency=concurrency, processes=args.client_procs,
+                              duration_s=args.seconds)  # fmt: skip
+            # ONNX Runtime's intra-op threads (one per core: the runner thread and its pool) are the
+            # server's busiest; everything else shares the same cores with them. (Under --frontends
+            # N the processes are children: CpuWindow then counts the supervisor alone.)
+            split = cpu.split(top=os.cpu_count() or 1)
+            h2 = server.batch_histogram("resnet50")
+            rate = result.completed / result.seconds
+            row = f"resnet50 served{layout} c={concurrency}"
+            report.add(row, "throughput (JPEG 224)", f"{rate:.1f} img/s",
+                       f"raw best b{raw_best.batch_size} {raw_best.images_per_s:.1f} img/s",
+                       f"{rate / raw_best.images_per_s:.2f}", f">= {THROUGHPUT_TARGET}",
+                       rate / raw_best.images_per_s >= THROUGHPUT_TARGET)  # fmt: skip
+            report.add(row, "latency p50 / p99", f"{ms(pct(result.latencies_s, 50))} / "
+                       f"{ms(pct(result.latencies_s, 99))}", ratio=f"errors {result.errors}")  # fmt: skip
+            dist, mean = batch_distribution(h1, h2)
+            h1 = h2
+            report.add(row, "batch sizes (/metrics)", f"mean {mean:.2f}: {dist}")
+            if frontends == 1:
+                report.add(row, "CPU, cores (whole load incl. warm-up)",
+                           f"ORT threads {split.top:.2f}, rest of server {split.rest_of_process:.2f}, "
+                           f"clients + others {split.rest_of_machine:.2f}, idle {split.idle:.2f}",
+                           ratio=f"non-ORT {(split.rest_of_process + split.rest_of_machine) / rate * 1e3:.1f}"
+                           " ms/img", target="context", ok=None)  # fmt: skip
+            if result.error_samples:
+                report.notes.append(f"resnet50 errors: {result.error_samples[:3]}")
+            served[f"c{concurrency}"] = {"images_per_s": rate, "n": result.completed, "cpu": split.__dict__}
+        if c1.error_samples:
+            report.notes.append(f"resnet50 errors: {c1.error_samples[:3]}")
+        report.raw[f"resnet50_served{key}"] = served
     finally:
         server.stop()
 
@@ -710,8 +724,11 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
         f"- {os.cpu_count()} cores shared by the server, the load-generating client (which also decodes the"
         " responses and serialises requests: on 2 cores it takes CPU the server would otherwise use, so"
         " served throughput is a lower bound) and whatever else runs on the box.",
-        "- Other processes using CPU (1 s samples) at the start: " + (", ".join(busy[0]) or "none seen")
-        + "; at the end: " + (", ".join(busy[1]) or "none seen") + ".",
+        "- Other processes using CPU (1 s samples) at the start: "
+        + (", ".join(busy[0]) or "none seen")
+        + "; at the end: "
+        + (", ".join(busy[1]) or "none seen")
+        + ".",
         "- Ratios are more stable than absolute numbers; rerun before drawing conclusions from a few %.",
         *[f"- {n}" for n in report.notes],
         "",
@@ -757,6 +774,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=lambda text: [int(n) for n in text.split(",")],
         default=[1, 2],
         help="the proxy part's `serve --frontends` values, comma-separated",
+    )
+    p.add_argument(
+        "--resnet-frontends",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1],
+        help="the resnet part's `serve --frontends` values, comma-separated (default 1)",
+    )
+    p.add_argument(
+        "--resnet-concurrency",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[16],
+        help="the resnet part's throughput concurrencies, comma-separated (default 16; a GPU: 16,64)",
     )
     p.add_argument("--style-size", type=int, default=256, help="Stylize image side next to classification")
     p.add_argument("--style-repository", type=Path, default=ROOT / "artifacts" / "bench_style_repository")

@@ -3,10 +3,10 @@
 One `serve` process with two PyTorch workers (and again as `serve --frontends 2`, issue 12: the
 workers are then the children of the supervisor's gradient process), started through
 tests/integration/crash_worker.py: the production server with test-only wrappers around the
-gradient handler, the worker initializer and the ONNX Runtime run (see that module for why a wrapper and not a switch in the service). The tests
-kill workers from outside (SIGKILL, SIGSEGV) in the middle of a job, send an input that segfaults
-its worker, hang a worker, take every worker away, and make an ONNX Runtime run fail, and check what
-a client and an operator would notice:
+gradient handler, the worker initializer and the ONNX Runtime run (see that module for why a
+wrapper and not a switch in the service). The tests kill workers from outside (SIGKILL, SIGSEGV) in
+the middle of a job, send an input that segfaults its worker, hang a worker, take every worker away,
+and make an ONNX Runtime run fail, and check what a client and an operator would notice:
 
 - the affected call fails fast with UNAVAILABLE (INTERNAL for an input that crashed two workers),
   and every other call in flight (a gradient job on the other worker, classification calls and a
