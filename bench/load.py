@@ -1,10 +1,12 @@
 """Load generation for `python -m bench`: asyncio gRPC clients in worker processes, and a bare
 grpc.aio echo server (the transport floor a served Classify is compared with).
 
-Every client process opens its own channel and runs `concurrency` asyncio tasks that issue the
-same request back to back; completions are counted only inside a common time window (all
-processes start measuring at the same wall-clock instant, after their own warm-up), so process
-start-up does not dilute the rate; latencies are those of the requests completed in the window.
+Every client process opens its own channels (`connections` of them: distinct TCP connections, so
+`serve --frontends N`, whose kernel hands each connection to one frontend, sees them spread) and
+runs `concurrency` asyncio tasks that issue the same request back to back; completions are counted
+only inside a common time window (all processes start measuring at the same wall-clock instant,
+after their own warm-up), so process start-up does not dilute the rate; latencies are those of the
+requests completed in the window.
 
     python -m bench.load echo        # prints "listening 127.0.0.1:PORT", serves until SIGTERM
     python -m bench.load style 256   # a style-transfer job looping until killed
@@ -29,6 +31,8 @@ from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Channels to the same address would otherwise share one subchannel: one TCP connection.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
@@ -49,15 +53,21 @@ class LoadResult:
 
 
 async def _unary_load(
-    address: str, request: pb.ClassifyRequest, concurrency: int, start_at: float, duration_s: float
+    address: str,
+    request: pb.ClassifyRequest,
+    concurrency: int,
+    start_at: float,
+    duration_s: float,
+    connections: int = 1,
 ) -> LoadResult:
     result = LoadResult()
     end_at = start_at + duration_s
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
-        await stub.Classify(request, timeout=60)  # connect + warm
+    channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(connections)]
+    try:
+        stubs = [pb_grpc.InferenceStub(channel) for channel in channels]  # type: ignore[no-untyped-call]
+        await asyncio.gather(*(stub.Classify(request, timeout=60) for stub in stubs))  # connect + warm
 
-        async def one_task() -> None:
+        async def one_task(stub: pb_grpc.InferenceStub) -> None:
             while True:
                 t0 = time.time()
                 if t0 >= end_at:
@@ -79,16 +89,36 @@ async def _unary_load(
                     else:
                         result.errors += 1
 
-        await asyncio.gather(*(one_task() for _ in range(concurrency)))
+        await asyncio.gather(*(one_task(stubs[n % connections]) for n in range(concurrency)))
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
     result.seconds = duration_s
     return result
 
 
 async def _stream_load(
-    address: str, request: pb.ClassifyRequest, window: int, start_at: float, duration_s: float
+    address: str,
+    request: pb.ClassifyRequest,
+    window: int,
+    start_at: float,
+    duration_s: float,
+    connections: int = 1,
 ) -> LoadResult:
-    """One ClassifyStream kept `window` items in flight; counts responses inside the time window."""
+    """`connections` ClassifyStreams, one per connection, keeping `window` items in flight between
+    them; counts responses inside the time window."""
     result = LoadResult()
+    shares = [window // connections + (1 if i < window % connections else 0) for i in range(connections)]
+    await asyncio.gather(
+        *(_one_stream(address, request, n, start_at, duration_s, result) for n in shares if n)
+    )
+    result.seconds = duration_s
+    return result
+
+
+async def _one_stream(
+    address: str, request: pb.ClassifyRequest, window: int, start_at: float, duration_s: float,
+    result: LoadResult,
+) -> None:  # fmt: skip
     end_at = start_at + duration_s
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
@@ -120,17 +150,22 @@ async def _stream_load(
                     if len(result.error_samples) < 5:
                         result.error_samples.append(response.error.message)
         call.cancel()
-    result.seconds = duration_s
-    return result
 
 
 def _worker(
-    kind: str, address: str, request_bytes: bytes, concurrency: int, start_at: float, duration_s: float
+    kind: str,
+    address: str,
+    request_bytes: bytes,
+    concurrency: int,
+    start_at: float,
+    duration_s: float,
+    connections: int = 1,
 ) -> LoadResult:
     request = pb.ClassifyRequest.FromString(request_bytes)
+    connections = max(1, min(connections, concurrency))
     if kind == "stream":
-        return asyncio.run(_stream_load(address, request, concurrency, start_at, duration_s))
-    return asyncio.run(_unary_load(address, request, concurrency, start_at, duration_s))
+        return asyncio.run(_stream_load(address, request, concurrency, start_at, duration_s, connections))
+    return asyncio.run(_unary_load(address, request, concurrency, start_at, duration_s, connections))
 
 
 def run_load(
@@ -142,9 +177,10 @@ def run_load(
     duration_s: float,
     kind: str = "unary",
     warmup_s: float = 2.0,
+    connections: int = 1,
 ) -> LoadResult:
     """`concurrency` requests in flight in total, spread over `processes` client processes
-    (spawned, so no grpc state is forked)."""
+    (spawned, so no grpc state is forked), each with `connections` connections (streams)."""
     processes = max(1, min(processes, concurrency))
     per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     # Spawned interpreters need ~1-2 s to import grpc on a busy 2-core box before they can start.
@@ -152,12 +188,13 @@ def run_load(
     payload = request.SerializeToString()
     total = LoadResult()
     if processes == 1:
-        total.merge(_worker(kind, address, payload, per[0], start_at, duration_s))
+        total.merge(_worker(kind, address, payload, per[0], start_at, duration_s, connections))
         return total
     ctx = mp.get_context("spawn")
     with ctx.Pool(processes) as pool:
         futures = [
-            pool.apply_async(_worker, (kind, address, payload, n, start_at, duration_s)) for n in per
+            pool.apply_async(_worker, (kind, address, payload, n, start_at, duration_s, connections))
+            for n in per
         ]
         for f in futures:
             total.merge(f.get(timeout=duration_s + 300))
