@@ -46,6 +46,9 @@ INLINE_MAX_INPUT_PIXELS = 64 * 64
 # When no other classification is in progress, a single image of at most this many pixels is
 # decoded on the event loop too (a 224x224 JPEG: ~1 ms; this cap: a few ms of a loop nobody else
 # is using), saving the two thread wake-ups to the pool and back (0.1-0.25 ms each on a 2-core VM).
+# In a frontend process of `serve --frontends N` (N > 1) it is so even when busy: the processes
+# are the parallelism there, and the hops cost more than the pool buys (issue 12, 2 cores,
+# 224x224 JPEGs to lenet5: +19% Classify c=16, +18% ClassifyStream).
 IDLE_INLINE_MAX_PIXELS = 512 * 512
 
 
@@ -128,6 +131,7 @@ class ClassifyPath:
         threads = settings.preprocess_threads or default_preprocess_threads()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
         self._active = 0  # classifications in progress (decoding, queued or computing)
+        self._inline_when_busy = settings.frontends > 1  # see IDLE_INLINE_MAX_PIXELS
         self._metrics: dict[str, _ModelMetrics] = {}
         if Image.MAX_IMAGE_PIXELS is not None and settings.max_image_pixels > Image.MAX_IMAGE_PIXELS:
             log.warning(
@@ -271,13 +275,13 @@ class ClassifyPath:
           model input (at most INLINE_MAX_INPUT_PIXELS), e.g. LeNet's 32x32 digits, always;
         - any image declaring at most IDLE_INLINE_MAX_PIXELS when this is the only classification
           in progress: nobody else is waiting for the loop, and at concurrency 1 the hops are a
-          visible part of the latency.
+          visible part of the latency; in a frontend process of `serve --frontends N`, always.
         """
         if len(images) != 1:
             return None
         _, height, width = model.input_shape
         tiny = len(images[0]) <= INLINE_MAX_BYTES and height * width <= INLINE_MAX_INPUT_PIXELS
-        idle = self._active == 1  # this request only
+        idle = self._active == 1 or self._inline_when_busy  # this request only, or a frontend process
         if not (tiny or idle):
             return None
         t0 = time.perf_counter()

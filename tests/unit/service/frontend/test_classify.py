@@ -256,6 +256,49 @@ def test_a_single_image_is_decoded_on_the_event_loop_when_tiny_or_alone(
     run(main)
 
 
+def test_a_frontend_process_decodes_single_images_on_its_event_loop_even_when_busy(
+    repo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --frontends N`: the processes are the parallelism, so a single image up to
+    IDLE_INLINE_MAX_PIXELS skips the pool even while other classifications are in progress; a
+    bigger one and a request of several images still use it."""
+    from service.frontend.classify import IDLE_INLINE_MAX_PIXELS
+
+    w, b = repo["weights"][("gray", 1)]
+
+    async def main() -> None:
+        settings = settings_for(repo["root"], models="gray", preprocess_threads=2, frontends=2)
+        engine = ClassificationEngine(settings)
+        path = ClassifyPath(engine, settings)
+        engine.load()
+        await engine.start()
+        model = engine.get("gray")
+        pool_calls: list[int] = []
+        on_pool = path._on_pool
+
+        async def counted(jobs: Any, deadline: float | None) -> Any:
+            jobs = list(jobs)
+            pool_calls.append(len(jobs))
+            return await on_pool(jobs, deadline)
+
+        monkeypatch.setattr(path, "_on_pool", counted)
+        medium = random_image(6, (300, 200))
+        over = png(np.zeros((600, 600, 3), np.uint8))
+        assert 600 * 600 > IDLE_INLINE_MAX_PIXELS
+        path._active += 5  # five other classifications in progress
+        probs, _ = await path.classify_images(model, [png(medium)], None)
+        np.testing.assert_allclose(probs, expected_probs([medium], GRAY8, w, b), rtol=1e-4, atol=1e-6)
+        assert pool_calls == []
+        await path.classify_images(model, [over], None)
+        await path.classify_images(model, [png(medium), png(medium)], None)
+        assert pool_calls == [1, 2]
+        path._active -= 5
+        path.close()
+        await engine.stop()
+
+    run(main)
+
+
 @pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 8), (None, 1)])
 def test_preprocessing_takes_half_the_cores_by_default(
     monkeypatch: pytest.MonkeyPatch, cores: int | None, threads: int
