@@ -613,15 +613,19 @@ def part_proxy(args: argparse.Namespace, paths: dict[str, Path], report: Report)
         server = Server(args.repository, *flags)
         try:
             log(f"proxy: served Classify c=16 and ClassifyStream, --frontends {frontends}")
+            # Distinct connections, as from many clients: the kernel hands each connection to one
+            # frontend process (SO_REUSEPORT), so one connection would load one frontend alone.
             unary = run_load(server.address, request, concurrency=16, processes=args.client_procs,
-                             duration_s=args.seconds)  # fmt: skip
+                             duration_s=args.seconds, connections=16)  # fmt: skip
             stream = run_load(server.address, request, concurrency=args.stream_window, processes=1,
-                              duration_s=args.seconds, kind="stream")  # fmt: skip
+                              duration_s=args.seconds, kind="stream",
+                              connections=args.proxy_streams)  # fmt: skip
             c1 = run_load(server.address, request, concurrency=1, processes=1, duration_s=args.seconds / 2)
         finally:
             server.stop()
-        stream_name = f"ClassifyStream ({args.stream_window} in flight)"
-        for name, result, target in (("Classify c=16", unary, 0.5), (stream_name, stream, 0.7)):
+        stream_name = f"ClassifyStream ({args.proxy_streams} streams, {args.stream_window} in flight)"
+        rows = (("Classify c=16 (16 connections)", unary, 0.5), (stream_name, stream, 0.7))
+        for name, result, target in rows:
             rate = result.completed / result.seconds
             add(f"proxy --frontends {frontends} {name}", f"images/s (errors {result.errors})",
                 f"{rate:.0f} img/s",
@@ -774,6 +778,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=lambda text: [int(n) for n in text.split(",")],
         default=[1, 2],
         help="the proxy part's `serve --frontends` values, comma-separated",
+    )
+    p.add_argument(
+        "--proxy-streams", type=int, default=4, help="the proxy part's ClassifyStreams (one connection each)"
     )
     p.add_argument(
         "--resnet-frontends",
