@@ -89,6 +89,10 @@ bench: $(STAMP) ## Benchmarks against in-process baselines; prints ratios
 soak: $(STAMP) ## Soak: 10,000 mixed requests at concurrency 8, checks errors/RSS/p99 drift (long; not in CI)
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
+.PHONY: device-wheels
+device-wheels: $(STAMP) ## Fetch the wheels bench/device_check.sh installs on a lent GPU (.devwheels/; prints the device calls)
+	bash bench/device_wheels.sh
+
 .PHONY: clean
 clean: ## Remove caches (keeps .venv and the model repository)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
