@@ -21,6 +21,14 @@ from export import repository
 from export.errors import RepositoryError
 from export.preprocessing import Preprocessing
 from service.errors import NotFound
+from service.model_config import (
+    GRADIENT_RPCS,
+    ModelConfig,
+    ModelConfigError,
+    ServingConfig,
+    VersionPolicy,
+    read_model_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,10 @@ class LoadedModel:
     # The version directory (model.onnx, weights.pt, metadata.json): the gradient processes load
     # weights.pt of exactly the versions served here.
     path: Path | None = field(default=None, compare=False)
+    # The model's config.yaml (service/model_config.py), and what the engine really serves it
+    # with (set once its batcher exists; None in a process that runs no engine).
+    config: ModelConfig = field(default_factory=ModelConfig, compare=False, repr=False)
+    serving: ServingConfig | None = field(default=None, compare=False, repr=False)
 
 
 def input_name(model: LoadedModel) -> str:
@@ -66,8 +78,16 @@ def output_name(model: LoadedModel) -> str:
     return str((model.metadata or {}).get("output", {}).get("name", "logits"))
 
 
-def loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = None) -> LoadedModel:
-    """metadata.json -> LoadedModel, checking what the service relies on."""
+def loaded_model(
+    meta: dict[str, Any],
+    *,
+    provider: str,
+    path: Path | None = None,
+    config: ModelConfig | None = None,
+    serving: ServingConfig | None = None,
+) -> LoadedModel:
+    """metadata.json (+ the model's config.yaml) -> LoadedModel, checking what the service relies
+    on. The config's `gradients` list narrows the gradient capabilities the model offers."""
     try:
         inp, out = meta["input"], meta["output"]
         shape = tuple(int(d) for d in inp["shape"])
@@ -94,6 +114,10 @@ def loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = Non
             f"the input shape {list(shape)}"
         )
     capabilities = {str(k): bool(v) for k, v in (meta.get("capabilities") or {"classify": True}).items()}
+    config = config or ModelConfig()
+    if config.gradients is not None:
+        offered = set(config.gradients)
+        capabilities = {k: v and (k not in GRADIENT_RPCS or k in offered) for k, v in capabilities.items()}
     return LoadedModel(
         name=name,
         version=version,
@@ -111,6 +135,8 @@ def loaded_model(meta: dict[str, Any], *, provider: str, path: Path | None = Non
         capabilities=capabilities,
         metadata=meta,
         path=path,
+        config=config,
+        serving=serving,
     )
 
 
@@ -161,13 +187,33 @@ def parse_model_selection(spec: str) -> dict[str, Selection] | None:
     return selection
 
 
+def _by_policy(
+    name: str, versions: dict[int, repository.ModelVersion], policy: VersionPolicy | None
+) -> set[int]:
+    """The versions a model named without versions serves: its version_policy, default the latest."""
+    if policy is None:
+        return {max(versions)}
+    try:
+        return set(policy.choose(list(versions)))
+    except ValueError as exc:
+        raise ModelLoadError(f"model {name!r}: {exc}") from None
+
+
 def choose_versions(
-    available: dict[str, dict[int, repository.ModelVersion]], selection: dict[str, Selection] | None
+    available: dict[str, dict[int, repository.ModelVersion]],
+    selection: dict[str, Selection] | None,
+    policies: dict[str, VersionPolicy] | None = None,
 ) -> list[repository.ModelVersion]:
     """The versions to load. A name or version that is not in the repository is a configuration
-    error (raised, so a typo fails the start instead of silently serving less)."""
+    error (raised, so a typo fails the start instead of silently serving less). A model named
+    without versions (or every model, with no selection) serves what its version_policy says."""
+    policies = policies or {}
     if selection is None:
-        return [versions[max(versions)] for _, versions in sorted(available.items())]
+        return [
+            versions[v]
+            for name, versions in sorted(available.items())
+            for v in sorted(_by_policy(name, versions, policies.get(name)))
+        ]
     chosen: list[repository.ModelVersion] = []
     for name, wanted in sorted(selection.items()):
         versions = available.get(name)
@@ -180,15 +226,30 @@ def choose_versions(
             raise ModelLoadError(f"model {name!r} has no version {missing[0]} (it has: {have})")
         numbers = set(versions) if wanted.all else set(wanted.versions)
         if wanted.latest:
-            numbers.add(max(versions))
+            numbers |= _by_policy(name, versions, policies.get(name))
         chosen.extend(versions[v] for v in sorted(numbers))
     return chosen
 
 
-def select_versions(root: Path, models: str) -> list[repository.ModelVersion]:
-    """The repository versions `models` (settings.models) selects under `root`. Versions whose
-    metadata.json is invalid are skipped and logged by the scan. Raises ModelLoadError for a
-    malformed selection, a missing repository, an empty one, or a name or version it lacks."""
+@dataclass
+class Chosen:
+    """What select_versions chose: the versions with their model's config, and the models left
+    out because their config.yaml is invalid (name -> the reason, naming file and field)."""
+
+    versions: list[repository.ModelVersion]
+    configs: dict[str, ModelConfig]
+    refused: dict[str, str]
+
+    def config(self, name: str) -> ModelConfig:
+        return self.configs.get(name) or ModelConfig()
+
+
+def select_versions(root: Path, models: str) -> Chosen:
+    """The repository versions `models` (settings.models) selects under `root`, with each model's
+    config.yaml. Versions whose metadata.json is invalid are skipped and logged by the scan; a model
+    whose config.yaml is invalid is left out and logged (one bad file never takes the others down).
+    Raises ModelLoadError for a malformed selection, a missing repository, an empty one, or a name
+    or version it lacks."""
     try:
         selection = parse_model_selection(models)
     except ValueError as exc:
@@ -202,7 +263,21 @@ def select_versions(root: Path, models: str) -> list[repository.ModelVersion]:
         available.setdefault(version.name, {})[version.version] = version
     if not available:
         raise ModelLoadError(f"no models found in the repository {root}")
-    return choose_versions(available, selection)
+    configs: dict[str, ModelConfig] = {}
+    refused: dict[str, str] = {}
+    for name in sorted(available):
+        if selection is not None and name not in selection:
+            continue
+        try:
+            configs[name] = read_model_config(root / name)
+        except ModelConfigError as exc:
+            refused[name] = str(exc)
+            log.error("not serving %s: %s", name, exc)
+    usable = {name: versions for name, versions in available.items() if name not in refused}
+    if selection is not None:
+        selection = {name: wanted for name, wanted in selection.items() if name not in refused}
+    policies = {name: c.version_policy for name, c in configs.items() if c.version_policy is not None}
+    return Chosen(choose_versions(usable, selection, policies), configs, refused)
 
 
 # --- the served set ----------------------------------------------------------------------------
@@ -240,6 +315,7 @@ class Catalog:
 
 __all__ = [
     "Catalog",
+    "Chosen",
     "LoadedModel",
     "ModelLoadError",
     "SUPPORTED_DTYPES",

@@ -79,11 +79,25 @@ class Settings(BaseSettings):
         "beyond that requests get RESOURCE_EXHAUSTED at once.",
     )
     warmup_batch_sizes: str = Field(
-        "all",
+        "auto",
         description="Batch sizes each model version runs once before it serves, so the first requests "
-        "do not pay for allocations and kernel plans: all (1..max_batch_size), none, or a "
-        "comma-separated list such as 1,8,16 (sizes above a model's batch limit are skipped). Fewer "
-        "sizes start faster: VGG-19 warms 1..16 for 25-31 s on 2 CPU cores.",
+        "do not pay for allocations and kernel plans: auto (1 and the largest batch; on CUDA with "
+        "cuda_fixed_batch the one fixed shape), all (1..max_batch_size), none, or a comma-separated "
+        "list such as 1,8,16 (sizes above a model's batch limit are skipped). A model's config.yaml "
+        "may override it. More sizes start slower: VGG-19 warms 1..16 for 25-31 s on 2 CPU cores.",
+    )
+    load_concurrency: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Model versions loaded (verified, ONNX Runtime session built, warmed up) at once "
+        "at start (0: the cores, at most 4). Each version serves as soon as it is warm.",
+    )
+    serve_when: Literal["all", "any"] = Field(
+        "all",
+        description='When the overall health (service "") turns SERVING at start: all (every selected '
+        "model version has loaded or failed to) or any (the first version that loads). Each "
+        "model:<name> turns SERVING as soon as that model is warm either way.",
     )
     preprocess_threads: int = Field(
         0, ge=0, description="Threads decoding and preprocessing images (0: half the cores, at least 1)."
@@ -95,7 +109,7 @@ class Settings(BaseSettings):
         description="Serving processes. 1: one process runs everything. N > 1: N frontend processes "
         "share the gRPC port (parsing, decoding, streams, OIP) in front of one engine process (ONNX "
         "Runtime and the batchers) and one gradient process, under a supervisor that serves /metrics "
-        "(serve only; README \"Processes\").",
+        '(serve only; README "Processes").',
     )
 
     # --- request caps ----------------------------------------------------------------------------
@@ -222,18 +236,23 @@ class Settings(BaseSettings):
     @classmethod
     def _warmup_batch_sizes(cls, value: str) -> str:
         value = value.strip().lower()
-        if value in ("all", "none"):
+        if value in ("auto", "all", "none"):
             return value
         try:
             sizes = [int(part) for part in value.split(",")]
         except ValueError:
-            raise ValueError("give all, none or comma-separated batch sizes such as 1,8,16") from None
+            raise ValueError("give auto, all, none or comma-separated batch sizes such as 1,8,16") from None
         if any(not 1 <= s <= 256 for s in sizes):
             raise ValueError("batch sizes must be 1..256")
         return ",".join(str(s) for s in sorted(set(sizes)))
 
-    def warmup_sizes(self, max_batch: int) -> list[int]:
-        """The batch sizes to warm a model version up with whose batches hold at most `max_batch`."""
+    def warmup_sizes(self, max_batch: int, *, fixed_shape: bool = False) -> list[int]:
+        """The batch sizes to warm a model version up with whose batches hold at most `max_batch`.
+        auto: one run at max_batch where every batch runs at that one shape (`fixed_shape`: CUDA
+        with cuda_fixed_batch), else 1 and max_batch (ONNX Runtime on CPU allocates per shape; the
+        sizes between cost a little more the first time they occur, measured in issue 13)."""
+        if self.warmup_batch_sizes == "auto":
+            return [max_batch] if fixed_shape else sorted({1, max_batch})
         if self.warmup_batch_sizes == "all":
             return list(range(1, max_batch + 1))
         if self.warmup_batch_sizes == "none":

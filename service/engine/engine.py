@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,14 @@ from service.engine.batcher import Admission, BatchTimings, DynamicBatcher
 from service.engine.providers import CUDA, ProviderChoice, select_provider
 from service.engine.session import ModelSession
 from service.errors import DeadlineExceeded, NotFound, Unavailable
+from service.model_config import ModelConfig, ServingConfig, warmup_sizes
 from service.observability import metrics
 from service.settings import Settings
+
+# Called from a loading thread: the names of the models being loaded (once, before any load), and
+# each version as soon as it is loaded and warm (its batcher not yet started: start_version).
+OnPlanned = Callable[[list[str]], None]
+OnLoaded = Callable[[LoadedModel], None]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,7 @@ class _Served:
     session: ModelSession
     batcher: DynamicBatcher
     images: Any = field(init=False, repr=False)  # this model's images counter, looked up once
+    started: bool = False  # its batcher runs: requests for this version are accepted
 
     def __post_init__(self) -> None:
         self.images = metrics.IMAGES.labels(model=self.model.name)
@@ -60,14 +71,23 @@ class ClassificationEngine:
         self._served: dict[tuple[str, int], _Served] = {}
         self._catalog = Catalog()
         self._provider: ProviderChoice | None = None
+        self._providers: dict[str, ProviderChoice] = {}  # by device: a model's config may choose
+        self._pending: set[str] = set()  # models selected whose versions are not all loaded yet
+        self._lock = threading.Lock()  # the loading threads add to _served/_catalog
+        # Where start-up time went, per version loaded: (verify, session, warm-up) seconds.
+        self._load_times: list[tuple[float, float, float]] = []
+        self._load_workers = 1
         self._loaded = False
         self._started = False
         self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Scan the repository, verify and load the selected versions, warm every batch size up.
+    def load(self, on_loaded: OnLoaded | None = None, on_planned: OnPlanned | None = None) -> None:
+        """Scan the repository, then verify, load and warm up the selected versions,
+        settings.load_concurrency at a time (each model's config.yaml over the settings). Each
+        version is handed to `on_loaded` as soon as it is warm, so it can serve while the others
+        still load (`start_version`).
 
         Raises ModelLoadError (a RuntimeError) if the selection is invalid or nothing loads, and
         providers.ProviderUnavailable when device=cuda cannot be honoured.
@@ -76,40 +96,71 @@ class ClassificationEngine:
             raise RuntimeError("ClassificationEngine.load() was already called")
         settings = self._settings
         self._provider = provider = select_provider(settings)
+        self._providers[settings.device] = provider
         log.info("execution provider: %s (%s)", provider.name, provider.reason)
         root = Path(settings.repository)
         chosen = select_versions(root, settings.models)
-
-        failures: list[str] = []
-        for version in chosen:
-            label = f"{version.name}:{version.version}"
-            try:
-                served = self._load_version(version, provider)
-            except Exception as exc:  # noqa: BLE001 - one broken model must not stop the others
-                failures.append(f"{label}: {exc}")
-                log.error("not serving %s: %s", label, exc)
-                continue
-            self._served[(served.model.name, served.model.version)] = served
+        failures = [f"{name}: {why}" for name, why in chosen.refused.items()]
+        self._pending = {version.name for version in chosen.versions}
+        left = {name: sum(v.name == name for v in chosen.versions) for name in self._pending}
+        if on_planned is not None:
+            on_planned(sorted(self._pending))
+        workers = self._load_workers = settings.load_concurrency or min(4, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnserve-load") as pool:
+            futures = {
+                pool.submit(self._load_version, version, chosen.config(version.name)): version
+                for version in chosen.versions
+            }
+            for future in as_completed(futures):
+                version = futures[future]
+                left[version.name] -= 1
+                try:
+                    served = future.result()
+                except Exception as exc:  # noqa: BLE001 - one broken model must not stop the others
+                    failures.append(f"{version.name}:{version.version}: {exc}")
+                    log.error("not serving %s:%d: %s", version.name, version.version, exc)
+                else:
+                    self._add(served)
+                    if on_loaded is not None:
+                        on_loaded(served.model)
+                if left[version.name] == 0:
+                    with self._lock:
+                        self._pending.discard(version.name)
         if not self._served:
             raise ModelLoadError(
                 f"no model could be loaded from {root}: " + "; ".join(failures or ["nothing selected"])
             )
-        self._catalog = Catalog(served.model for served in self._served.values())
-        for served in self._served.values():
-            m = served.model
-            metrics.MODEL_INFO.labels(
-                model=m.name, version=str(m.version), provider=m.provider, trained=str(m.trained).lower()
-            ).set(1)
-            metrics.PROVIDER_INFO.labels(provider=m.provider).set(1)
         self._loaded = True
 
-    def _load_version(self, version: repository.ModelVersion, provider: ProviderChoice) -> _Served:
+    def _add(self, served: _Served) -> None:
+        m = served.model
+        with self._lock:
+            self._served[(m.name, m.version)] = served
+            self._catalog = Catalog(s.model for s in self._served.values())
+        metrics.MODEL_INFO.labels(
+            model=m.name, version=str(m.version), provider=m.provider, trained=str(m.trained).lower()
+        ).set(1)
+        metrics.PROVIDER_INFO.labels(provider=m.provider).set(1)
+
+    def _provider_for(self, device: str) -> ProviderChoice:
+        with self._lock:
+            found = self._providers.get(device)
+        if found is None:
+            found = select_provider(self._settings.model_copy(update={"device": device}))
+            with self._lock:
+                self._providers[device] = found
+        return found
+
+    def _load_version(self, version: repository.ModelVersion, config: ModelConfig) -> _Served:
         settings = self._settings
         started = time.perf_counter()
         # Raises naming the file whose size or sha256 differs from metadata.json.
         repository.verify_files(version)
+        verified_s = time.perf_counter() - started
         meta = version.metadata
-        model = loaded_model(meta, provider="", path=Path(version.path))
+        model = loaded_model(meta, provider="", path=Path(version.path), config=config)
+        device = config.device or settings.device
+        provider = self._provider_for(device)
         session = ModelSession(
             Path(version.path) / "model.onnx",
             settings=settings,
@@ -118,7 +169,7 @@ class ClassificationEngine:
             output_name=output_name(model),
             input_dtype=model.input_dtype,
             input_shape=model.input_shape,
-            require_provider=settings.device == "cuda",
+            require_provider=device == "cuda",
             # External data must be a file metadata.json lists, i.e. one verify_files just hashed.
             listed_files=frozenset(meta["files"]),
         )
@@ -126,41 +177,80 @@ class ClassificationEngine:
             raise ModelLoadError(
                 f"model.onnx outputs {session.num_classes} classes, metadata.json says {model.num_classes}"
             )
-        max_batch = settings.max_batch_size
+        max_batch = config.max_batch_size or settings.max_batch_size
         if session.batch_limit is not None:
             max_batch = min(max_batch, session.batch_limit)
-        if session.provider == CUDA and settings.cuda_fixed_batch:
+        fixed = session.provider == CUDA and settings.cuda_fixed_batch
+        if fixed:
             session.fix_batch_size(max_batch)  # every batch then runs (and warms up) at one shape
-        warmup_sizes = settings.warmup_sizes(max_batch)
-        warmup_s = session.warmup(warmup_sizes)
-        model = replace(model, provider=session.provider)
+        sizes = warmup_sizes(settings, config, max_batch, fixed_shape=fixed)
+        warmup_s = session.warmup(sizes)
+        serving = ServingConfig(
+            max_batch_size=max_batch,
+            max_queue_delay_s=(
+                settings.max_queue_delay_s if config.max_queue_delay_s is None else config.max_queue_delay_s
+            ),
+            max_queue_size=settings.max_queue_size
+            if config.max_queue_size is None
+            else config.max_queue_size,
+            warmup_batch_sizes=tuple(sizes),
+            device=device,
+            version_policy=config.version_policy.describe() if config.version_policy else "latest: 1",
+            config_file=str(Path(version.path).parent / "config.yaml") if config != ModelConfig() else "",
+        )
+        model = replace(model, provider=session.provider, serving=serving)
         batcher = DynamicBatcher(
             session.run,
             name=model.name,
             max_batch_size=max_batch,
-            max_queue_delay_s=settings.max_queue_delay_s,
-            max_queue_size=settings.max_queue_size,
+            max_queue_delay_s=serving.max_queue_delay_s,
+            max_queue_size=serving.max_queue_size,
             provider=session.provider,
             item_shape=model.input_shape,
         )
+        with self._lock:
+            self._load_times.append((verified_s, session.load_s, warmup_s))
         log.info(
-            "loaded %s:%d on %s in %.2f s (warm-up of batch sizes %s: %.2f s)",
+            "loaded %s:%d on %s in %.2f s (verify %.2f s, session %.2f s, warm-up of batch sizes %s: %.2f s)",
             model.name,
             model.version,
             session.provider,
             time.perf_counter() - started,
-            ",".join(map(str, warmup_sizes)) or "none",
+            verified_s,
+            session.load_s,
+            ",".join(map(str, sizes)) or "none",
             warmup_s,
         )
         return _Served(model, session, batcher)
 
+    def startup_summary(self) -> str:
+        """Where the loading time went, summed over the versions (for the `ready in` line)."""
+        with self._lock:
+            times = list(self._load_times)
+        verify, session, warmup = (sum(t[i] for t in times) for i in range(3))
+        return (
+            f"{len(times)} version(s) loaded {self._load_workers} at a time: verify {verify:.2f} s, "
+            f"ONNX Runtime sessions {session:.2f} s, warm-up {warmup:.2f} s (summed over versions)"
+        )
+
     async def start(self) -> None:
-        """Start every model's batcher; the engine is ready afterwards."""
+        """Start the batcher of every loaded version not started yet (start_version); the engine is
+        ready once it has loaded everything and started."""
         if not self._loaded:
             raise RuntimeError("ClassificationEngine.start() before load()")
-        for served in self._served.values():
-            await served.batcher.start()
+        for served in list(self._served.values()):
+            if not served.started:
+                await self.start_version(served.model)
         self._started = True
+
+    async def start_version(self, model: LoadedModel) -> None:
+        """Start one loaded version's batcher (on the serving loop): it accepts requests from now,
+        while other versions may still load."""
+        served = self._served[(model.name, model.version)]
+        if served.started or self._stopping:
+            return
+        await served.batcher.start()
+        served.started = True
 
     async def stop(self) -> None:
         """Refuse new requests, finish the queued ones, stop the threads."""
@@ -169,7 +259,17 @@ class ClassificationEngine:
 
     @property
     def ready(self) -> bool:
+        """Everything selected has loaded (or failed to) and started."""
         return self._loaded and self._started and not self._stopping
+
+    @property
+    def accepting(self) -> bool:
+        """Some version serves: requests are taken (a version still loading answers UNAVAILABLE)."""
+        return not self._stopping and any(s.started for s in list(self._served.values()))
+
+    def version_ready(self, model: LoadedModel) -> bool:
+        served = self._served.get((model.name, model.version))
+        return served is not None and served.started and not self._stopping
 
     @property
     def provider(self) -> ProviderChoice | None:
@@ -181,17 +281,25 @@ class ClassificationEngine:
         return self._catalog.models()
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
-        """The loaded model `name` at `version` (None: the latest loaded). Raises NotFound."""
-        return self._catalog.get(name, version)
+        """The loaded model `name` at `version` (None: the latest loaded). Raises NotFound, or
+        Unavailable while the model is still loading (its first version is not warm yet)."""
+        with self._lock:
+            catalog, pending = self._catalog, name in self._pending
+        try:
+            return catalog.get(name, version)
+        except NotFound:
+            if pending:
+                raise Unavailable(f"model {name!r} is still loading", reason="not_ready") from None
+            raise
 
     def _serving(self, model: LoadedModel) -> _Served:
         if self._stopping:
             raise Unavailable("the server is shutting down", reason="unavailable")
-        if not self.ready:
-            raise Unavailable("models are still loading", reason="unavailable")
         served = self._served.get((model.name, model.version))
         if served is None:
             raise NotFound(f"model {model.name}:{model.version} is not loaded", reason="not_found")
+        if not served.started:
+            raise Unavailable(f"model {model.name}:{model.version} is still loading", reason="unavailable")
         return served
 
     # --- requests --------------------------------------------------------------------------------

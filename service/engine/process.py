@@ -160,6 +160,9 @@ class EngineServer:
                 "block": version.block.name,
                 "rows": version.block.layout.rows,
                 "input": input_name(version.model),
+                # The model's config.yaml overrides and what it is served with (GetModel shows them).
+                "config": version.model.config.model_dump(mode="json", exclude_none=True),
+                "serving": version.model.serving.as_dict() if version.model.serving else None,
             }
             for version in self._versions.values()
         ]

@@ -23,6 +23,7 @@ from service.catalog import Catalog, LoadedModel, loaded_model
 from service.engine import wire
 from service.engine.slots import SlotBlock, SlotLayout
 from service.errors import Unavailable
+from service.model_config import ModelConfig, ServingConfig
 
 GONE_MESSAGE = "the engine process is not available (it is restarting); retry"
 
@@ -93,7 +94,13 @@ class RemoteEngine:
         models = []
         for entry in hello["models"]:
             path = Path(entry["path"]) if entry.get("path") else None
-            model = loaded_model(entry["metadata"], provider=entry["provider"], path=path)
+            model = loaded_model(
+                entry["metadata"],
+                provider=entry["provider"],
+                path=path,
+                config=ModelConfig.model_validate(entry.get("config") or {}),
+                serving=ServingConfig.from_dict(entry["serving"]) if entry.get("serving") else None,
+            )
             layout = SlotLayout(int(entry["rows"]), tuple(model.input_shape), model.num_classes)
             self._blocks[(model.name, model.version)] = SlotBlock.attach(entry["block"], layout)
             models.append(model)
@@ -124,8 +131,9 @@ class RemoteEngine:
 
     # --- as a server's engine ------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Nothing to load: the engine process loads the models (Server.load runs this first)."""
+    def load(self, on_loaded: Any = None, on_planned: Any = None) -> None:
+        """Nothing to load: the engine process loads the models (Server.load runs this first; the
+        models are known, and announced, once start() has connected)."""
 
     async def start(self) -> None:
         """Connect (waiting for the engine process to load), then keep connected: when the engine

@@ -174,6 +174,19 @@ def model_info(
         capabilities=capabilities,
         ready=ready,
     )
+    if model.serving is not None:
+        sc = model.serving
+        info.serving.CopyFrom(
+            pb.ServingConfig(
+                max_batch_size=sc.max_batch_size,
+                max_queue_delay_s=sc.max_queue_delay_s,
+                max_queue_size=sc.max_queue_size,
+                warmup_batch_sizes=list(sc.warmup_batch_sizes),
+                device=sc.device,
+                version_policy=sc.version_policy,
+                config_file=sc.config_file,
+            )
+        )
     if include_labels:
         info.labels.extend(model.labels)
     return info

@@ -78,8 +78,9 @@ class ModelCatalog:
         self._loaded = False
         self._stopping = False
 
-    def load(self) -> None:
+    def load(self, on_loaded: Any = None, on_planned: Any = None) -> None:
         """Scan the repository, select like the serving tier, check each weights.pt (size, sha256).
+        (The callbacks of ClassificationEngine.load are not used: the tier serves once all are read.)
 
         Raises RuntimeError (ModelLoadError) when the selection is invalid or no version is usable.
         """
@@ -95,12 +96,18 @@ class ModelCatalog:
         failures: list[str] = []
         models: list[LoadedModel] = []
         provider = _torch_provider(settings)
-        for version in chosen:
+        failures += [f"{name}: {why}" for name, why in chosen.refused.items()]
+        for version in chosen.versions:
             label = f"{version.name}:{version.version}"
             try:
                 # weights.pt only, cheaply up front: the gradient processes verify every file again.
                 repository.verify_file(version, repository.WEIGHTS_FILE)
-                model = loaded_model(version.metadata, provider=provider, path=Path(version.path))
+                model = loaded_model(
+                    version.metadata,
+                    provider=provider,
+                    path=Path(version.path),
+                    config=chosen.config(version.name),
+                )
             except (IntegrityError, RuntimeError) as exc:
                 failures.append(f"{label}: {exc}")
                 log.error("not computing with %s: %s", label, exc)

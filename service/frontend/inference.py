@@ -281,7 +281,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return convert.model_info(
             model,
             versions=versions,
-            ready=self._state.ready,
+            ready=self._state.model_ready(model),
             include_labels=include_labels,
             served=self._served | self._gradients.capabilities(model),
         )

@@ -140,13 +140,14 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def work(rpc: Rpc) -> pb.ModelReadyResponse:
             version = parse_version(request.version)
-            loaded = any(
-                m.name == request.name and (version is None or m.version == version)
+            matching = [
+                m
                 for m in self._state.models.models()
-            )
-            if loaded:
+                if m.name == request.name and (version is None or m.version == version)
+            ]
+            if matching:
                 rpc.model = request.name
-            return pb.ModelReadyResponse(ready=loaded and self._state.ready)
+            return pb.ModelReadyResponse(ready=any(self._state.model_ready(m) for m in matching))
 
         return await unary("ModelReady", context, work)
 
@@ -228,21 +229,20 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "send repository_name empty",
                     reason="invalid_argument",
                 )
-            ready, reason = self._state.ready, ""
-            if not ready:
-                reason = "the server is shutting down" if self._state.draining else "models are still loading"
-            return pb.RepositoryIndexResponse(
-                models=[
-                    pb.RepositoryIndexResponse.ModelIndex(
-                        name=m.name,
-                        version=str(m.version),
-                        state="READY" if ready else "UNAVAILABLE",
-                        reason=reason,
+            reason = "the server is shutting down" if self._state.draining else "the model is still loading"
+            index = []
+            for m in self._state.models.models():
+                ready = self._state.model_ready(m)
+                if ready or not request.ready:
+                    index.append(
+                        pb.RepositoryIndexResponse.ModelIndex(
+                            name=m.name,
+                            version=str(m.version),
+                            state="READY" if ready else "UNAVAILABLE",
+                            reason="" if ready else reason,
+                        )
                     )
-                    for m in self._state.models.models()
-                    if ready or not request.ready
-                ]
-            )
+            return pb.RepositoryIndexResponse(models=index)
 
         return await unary("RepositoryIndex", context, work)
 

@@ -172,13 +172,15 @@ class Server:
         self._pool_task: asyncio.Task[None] | None = None
         # The gradient tier the gradient RPCs go to (settings.worker_address); None: the local pool.
         self.tier: GradientTier | None = None
+        self._announced: set[str] = set()  # models with a version serving (model:<name> SERVING)
+        self._serving_announced = False  # serve_when=any: the overall status turned SERVING
 
     # --- readiness ------------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
         if self.state.draining:
             return False, "shutting down"
-        if not self.engine.ready:
+        if not self.state.ready:
             return False, "loading models"
         return True, ""
 
@@ -260,32 +262,99 @@ class Server:
         return (INFERENCE_SERVICE, OIP_SERVICE)
 
     async def load(self) -> None:
-        """Load and warm up the models, start the engine, then report SERVING."""
+        """Load and warm up the models, each version serving (`model:<name>` SERVING) as soon as
+        it is warm; the overall status follows settings.serve_when. Then the gradient RPCs."""
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        warm: asyncio.Queue[Any] = asyncio.Queue()
+
+        def on_planned(names: list[str]) -> None:
+            loop.call_soon_threadsafe(warm.put_nowait, ("planned", names))
+
+        def on_loaded(model: Any) -> None:
+            loop.call_soon_threadsafe(warm.put_nowait, ("loaded", model))
+
+        def load_engine() -> None:
+            self.engine.load(on_loaded=on_loaded, on_planned=on_planned)
+
+        loading = asyncio.ensure_future(_in_daemon_thread(load_engine, "cnnserve-load"))
+        getter: asyncio.Future[Any] | None = None
         try:
-            await _in_daemon_thread(self.engine.load, "cnnserve-load")
+            while True:
+                if getter is None:
+                    getter = asyncio.ensure_future(warm.get())
+                done, _ = await asyncio.wait({loading, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    kind, payload = getter.result()
+                    getter = None
+                    await self._on_load_event(kind, payload, started)
+                    continue
+                break  # loaded: the events it sent before finishing are already queued
+            while not warm.empty():
+                kind, payload = warm.get_nowait()
+                await self._on_load_event(kind, payload, started)
+            loading.result()
         except Exception as exc:
             raise StartupError(f"no model could be loaded from {self.settings.repository}: {exc}") from exc
+        finally:
+            if getter is not None:
+                getter.cancel()
         await self.engine.start()
         self._engine_started = True
-        # Every per-model counter at 0 before the first scrape of a ready server (metrics.py: why).
-        answers_gradients = self.tier is not None or self.settings.workers > 0 or self.pool is not None
-        for model in self.engine.models():
-            metrics.init_classify_series(model.name)
-            if answers_gradients:
-                metrics.init_gradient_series(model.name, model.capabilities, runs_jobs=self.tier is None)
+        for model in self.engine.models():  # an engine that announces none as it goes (a process's)
+            if model.name not in self._announced:
+                await self._version_warm(model, started)
         if self.state.draining:
             return
         for name in self._health_names():
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         models = ", ".join(f"{m.name}:{m.version} ({m.provider})" for m in self.engine.models())
-        log.info("ready in %.2fs: serving %s", time.perf_counter() - started, models)
+        summary = getattr(self.engine, "startup_summary", lambda: "")()
+        log.info(
+            "ready in %.2fs: serving %s%s",
+            time.perf_counter() - started,
+            models,
+            f"; {summary}" if summary else "",
+        )
         if hasattr(self.engine, "wait_ready_change"):  # an engine process: it can go and come back
             self._engine_task = asyncio.create_task(self._follow_engine(), name="cnnserve-engine-health")
         if self.tier is not None:
             self._pool_task = asyncio.create_task(self._follow_worker_tier(), name="cnnserve-worker-tier")
         elif self.settings.workers > 0 or self.pool is not None:
             self._pool_task = asyncio.create_task(self._run_gradient_pool(), name="cnnserve-gradients")
+
+    async def _on_load_event(self, kind: str, payload: Any, started: float) -> None:
+        if kind == "planned":  # registered NOT_SERVING until warm (a Check then says so, not NOT_FOUND)
+            await self._set_health([f"model:{name}" for name in payload], False)
+        else:
+            await self._version_warm(payload, started)
+
+    async def _version_warm(self, model: Any, started: float) -> None:
+        """One version is loaded and warm: start it, zero its metrics, report model:<name> SERVING
+        (and the overall status with serve_when=any)."""
+        start_version = getattr(self.engine, "start_version", None)
+        if start_version is not None:
+            await start_version(model)
+        # Every per-model counter at 0 before the first scrape of a ready server (metrics.py: why).
+        answers_gradients = self.tier is not None or self.settings.workers > 0 or self.pool is not None
+        if model.name not in self._announced:
+            metrics.init_classify_series(model.name)
+            if answers_gradients:
+                metrics.init_gradient_series(model.name, model.capabilities, runs_jobs=self.tier is None)
+        self._announced.add(model.name)
+        if self.state.draining:
+            return
+        await self._set_health([f"model:{model.name}"], True)
+        if self.settings.serve_when == "any" and not self._serving_announced:
+            self._serving_announced = True
+            await self._set_health(["", INFERENCE_SERVICE, OIP_SERVICE], True)
+        log.info(
+            "serving %s:%d (%s) %.2fs after the start",
+            model.name,
+            model.version,
+            model.provider,
+            time.perf_counter() - started,
+        )
 
     def _make_pool(self) -> Any:
         """The GradientPool for the model versions the engine loaded (same weights.pt)."""

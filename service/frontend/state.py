@@ -27,13 +27,30 @@ class ServingState:
 
     @property
     def ready(self) -> bool:
-        return self.models.ready and not self.draining
+        """The server as a whole is ready (overall health, OIP ServerReady): every selected model
+        loaded, or with serve_when=any the first one."""
+        if self.draining:
+            return False
+        return self.accepting if self.settings.serve_when == "any" else self.models.ready
+
+    @property
+    def accepting(self) -> bool:
+        """Requests are taken: some model version serves (an engine that loads progressively says
+        so before it is fully `ready`; a version still loading then answers UNAVAILABLE itself)."""
+        return not self.draining and bool(getattr(self.models, "accepting", self.models.ready))
+
+    def model_ready(self, model: LoadedModel) -> bool:
+        """This version is loaded, warm and taking requests."""
+        version_ready = getattr(self.models, "version_ready", None)
+        if self.draining:
+            return False
+        return bool(version_ready(model)) if version_ready is not None else self.models.ready
 
     def check_ready(self) -> None:
         """Raise Unavailable unless requests are being accepted."""
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica", reason="shutting_down")
-        if not self.models.ready:
+        if not self.accepting:
             # An engine process being replaced says so (service/engine/remote.py); else: starting.
             why = getattr(self.models, "why_not_ready", None)
             raise Unavailable(why or "server is starting: models are still loading", reason="not_ready")

@@ -37,8 +37,8 @@ INFERENCE_METHODS = frozenset({"ModelInfer", "Classify", "ClassifyBatch", "Class
 def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
     """Triton's ModelConfig of a loaded model version, from the model and the server settings.
 
-    max_batch_size is the largest request that runs as one batch: min(max_batch_size,
-    max_images_per_request). (A larger request, up to max_images_per_request, is accepted too and
+    max_batch_size is the largest request that runs as one batch: min(the model's max_batch_size
+    (its config.yaml over the setting), max_images_per_request). (A larger request, up to max_images_per_request, is accepted too and
     split over several batches; an ONNX model with a fixed batch dimension below max_batch_size
     runs smaller batches than this says.) dims leave the batch dimension out, as Triton's do. One
     instance group of one instance (one ONNX Runtime session per version): KIND_GPU on
@@ -47,12 +47,16 @@ def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
     """
     settings = state.settings
     gpu = model.provider == CUDA_PROVIDER
+    # The model's effective values (its config.yaml over the settings), where an engine serves it.
+    serving = model.serving
+    max_batch = serving.max_batch_size if serving else settings.max_batch_size
+    queue_delay_s = serving.max_queue_delay_s if serving else settings.max_queue_delay_s
     classes = [model.num_classes]
     return mc.ModelConfig(
         name=model.name,
         platform=PLATFORM,
         backend=BACKEND,
-        max_batch_size=min(settings.max_batch_size, settings.max_images_per_request),
+        max_batch_size=min(max_batch, settings.max_images_per_request),
         input=[
             mc.ModelInput(
                 name=input_name(model),
@@ -66,7 +70,7 @@ def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
             mc.ModelOutput(name=PROBABILITIES, data_type=mc.TYPE_FP32, dims=classes),
         ],
         dynamic_batching=mc.ModelDynamicBatching(
-            max_queue_delay_microseconds=round(settings.max_queue_delay_s * 1_000_000)
+            max_queue_delay_microseconds=round(queue_delay_s * 1_000_000)
         ),
         instance_group=[
             mc.ModelInstanceGroup(

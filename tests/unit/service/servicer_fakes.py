@@ -78,7 +78,9 @@ class FakeEngine:
     def ready(self) -> bool:
         return self._ready
 
-    def load(self) -> None:
+    def load(self, on_loaded: Any = None, on_planned: Any = None) -> None:
+        """Loads everything before any model serves (the callbacks of ClassificationEngine.load
+        are not used: Server.load announces every model once the engine has started)."""
         time.sleep(self.load_delay_s)
         if self.load_error is not None:
             raise self.load_error

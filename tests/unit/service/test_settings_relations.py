@@ -48,7 +48,9 @@ def test_the_cli_names_both_settings(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_warmup_batch_sizes() -> None:
-    assert Settings().warmup_sizes(4) == [1, 2, 3, 4]
+    assert Settings().warmup_sizes(4) == [1, 4]  # auto
+    assert Settings().warmup_sizes(4, fixed_shape=True) == [4]  # auto, CUDA at one fixed shape
+    assert Settings(warmup_batch_sizes="all").warmup_sizes(4) == [1, 2, 3, 4]
     assert Settings(warmup_batch_sizes="none").warmup_sizes(16) == []
     listed = Settings(warmup_batch_sizes=" 16, 1,8,8 ")
     assert listed.warmup_batch_sizes == "1,8,16"

@@ -143,10 +143,11 @@ def test_warmup_covers_every_batch_size_and_metrics_are_set(
         return real(self, sizes[-1])
 
     monkeypatch.setattr(ModelSession, "warmup", recording)
+    # auto (the default): 1 and the largest batch
     ClassificationEngine(settings_for(repo["root"], models="gray", max_batch_size=5)).load()
-    assert sizes == [[1, 2, 3, 4, 5]]
-    # warmup_batch_sizes limits it (a list: sizes over the batch limit skipped; none: no warm-up)
-    for setting, expected in (("8,1,4,4", [1, 4]), ("none", [])):
+    assert sizes == [[1, 5]]
+    # all: every size; a list: sizes over the batch limit skipped; none: no warm-up
+    for setting, expected in (("all", [1, 2, 3, 4, 5]), ("8,1,4,4", [1, 4]), ("none", [])):
         sizes.clear()
         settings = settings_for(repo["root"], models="gray", max_batch_size=5, warmup_batch_sizes=setting)
         ClassificationEngine(settings).load()

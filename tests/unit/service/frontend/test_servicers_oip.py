@@ -324,7 +324,7 @@ def test_repository_index_while_not_ready() -> None:
     h = Harness(load=False)  # started, models not loaded yet
     try:
         stub = pb_grpc.GRPCInferenceServiceStub(h.channel)
-        loading = "models are still loading"
+        loading = "the model is still loading"
         assert _index(stub) == [
             ("lenet5", "1", "UNAVAILABLE", loading),
             ("lenet5", "2", "UNAVAILABLE", loading),
