@@ -31,6 +31,7 @@ from service.catalog import (
     select_versions,
 )
 from service.engine.batcher import Admission, BatchTimings, DynamicBatcher
+from service.engine.ort_cache import OptimizedModelCache
 from service.engine.providers import CUDA, ProviderChoice, select_provider
 from service.engine.session import ModelSession
 from service.errors import DeadlineExceeded, NotFound, Unavailable
@@ -60,6 +61,7 @@ class ClassificationEngine:
         self._served: dict[tuple[str, int], _Served] = {}
         self._catalog = Catalog()
         self._provider: ProviderChoice | None = None
+        self._ort_cache: OptimizedModelCache | None = None
         self._loaded = False
         self._started = False
         self._stopping = False
@@ -77,6 +79,9 @@ class ClassificationEngine:
         settings = self._settings
         self._provider = provider = select_provider(settings)
         log.info("execution provider: %s (%s)", provider.name, provider.reason)
+        self._ort_cache = OptimizedModelCache.open(
+            settings.ort_cache_path, why_off=settings.ort_cache_off_reason
+        )
         root = Path(settings.repository)
         chosen = select_versions(root, settings.models)
 
@@ -121,6 +126,8 @@ class ClassificationEngine:
             require_provider=settings.device == "cuda",
             # External data must be a file metadata.json lists, i.e. one verify_files just hashed.
             listed_files=frozenset(meta["files"]),
+            cache=self._ort_cache,
+            model_sha256=meta["files"][repository.ONNX_FILE]["sha256"],  # verify_files just checked it
         )
         if session.num_classes is not None and session.num_classes != model.num_classes:
             raise ModelLoadError(
@@ -144,11 +151,14 @@ class ClassificationEngine:
             item_shape=model.input_shape,
         )
         log.info(
-            "loaded %s:%d on %s in %.2f s (warm-up of batch sizes %s: %.2f s)",
+            "loaded %s:%d on %s in %.2f s (session %.2f s, ONNX Runtime graph cache %s; "
+            "warm-up of batch sizes %s: %.2f s)",
             model.name,
             model.version,
             session.provider,
             time.perf_counter() - started,
+            session.load_s,
+            session.cache_outcome,
             ",".join(map(str, warmup_sizes)) or "none",
             warmup_s,
         )
