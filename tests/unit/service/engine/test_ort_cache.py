@@ -272,14 +272,16 @@ def test_the_loaded_line_says_whether_the_cache_hit(
     assert sorted(repo["root"].rglob("*")) == repo_files  # the repository stays read-only
 
 
-def test_the_cache_directory_defaults_to_the_xdg_cache(
+def test_the_cache_is_off_by_default_and_empty_means_the_xdg_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.delenv("CNNSERVE_ORT_CACHE_DIR", raising=False)
+    assert Settings().ort_cache_path is None
+    assert Settings().ort_cache_off_reason == "ort_cache_dir=none"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert Settings().ort_cache_path == tmp_path / "xdg" / "cnnserve" / "ort"
+    assert Settings(ort_cache_dir="").ort_cache_path == tmp_path / "xdg" / "cnnserve" / "ort"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/is/ignored")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert Settings().ort_cache_path == tmp_path / "home" / ".cache" / "cnnserve" / "ort"
+    assert Settings(ort_cache_dir="").ort_cache_path == tmp_path / "home" / ".cache" / "cnnserve" / "ort"
     assert Settings(ort_cache_dir=" None ").ort_cache_path is None
-    assert Settings(ort_cache_dir="none").ort_cache_off_reason == "ort_cache_dir=none"
     assert Settings(ort_cache_dir=str(tmp_path / "c")).ort_cache_path == tmp_path / "c"
