@@ -13,7 +13,7 @@ An entry is two files named by the key's digest: `<digest>.onnx` (what ORT wrote
 moved into place with os.replace, so a process starting beside another never reads half a file; an
 entry whose .onnx does not match its .json, or that ORT cannot open, is removed and rewritten.
 
-Trust (SECURITY.md, "The ONNX Runtime graph cache"): an entry is a model the server will run, derived
+Trust (SECURITY.md, "How models are trusted", item 5): an entry is a model the server will run, derived
 from a model.onnx whose sha256 was checked. The cache directory must be owned by the server's uid and
 not writable by group or others (as ssh demands of ~/.ssh), and so must each entry, else it is not
 used: nobody but the server's own user can then plant or swap an entry. The entry's content is not
