@@ -7,6 +7,7 @@ Durations end in `_s`, sizes in `_bytes`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +61,16 @@ class Settings(BaseSettings):
         description="On CUDA, run every batch zero-padded to max_batch_size rows. ONNX Runtime's CUDA "
         "provider rebuilds its convolution plans whenever the batch size changes (~100 ms a batch "
         "for ResNet-50 on an H200, against 2-3 ms at a steady size); one shape avoids that.",
+    )
+    ort_cache_dir: str = Field(
+        "none",
+        description="Writable directory where ONNX Runtime's optimized graphs are kept between starts, "
+        "so a restart skips graph optimization; none: off. Empty: $XDG_CACHE_HOME/cnnserve/ort, else "
+        "~/.cache/cnnserve/ort. Off by default: on ONNX Runtime 1.31 with 2 CPU cores a hit saves "
+        "0.07 s of ResNet-50's 0.16 s session and nothing measurable of VGG-19's 1.6 s, a miss costs "
+        "0.2-0.9 s and each entry is as big as model.onnx. Must be owned by the server's user and not "
+        "writable by group or others, else it is skipped (SECURITY.md). Never inside the read-only "
+        "model repository.",
     )
     intra_op_spinning: bool = Field(
         False,
@@ -258,6 +269,39 @@ class Settings(BaseSettings):
         if self.warmup_batch_sizes == "none":
             return []
         return [s for s in (int(p) for p in self.warmup_batch_sizes.split(",")) if s <= max_batch]
+
+    @field_validator("ort_cache_dir")
+    @classmethod
+    def _ort_cache_dir(cls, value: str) -> str:
+        value = value.strip()
+        return "none" if value.lower() == "none" else value
+
+    @property
+    def ort_cache_path(self) -> Path | None:
+        """The ONNX Runtime graph cache directory, None when off (ort_cache_off_reason says why).
+
+        The XDG location is read here, with the other environment variables, not deep in the engine.
+        """
+        if self.ort_cache_dir == "none":
+            return None
+        if self.ort_cache_dir:
+            return Path(self.ort_cache_dir).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        if os.path.isabs(xdg):  # the XDG spec: a relative value is invalid and ignored
+            return Path(xdg) / "cnnserve" / "ort"
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):  # no HOME and no passwd entry: nowhere sensible to default to
+            return None
+        return Path(home) / ".cache" / "cnnserve" / "ort"
+
+    @property
+    def ort_cache_off_reason(self) -> str:
+        """Why ort_cache_path is None ("" when it is not)."""
+        if self.ort_cache_path is not None:
+            return ""
+        if self.ort_cache_dir == "none":
+            return "ort_cache_dir=none"
+        return "no XDG_CACHE_HOME or home directory for the default ort_cache_dir; set one"
 
     @model_validator(mode="after")
     def _grace_lets_gradient_jobs_finish(self) -> Settings:

@@ -35,6 +35,7 @@ from service.catalog import (
     select_versions,
 )
 from service.engine.batcher import Admission, BatchTimings, DynamicBatcher
+from service.engine.ort_cache import OptimizedModelCache
 from service.engine.providers import CUDA, ProviderChoice, select_provider
 from service.engine.session import ModelSession
 from service.errors import DeadlineExceeded, NotFound, Unavailable
@@ -77,6 +78,7 @@ class ClassificationEngine:
         # Where start-up time went, per version loaded: (verify, session, warm-up) seconds.
         self._load_times: list[tuple[float, float, float]] = []
         self._load_workers = 1
+        self._ort_cache: OptimizedModelCache | None = None
         self._loaded = False
         self._started = False
         self._stopping = False
@@ -98,6 +100,9 @@ class ClassificationEngine:
         self._provider = provider = select_provider(settings)
         self._providers[settings.device] = provider
         log.info("execution provider: %s (%s)", provider.name, provider.reason)
+        self._ort_cache = OptimizedModelCache.open(
+            settings.ort_cache_path, why_off=settings.ort_cache_off_reason
+        )
         root = Path(settings.repository)
         chosen = select_versions(root, settings.models)
         failures = [f"{name}: {why}" for name, why in chosen.refused.items()]
@@ -172,6 +177,8 @@ class ClassificationEngine:
             require_provider=device == "cuda",
             # External data must be a file metadata.json lists, i.e. one verify_files just hashed.
             listed_files=frozenset(meta["files"]),
+            cache=self._ort_cache,
+            model_sha256=meta["files"][repository.ONNX_FILE]["sha256"],  # verify_files just checked it
         )
         if session.num_classes is not None and session.num_classes != model.num_classes:
             raise ModelLoadError(
@@ -211,13 +218,15 @@ class ClassificationEngine:
         with self._lock:
             self._load_times.append((verified_s, session.load_s, warmup_s))
         log.info(
-            "loaded %s:%d on %s in %.2f s (verify %.2f s, session %.2f s, warm-up of batch sizes %s: %.2f s)",
+            "loaded %s:%d on %s in %.2f s (verify %.2f s, session %.2f s, ONNX Runtime graph cache %s; "
+            "warm-up of batch sizes %s: %.2f s)",
             model.name,
             model.version,
             session.provider,
             time.perf_counter() - started,
             verified_s,
             session.load_s,
+            session.cache_outcome,
             ",".join(map(str, sizes)) or "none",
             warmup_s,
         )

@@ -2,7 +2,9 @@
 
 The model file is checked before ONNX Runtime sees it (external data must stay inside the model's
 folder), the session's inputs and outputs are checked against metadata.json, and `provider` reports
-the provider the session really runs on, not the one that was asked for.
+the provider the session really runs on, not the one that was asked for. With an
+OptimizedModelCache (service/engine/ort_cache.py) the session opens the graph ONNX Runtime optimized
+on an earlier start instead of optimizing it again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from service.catalog import ModelLoadError
+from service.engine.ort_cache import OptimizedModelCache
 from service.engine.providers import CUDA, ProviderChoice
 from service.settings import Settings
 
@@ -184,10 +187,14 @@ class ModelSession:
         input_shape: tuple[int, ...] | None = None,
         require_provider: bool = False,
         listed_files: Collection[str] | None = None,
+        cache: OptimizedModelCache | None = None,
+        model_sha256: str = "",
     ) -> None:
         """`input_shape` is the per-image (C, H, W) from metadata.json; `require_provider` makes a
         fallback from the chosen provider an error instead of a warning (device=cuda);
-        `listed_files`: see check_external_data."""
+        `listed_files`: see check_external_data. `cache` keeps the optimized graph between starts,
+        under a key that includes `model_sha256`, the verified hash of model_path (metadata.json's);
+        without both, the graph is optimized here every time. `cache_outcome` says which happened."""
         self.path = Path(model_path)
         self.input_name = input_name
         self.output_name = output_name
@@ -198,9 +205,7 @@ class ModelSession:
         self.external_files = check_external_data(self.path, listed_files)
         started = time.perf_counter()
         try:
-            self._session = ort.InferenceSession(
-                os.fspath(self.path), session_options(settings), providers=provider.session_providers()
-            )
+            self._session, self.cache_outcome = self._open(settings, provider, cache, model_sha256)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
         self.load_s = time.perf_counter() - started
@@ -218,6 +223,26 @@ class ModelSession:
         self.num_classes = self._check_output()
         # Rows every run is zero-padded to (fix_batch_size); None: batches run at their own size.
         self.fixed_batch: int | None = None
+
+    def _open(
+        self,
+        settings: Settings,
+        provider: ProviderChoice,
+        cache: OptimizedModelCache | None,
+        model_sha256: str,
+    ) -> tuple[ort.InferenceSession, str]:
+        options = session_options(settings)
+        if cache is not None and model_sha256 and not self.external_files:
+            cached = cache.session(self.path, model_sha256, options, provider)
+            return cached.session, cached.outcome
+        session = ort.InferenceSession(os.fspath(self.path), options, providers=provider.session_providers())
+        if cache is None or not model_sha256:
+            return session, "off"
+        # ORT writes an optimized model's initializers inline unless told to externalize them into
+        # one more file, and a model keeps its data outside model.onnx because it is too big to
+        # inline (protobuf's 2 GB limit): such models skip the cache rather than add a second,
+        # separately hashed file to every entry.
+        return session, "skipped (external data)"
 
     def fix_batch_size(self, rows: int) -> None:
         """Run every batch of up to `rows` images zero-padded to exactly `rows` rows (a larger batch

@@ -38,8 +38,8 @@ def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
     """Triton's ModelConfig of a loaded model version, from the model and the server settings.
 
     max_batch_size is the largest request that runs as one batch: min(the model's max_batch_size
-    (its config.yaml over the setting), max_images_per_request). (A larger request, up to max_images_per_request, is accepted too and
-    split over several batches; an ONNX model with a fixed batch dimension below max_batch_size
+    (its config.yaml over the setting), max_images_per_request). (A larger request, up to
+    max_images_per_request, is accepted too and split over several batches; an ONNX model with a fixed batch dimension below max_batch_size
     runs smaller batches than this says.) dims leave the batch dimension out, as Triton's do. One
     instance group of one instance (one ONNX Runtime session per version): KIND_GPU on
     settings.cuda_device_id when the model runs on CUDA, else KIND_CPU. dynamic_batching carries

@@ -113,6 +113,7 @@ def settings_for(root: Path, **kw: Any) -> Settings:
         "intra_op_threads": 1,
         "max_batch_size": 4,
         "preprocess_threads": 2,
+        "ort_cache_dir": "none",  # never the developer's ~/.cache; test_ort_cache.py gives its own
     }
     params.update(kw)
     return Settings(**params)
