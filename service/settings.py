@@ -191,6 +191,16 @@ class Settings(BaseSettings):
         description="How much lower the gradient workers' CPU priority is than the server's (Unix nice; "
         "0: the same). Where they share cores, classification latency wins over a gradient job.",
     )
+    worker_model_memory_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Most bytes of model parameters and buffers one gradient worker keeps (0: no bound). "
+        "A worker builds a model version's PyTorch module on the first job that needs it and keeps it; "
+        "building one more that would pass this bound drops the least recently used ones first (never "
+        "the one a running job uses). A model bigger than the bound alone is still built, alone. The "
+        "default holds the six demo models together (about 0.95 GB, VGG-19 0.55 GB of it), so they "
+        "never rebuild each other, and bounds what a larger repository costs per worker.",
+    )
     worker_start_timeout_s: float = Field(
         300.0,
         gt=0,

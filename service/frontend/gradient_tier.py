@@ -187,7 +187,9 @@ class GradientTierServer(Server):
         self._engine_started = True
         # The gradient counters of every model at 0 (metrics.py: why); no classification here.
         for model in self.engine.models():
-            metrics.init_gradient_series(model.name, model.capabilities, runs_jobs=True)
+            metrics.init_gradient_series(
+                model.name, model.capabilities, runs_jobs=True, version=model.version
+            )
         pool = self.pool if self.pool is not None else self._make_pool()
         self.pool = pool
         self.local_gradients.pool = pool

@@ -339,8 +339,10 @@ class Server:
         answers_gradients = self.tier is not None or self.settings.workers > 0 or self.pool is not None
         if model.name not in self._announced:
             metrics.init_classify_series(model.name)
-            if answers_gradients:
-                metrics.init_gradient_series(model.name, model.capabilities, runs_jobs=self.tier is None)
+        if answers_gradients:
+            metrics.init_gradient_series(
+                model.name, model.capabilities, runs_jobs=self.tier is None, version=model.version
+            )
         self._announced.add(model.name)
         if self.state.draining:
             return
@@ -359,21 +361,30 @@ class Server:
     def _make_pool(self) -> Any:
         """The GradientPool for the model versions the engine loaded (same weights.pt)."""
         import functools
+        import shutil
+        import tempfile
+        import weakref
 
         from service.worker import handlers, loading
         from service.worker.pool import GradientPool
 
         dirs = [path for m in self.engine.models() if (path := getattr(m, "path", None)) is not None]
-        config = loading.load_models_config(self.settings, dirs)
+        # The workers' parity verdicts, shared so that each version is tested once per pool, not once
+        # per worker and again by every replacement (loading.py). Private (0700), gone with the pool.
+        verdict_dir = tempfile.mkdtemp(prefix="cnnserve-parity-")
+        config = loading.load_models_config(self.settings, dirs, verdict_dir=verdict_dir)
         stop_grace_s = self.settings.worker_stop_grace_s or max(1.0, min(10.0, self.settings.grace_period_s))
-        return GradientPool(
+        pool = GradientPool(
             workers=self.settings.workers,
             initializer=functools.partial(loading.load_models, config),
             handler=handlers.handle,
             cost_budget=self.settings.max_task_cost,
             start_timeout_s=self.settings.worker_start_timeout_s,
             stop_grace_s=stop_grace_s,
+            on_report=loading.LoadMetrics(),
         )
+        weakref.finalize(pool, shutil.rmtree, verdict_dir, ignore_errors=True)
+        return pool
 
     async def _run_gradient_pool(self) -> None:
         """Start the worker pool (the classification RPCs are already serving), then keep the

@@ -39,11 +39,12 @@ def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
 
     max_batch_size is the largest request that runs as one batch: min(the model's max_batch_size
     (its config.yaml over the setting), max_images_per_request). (A larger request, up to
-    max_images_per_request, is accepted too and split over several batches; an ONNX model with a fixed batch dimension below max_batch_size
-    runs smaller batches than this says.) dims leave the batch dimension out, as Triton's do. One
-    instance group of one instance (one ONNX Runtime session per version): KIND_GPU on
-    settings.cuda_device_id when the model runs on CUDA, else KIND_CPU. dynamic_batching carries
-    max_queue_delay_s; cnnserve has no preferred batch sizes.
+    max_images_per_request, is accepted too and split over several batches; an ONNX model with a
+    fixed batch dimension below max_batch_size runs smaller batches than this says.) dims leave the
+    batch dimension out, as Triton's do. One instance group of one instance (one ONNX Runtime
+    session per version): KIND_GPU on settings.cuda_device_id when the model runs on CUDA, else
+    KIND_CPU. dynamic_batching carries the model's max_queue_delay_s; cnnserve has no preferred
+    batch sizes.
     """
     settings = state.settings
     gpu = model.provider == CUDA_PROVIDER

@@ -128,6 +128,31 @@ WORKERS_ALIVE = Gauge(
 TASK_CANCELLATIONS = Counter(
     "cnnserve_task_cancellations_total", "Gradient jobs stopped by cancellation or deadline.", ["task"],
 )
+# Workers build a version's PyTorch module on its first job and drop the least recently used ones
+# past settings.worker_model_memory_bytes (service/worker/loading.py). They report each build with
+# the job (ctx.report); these are recorded where the pool runs, like every worker metric.
+WORKER_MODEL_LOADS = Counter(
+    "cnnserve_worker_model_loads_total",
+    "Model versions built in a gradient worker for a job (first use, or again after an eviction or a "
+    "worker restart).",
+    ["model", "version"],
+)
+WORKER_MODEL_LOAD_DURATION = Histogram(
+    "cnnserve_worker_model_load_seconds",
+    "Time a gradient job spent building its model in the worker (weights.pt checked and read).",
+    ["model"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+WORKER_MODEL_EVICTIONS = Counter(
+    "cnnserve_worker_model_evictions_total",
+    "Model versions a gradient worker dropped (least recently used) to stay under "
+    "worker_model_memory_bytes.",
+    ["model", "version"],
+)
+WORKER_MODEL_BYTES = Gauge(
+    "cnnserve_worker_model_bytes",
+    "Parameter and buffer bytes of the models the gradient workers hold now, summed over the workers.",
+    multiprocess_mode="livesum",
+)
 
 
 # --- series created at 0 when a model loads -------------------------------------------------------
@@ -158,10 +183,15 @@ def init_classify_series(model: str) -> None:
         REJECTIONS.labels(method, model, "queue_full")
 
 
-def init_gradient_series(model: str, capabilities: Mapping[str, bool], *, runs_jobs: bool) -> None:
+def init_gradient_series(
+    model: str, capabilities: Mapping[str, bool], *, runs_jobs: bool, version: int | None = None
+) -> None:
     """Create the gradient RPC counters of `model` at 0 for each task its capabilities allow (a
     server that answers gradient RPCs), and the job counters where the jobs run (`runs_jobs`: a
-    local worker pool or `cnnserve worker`, not a serving tier that forwards them)."""
+    local worker pool or `cnnserve worker`, not a serving tier that forwards them), the worker
+    model loads of `version` among them."""
+    if runs_jobs and version is not None and any(capabilities.get(task) for task in TASK_METHODS):
+        WORKER_MODEL_LOADS.labels(model=model, version=str(version))
     for task, methods in TASK_METHODS.items():
         if not capabilities.get(task):
             continue

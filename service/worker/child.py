@@ -9,7 +9,7 @@ bytes the parent already made to fingerprint it).
 Protocol on one duplex Pipe per child (the parent never shares a pipe between children, so one
 death never touches another child's job):
 
-    child -> parent   Ready | InitFailed, then per job: Progress*, Steps*, Done
+    child -> parent   Ready | InitFailed, then per job: (Progress | Steps | Report)*, Done
     parent -> child   RunJob | Stop
 
 Cancellation uses a shared, lock-free int64 per child (`cancel_id`): the parent writes the id of the
@@ -115,6 +115,15 @@ class Steps:
 
 
 @dataclass(frozen=True)
+class Report:
+    """Something the handler tells the parent about the process's state while running a job (e.g.
+    loading.ModelLoad: it built a model for it), for the pool's `on_report`; plain data."""
+
+    job_id: int
+    payload: Any
+
+
+@dataclass(frozen=True)
 class Ok:
     result: Any
 
@@ -156,6 +165,8 @@ class JobContext:
         attribute (1-based, cumulative), it also counts as the job's step count.
     step(n=1): count n optimisation steps for cnnserve_task_steps_total (for handlers whose progress
         updates carry no `step`).
+    report(payload): send a picklable note about the process's state (not the job's progress) to
+        the pool's on_report callback, e.g. that it built a model for this job.
     """
 
     def __init__(
@@ -208,6 +219,9 @@ class JobContext:
         self._send(Progress(self._job_id, update, self._steps))
         self._last_steps_sent = self._steps
         self._last_report = time.monotonic()
+
+    def report(self, payload: Any) -> None:
+        self._send(Report(self._job_id, payload))
 
     def step(self, n: int = 1) -> None:
         self._steps += n

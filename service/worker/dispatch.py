@@ -25,7 +25,7 @@ from typing import Any
 from service.errors import GENERIC_INTERNAL_MESSAGE, Cancelled, DeadlineExceeded, Internal, Unavailable
 from service.observability import metrics
 from service.worker.admission import CRASHED_TWICE_MESSAGE, CostBudget, CrashLedger
-from service.worker.child import Done, Failed, Ok, Progress, RunJob, SharedInt, Steps, service_error
+from service.worker.child import Done, Failed, Ok, Progress, Report, RunJob, SharedInt, Steps, service_error
 from service.worker.spawned import ChildProcess
 from service.worker.supervisor import Supervisor
 
@@ -68,8 +68,10 @@ class Dispatcher:
         crashes: CrashLedger,
         cancel_ids: list[SharedInt],
         stop_grace_s: float,
+        on_report: Callable[[int, Any], None] | None = None,
     ) -> None:
         self._name = name
+        self._on_report = on_report
         self._processes = processes
         self._budget = budget
         self._crashes = crashes
@@ -284,6 +286,8 @@ class Dispatcher:
             job = self._job_on(child, message.job_id)
             if job is not None:
                 self._count_steps(job, message.steps)
+        elif isinstance(message, Report):
+            self._report(child.slot, message.payload)
         elif isinstance(message, Done):
             self._on_done(child, message)
         else:
@@ -298,12 +302,22 @@ class Dispatcher:
             self._answer(job, Internal(GENERIC_INTERNAL_MESSAGE))
 
     def on_exit(self, child: ChildProcess, status: str) -> bool:
-        """The process is dead and reaped: its job, if it had one, crashed (or was killed by us)."""
+        """The process is dead and reaped: its job, if it had one, crashed (or was killed by us).
+        Whatever it reported about its state is void (on_report with None)."""
+        self._report(child.slot, None)
         job = self._running.pop(child, None)
         if job is not None:
             self._on_crash(child, job, status)
         self.dispatch()
         return job is not None
+
+    def _report(self, slot: int, payload: Any) -> None:
+        if self._on_report is None:
+            return
+        try:
+            self._on_report(slot, payload)
+        except Exception:
+            log.exception("on_report callback of the %s pool failed", self._name)
 
     def _job_on(self, child: ChildProcess, job_id: int) -> JobRecord | None:
         job = self._running.get(child)

@@ -58,7 +58,9 @@ def handle(models: LoadedModels, job: Job, ctx: JobContext) -> Result:
     """Run one gradient job in the gradient process; raises service.errors.ServiceError subclasses
     (InvalidArgument, NotFound, Cancelled when ctx.should_stop() turned true)."""
     validate_job(job, models.limits)
-    model = models.get(job.model, job.version)
+    # The model's module is built here on its first job (the time counts as the job's); the process
+    # tells the pool, which records it (loading.LoadMetrics).
+    model = models.get(job.model, job.version, report=ctx.report)
     _check_capability(model, job.kind)
     started = time.perf_counter()
     if isinstance(job, ExplainJob):

@@ -180,6 +180,8 @@ class JobContext(Protocol):
 
     def progress(self, update: Any) -> None: ...
 
+    def report(self, payload: Any) -> None: ...
+
 
 # ---------------------------------------------------------------------------------------------------
 # Validation and cost (serving process and worker)

@@ -95,6 +95,8 @@ class GradientPool(Generic[StateT, JobT, ResultT]):
     start_timeout_s: how long start() waits for every initializer (and a replacement for its own).
     stop_grace_s: how long a job may ignore should_stop() after a cancel or its deadline before its
         process is killed and replaced.
+    on_report(slot, payload): called on the event loop with each ctx.report() payload of the
+        process in `slot`, and with None when that process is gone (what it reported is void).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class GradientPool(Generic[StateT, JobT, ResultT]):
         name: str = "gradient",
         start_timeout_s: float = 300.0,
         stop_grace_s: float = 10.0,
+        on_report: Callable[[int, Any], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -146,6 +149,7 @@ class GradientPool(Generic[StateT, JobT, ResultT]):
             crashes=self._crashes,
             cancel_ids=cancel_ids,
             stop_grace_s=stop_grace_s,
+            on_report=on_report,
         )
         self._closed = asyncio.Event()
 

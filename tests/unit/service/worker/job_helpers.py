@@ -23,6 +23,7 @@ class Ctx:
 
     def __init__(self, stop_after: int | None = None) -> None:
         self.updates: list[ProgressUpdate] = []
+        self.reports: list[Any] = []
         self.checks = 0
         self.stop_after = stop_after
 
@@ -32,6 +33,9 @@ class Ctx:
 
     def progress(self, update: Any) -> None:
         self.updates.append(update)
+
+    def report(self, payload: Any) -> None:
+        self.reports.append(payload)
 
 
 def write_version(root: Path, name: str, version: int, arch: str, model: torch.nn.Module) -> Path:

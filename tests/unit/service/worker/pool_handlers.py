@@ -121,6 +121,15 @@ class ProgressJob:
 
 
 @dataclass(frozen=True)
+class ReportJob:
+    """Reports `notes` (ctx.report) and returns its process's pid."""
+
+    kind: ClassVar[str] = "report"
+    notes: tuple[str, ...]
+    model: str = "toy"
+
+
+@dataclass(frozen=True)
 class StepUpdate:
     step: int
     total: int
@@ -175,6 +184,10 @@ def handle(state: State, job: Any, ctx: JobContext) -> Any:
         for i in range(job.n):
             ctx.progress(StepUpdate(step=i + 1, total=job.n, payload=np.full(3, i, dtype=np.int64)))
         return job.n
+    if isinstance(job, ReportJob):
+        for note in job.notes:
+            ctx.report(note)
+        return os.getpid()
     if isinstance(job, EchoJob):
         return EchoResult(doubled=job.array * 2, pid=os.getpid(), worker_initialized_at=state.initialized_at)
     raise TypeError(f"unknown test job {type(job).__name__}")

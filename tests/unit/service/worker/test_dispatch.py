@@ -172,3 +172,19 @@ def test_crash_spares_the_other_running_job_and_every_queued_one() -> None:
         assert sample("cnnserve_worker_deaths_total", reason="job_crash") == deaths + 1
 
     run(scenario)
+
+
+def test_reports_reach_on_report_in_order_and_a_dead_process_voids_them() -> None:
+    """ctx.report() payloads reach the pool's on_report with the process's slot, before the job's
+    answer; when that process dies, on_report hears None for its slot (what it reported is void)."""
+    reports: list[tuple[int, object]] = []
+
+    async def scenario() -> None:
+        async with started_pool(workers=1, on_report=lambda slot, p: reports.append((slot, p))) as pool:
+            pid = await pool.submit(h.ReportJob(notes=("a", "b")), cost=1.0, deadline=None)
+            assert reports == [(0, "a"), (0, "b")]
+            os.kill(pid, signal.SIGKILL)
+            await eventually(lambda: (0, None) in reports, 10.0, "on_report(0, None) after the death")
+            assert reports == [(0, "a"), (0, "b"), (0, None)]
+
+    run(scenario)

@@ -416,6 +416,9 @@ class StopAfter:
     def progress(self, update: object) -> None:
         self.updates.append(update)
 
+    def report(self, payload: object) -> None:
+        pass
+
 
 @pytest.mark.parametrize(
     ("method", "backward_passes"),

@@ -24,7 +24,7 @@ from service.worker.params import Limits
 def test_load_models_loads_every_version_with_its_weights(
     repository: dict[str, Path], state: LoadedModels
 ) -> None:
-    assert sorted(state.models) == [("digits", 1), ("digits", 2), ("inception", 1)]
+    assert sorted(state.offered) == [("digits", 1), ("digits", 2), ("inception", 1)]
     assert state.device == "cpu"
     assert state.limits == Limits(max_iterations=50, max_image_side=128, max_batch=4)
     loaded = state.get("digits", 1)
@@ -73,7 +73,8 @@ def test_load_models_config_comes_from_the_settings(repository: dict[str, Path])
     loaded = load_models(pickle.loads(pickle.dumps(config)))
     assert loaded.limits == Limits(max_iterations=77, max_image_side=96, max_batch=3)
     assert Limits.from_settings(settings) == loaded.limits
-    assert list(loaded.models) == [("digits", 1)]
+    assert list(loaded.offered) == [("digits", 1)]
+    assert loaded.memory_bytes == Settings().worker_model_memory_bytes == 1 << 30
 
 
 def test_a_gradient_process_lowers_its_cpu_priority_by_nice() -> None:

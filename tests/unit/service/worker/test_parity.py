@@ -107,7 +107,7 @@ def test_a_version_failing_the_parity_self_test_is_refused_for_gradient_jobs(
     with caplog.at_level("ERROR", logger="service.worker.loading"):
         state = load_models(pickle.loads(pickle.dumps(config)))
 
-    assert list(state.models) == [("inception", 1)]
+    assert list(state.offered) == [("inception", 1)]
     assert list(state.refused) == [("inception", 2)]
     reason = state.refused[("inception", 2)]
     assert "disagrees with model.onnx" in reason and "relative diff" in reason
