@@ -6,9 +6,9 @@ python -m bench --parts resnet,lenet # a subset: resnet, lenet, proxy, style, gr
 python -m bench --no-write           # print the table, leave BENCHMARKS.md alone
 python -m bench --parts startup      # start-up time and memory (issue 13; bench/startup.py)
 
-`startup` is not in the default run: it builds a third repository with every demo model (VGG-19:
-about a minute and 2.6 GB of memory, once) and its three server starts take minutes on 2 cores,
-more than `make bench` should grow by. Name it with --parts.
+`startup` is not in the default run: it builds a third repository with every demo model (2.5 min
+and 2.6 GB of memory for VGG-19's export, once) and its three server starts took 5.4 min on 2 busy
+cores, more than the ~3 minutes `make bench` should grow by. Name it with --parts.
 """
 
 from __future__ import annotations

@@ -369,8 +369,11 @@ def part_startup(
                 log(f"startup: {scenario.title}, run {i + 1}/{runs}")
                 done.append(run_scenario(repository, scenario, timeout_s))
         except Exception as exc:  # noqa: BLE001 - one failed scenario must not lose the others
-            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-            report.add(scenario.title, "error", f"{type(exc).__name__}: {first_line}"[:200], ok=False)
+            lines = str(exc).splitlines() or [""]
+            # The first line says what failed; the server's last ERROR line (in the tail) says why.
+            why = next((line for line in reversed(lines) if " ERROR " in line), "")
+            summary = f"{type(exc).__name__}: {lines[0]}" + (f" {why.split(' ERROR ', 1)[1]}" if why else "")
+            report.add(scenario.title, "error", summary[:300], ok=False)
             report.notes.append(f"{scenario.title} failed: {exc}"[:2000])
         if done:
             report_runs(report, scenario, done)
