@@ -9,6 +9,9 @@ ResNet-50 random), then measures
   client, and ClassifyStream images/s;
 * gradients: bench.gradients (ours vs raw PyTorch), and classification p99 while a style-transfer
   job runs next to the server;
+* startup (only with `--parts startup`; bench.startup): seconds from spawn to health SERVING, per
+  model load and warm-up, and the idle RSS of the server's process tree, for all six demo models,
+  ResNet-50 alone and lenet5 next to VGG-19 (issue 13);
 
 and writes the results table to BENCHMARKS.md. `python -m bench --help` for the parts and --quick.
 """

@@ -2,8 +2,13 @@
 
 python -m bench                      # everything, ~30 minutes on 2 cores (gradients at 256+512 px)
 python -m bench --quick              # 4 s windows instead of 12
-python -m bench --parts resnet,lenet # a subset: resnet, lenet, proxy, style, gradients
+python -m bench --parts resnet,lenet # a subset: resnet, lenet, proxy, style, gradients, startup
 python -m bench --no-write           # print the table, leave BENCHMARKS.md alone
+python -m bench --parts startup      # start-up time and memory (issue 13; bench/startup.py)
+
+`startup` is not in the default run: it builds a third repository with every demo model (2.5 min
+and 2.6 GB of memory for VGG-19's export, once) and its three server starts took 5.4 min on 2 busy
+cores, more than the ~3 minutes `make bench` should grow by. Name it with --parts.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = ROOT / "artifacts" / "bench_repository"
-PARTS = ("resnet", "lenet", "proxy", "style", "gradients")
+PARTS = ("resnet", "lenet", "proxy", "style", "gradients")  # the default run
+EXTRA_PARTS = ("startup",)  # only when named with --parts (see the docstring: why)
 LISTENING = re.compile(r"listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)")
 
 # Targets (ratios are served / raw unless noted).
@@ -284,12 +290,17 @@ class Child:
                 self.process.wait(10)
 
 
+def serve_args(repository: Path, *extra: str) -> list[str]:
+    """`python -m service serve` on free ports with text logs (the lines the parts wait for)."""
+    return [
+        sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+        "--metrics-port", "0", "--repository", str(repository), "--log-format", "text", *extra,
+    ]  # fmt: skip
+
+
 class Server(Child):
     def __init__(self, repository: Path, *extra: str) -> None:
-        super().__init__([
-            sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-            "--metrics-port", "0", "--repository", str(repository), "--log-format", "text", *extra,
-        ])  # fmt: skip
+        super().__init__(serve_args(repository, *extra))
         m = self.wait_for(LISTENING.pattern, 180)
         self.address, self.metrics_address = m["grpc"], m["metrics"]
         self._wait_serving()
@@ -722,6 +733,7 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
         "- Gradients: `bench.gradients` (ours vs a minimal PyTorch loop in the same process, paired"
         " samples, one warm-up round; ratio = median of the paired ratios, the per-round spread in"
         " brackets), target ratio <= 1.2.",
+        *([STARTUP_METHOD] if "startup" in args.parts else []),
         "",
         "## Noise",
         "",
@@ -740,6 +752,15 @@ def write_markdown(path: Path, report: Report, args: argparse.Namespace, machine
     kept = kept_sections(path.read_text() if path.exists() else "")
     path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
 
+
+STARTUP_METHOD = (
+    "- Start-up (`bench.startup`, issue 13): each scenario a fresh `python -m service serve` over"
+    " `artifacts/bench_startup_repository` (the six demo models, random weights but lenet5's), timed"
+    ' from the spawn: grpc.health.v1 Check "" and List every 50 ms on one channel, the server\'s'
+    " `ready in` and per-model `loaded ... in S s (warm-up ...: S s)` log lines, and the RSS of the"
+    " server's process tree from /proc 2 s after SERVING and 2 s after the gradient workers report"
+    " ready (they start after SERVING). GB = 10^9 bytes."
+)
 
 # The sections write_markdown writes; every other "## " section of BENCHMARKS.md (the soak, GPU runs,
 # hand-added notes) was written by someone else and is kept, in its order, after them.
@@ -762,7 +783,12 @@ def kept_sections(text: str) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts of {','.join(PARTS + EXTRA_PARTS)} (default {','.join(PARTS)};"
+        " startup, minutes, only when named)",
+    )
     p.add_argument("--quick", action="store_true", help="short windows (4 s), fewer raw samples")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--seconds", type=float, default=None, help="per served measurement (default 12; quick 4)")
@@ -799,14 +825,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--grad-sizes", default=None, help="comma-separated image sides (default 256,512; quick 64)"
     )
+    p.add_argument(
+        "--startup-repository",
+        type=Path,
+        default=ROOT / "artifacts" / "bench_startup_repository",
+        help="the startup part's repository: every demo model, built on first use",
+    )
+    p.add_argument("--startup-runs", type=int, default=1, help="server starts per startup scenario (median)")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds per startup server start")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--json", type=Path, help="also write the raw numbers as JSON here")
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    unknown = set(args.parts) - set(PARTS) - {"repo"}
+    unknown = set(args.parts) - set(PARTS) - set(EXTRA_PARTS) - {"repo"}
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}")
+    if args.startup_runs < 1:
+        p.error("--startup-runs must be at least 1")
     args.seconds = args.seconds or (4.0 if args.quick else 12.0)
     args.raw_seconds = args.raw_seconds or (2.0 if args.quick else 5.0)
     args.latency_iterations = args.latency_iterations or (30 if args.quick else 100)
@@ -820,7 +856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_lines()
     busy_at_start = other_cpu_users({os.getpid()})
     report = Report()
-    paths = build_repository(args.repository)
+    # The lenet5 + resnet50 repository, for the parts that serve it (a startup-only run has its own).
+    paths = (
+        build_repository(args.repository) if {"resnet", "lenet", "proxy", "repo"} & set(args.parts) else {}
+    )
     if "resnet" in args.parts:
         part_resnet(args, paths, report)
     if "style" in args.parts:
@@ -831,6 +870,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         part_proxy(args, paths, report)
     if "gradients" in args.parts:
         part_gradients(args, report)
+    if "startup" in args.parts:
+        from bench.startup import part_startup
+
+        part_startup(args.startup_repository, report, runs=args.startup_runs, timeout_s=args.startup_timeout)
     elapsed = time.perf_counter() - started
     busy = (busy_at_start, other_cpu_users({os.getpid()}))
     print("\n".join(machine))
