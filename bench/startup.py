@@ -40,7 +40,8 @@ GB = 1e9
 READY = re.compile(r"\bready in (?P<seconds>\d+(?:\.\d+)?)s: serving ")
 LOADED = re.compile(
     r"\bloaded (?P<name>[^\s:]+):(?P<version>\d+) on (?P<provider>\S+) in (?P<load>\d+(?:\.\d+)?) s"
-    r" \(warm-up of batch sizes (?P<sizes>[^:]*): (?P<warmup>\d+(?:\.\d+)?) s\)"
+    # Older servers: "(warm-up of ...)"; now "(verify X s, session Y s, ...; warm-up of ...)".
+    r" \((?:[^()]*?[;,] )?warm-up of batch sizes (?P<sizes>[^:]*): (?P<warmup>\d+(?:\.\d+)?) s\)"
 )
 WORKERS_READY = re.compile(r"\bgradient workers ready in (?P<seconds>\d+(?:\.\d+)?)s: (?P<count>\d+) worker")
 WORKERS_FAILED = re.compile(r"\bthe gradient workers failed to start")

@@ -44,12 +44,15 @@ def test_a_model_without_warm_up_and_failed_workers() -> None:
     lines = [
         "x INFO service.engine.engine: loaded resnet50:1 on CUDAExecutionProvider in 2.50 s "
         "(warm-up of batch sizes none: 0.00 s)",
+        "x INFO service.engine.engine: loaded resnet18:1 on CPUExecutionProvider in 1.50 s "
+        "(verify 0.10 s, session 0.30 s, ONNX Runtime graph cache off; warm-up of batch sizes 1,16: 1.00 s)",
         "x ERROR service.frontend.server: the gradient workers failed to start; gradient RPCs are"
         " UNAVAILABLE",
     ]
     parsed = parse_startup_log(lines)
     assert [(m.name, m.provider, m.load_s, m.warm_up_s) for m in parsed.loads] == [
-        ("resnet50", "CUDAExecutionProvider", 2.5, 0.0)
+        ("resnet50", "CUDAExecutionProvider", 2.5, 0.0),
+        ("resnet18", "CPUExecutionProvider", 1.5, 1.0),
     ]
     assert parsed.workers_failed
     assert parsed.ready_s is None and parsed.workers_ready_s is None
