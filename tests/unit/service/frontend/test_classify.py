@@ -25,6 +25,20 @@ def classify_path(engine: ClassificationEngine) -> ClassifyPath:
     return ClassifyPath(engine, engine._settings)
 
 
+def count_pool_calls(path: ClassifyPath, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of jobs of each trip to the preprocessing pool, from now on."""
+    pool_calls: list[int] = []
+    on_pool = path._on_pool
+
+    async def counted(jobs: Any, deadline: float | None) -> Any:
+        jobs = list(jobs)
+        pool_calls.append(len(jobs))
+        return await on_pool(jobs, deadline)
+
+    monkeypatch.setattr(path, "_on_pool", counted)
+    return pool_calls
+
+
 # --- requests ------------------------------------------------------------------------------------
 
 
@@ -196,15 +210,7 @@ def test_a_single_image_is_decoded_on_the_event_loop_when_tiny_or_alone(
         engine.load()
         await engine.start()
         model = engine.get("gray")
-        pool_calls: list[int] = []
-        on_pool = path._on_pool
-
-        async def counted(jobs: Any, deadline: float | None) -> Any:
-            jobs = list(jobs)
-            pool_calls.append(len(jobs))
-            return await on_pool(jobs, deadline)
-
-        monkeypatch.setattr(path, "_on_pool", counted)
+        pool_calls = count_pool_calls(path, monkeypatch)
         color = random_image(5)
         declared_big = png(np.zeros((200, 200, 3), np.uint8))  # a small file, 40,000 pixels
         assert len(declared_big) <= INLINE_MAX_BYTES
@@ -273,15 +279,7 @@ def test_a_frontend_process_decodes_single_images_on_its_event_loop_even_when_bu
         engine.load()
         await engine.start()
         model = engine.get("gray")
-        pool_calls: list[int] = []
-        on_pool = path._on_pool
-
-        async def counted(jobs: Any, deadline: float | None) -> Any:
-            jobs = list(jobs)
-            pool_calls.append(len(jobs))
-            return await on_pool(jobs, deadline)
-
-        monkeypatch.setattr(path, "_on_pool", counted)
+        pool_calls = count_pool_calls(path, monkeypatch)
         medium = random_image(6, (300, 200))
         over = png(np.zeros((600, 600, 3), np.uint8))
         assert 600 * 600 > IDLE_INLINE_MAX_PIXELS
