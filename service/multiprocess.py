@@ -161,6 +161,11 @@ class Multiprocess:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        # SIGHUP's default action would end the supervisor; the frontends learn the engine
+        # process's models once (settings refuse repository_poll_s here): say so instead.
+        loop.add_signal_handler(
+            signal.SIGHUP, log.warning, "SIGHUP: repository reload needs --frontends 1; ignored"
+        )
         self._spawn("engine", 0)
         if self._serves_gradients:
             self._spawn("gradients", 0)

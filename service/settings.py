@@ -104,6 +104,15 @@ class Settings(BaseSettings):
         description="Model versions loaded (verified, ONNX Runtime session built, warmed up) at once "
         "at start (0: the cores, at most 4). Each version serves as soon as it is warm.",
     )
+    repository_poll_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=86_400.0,
+        description="Scan the repository this often and serve what changed: a new version that "
+        "passes its checks loads in the background and serves once warm, a version that left the "
+        "version policy drains and unloads (0: off; SIGHUP triggers one scan either way; serve with "
+        "--frontends 1 only).",
+    )
     serve_when: Literal["all", "any"] = Field(
         "all",
         description='When the overall health (service "") turns SERVING at start: all (every selected '
@@ -312,6 +321,15 @@ class Settings(BaseSettings):
         if self.ort_cache_dir == "none":
             return "ort_cache_dir=none"
         return "no XDG_CACHE_HOME or home directory for the default ort_cache_dir; set one"
+
+    @model_validator(mode="after")
+    def _reload_in_one_process(self) -> Settings:
+        # The frontends of `--frontends N` learn the engine process's models once, when they connect.
+        if self.repository_poll_s > 0 and self.frontends > 1:
+            raise ValueError(
+                "repository_poll_s needs frontends=1: hot reload is not built for --frontends N yet"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grace_lets_gradient_jobs_finish(self) -> Settings:

@@ -79,6 +79,8 @@ class ClassificationEngine:
         self._load_times: list[tuple[float, float, float]] = []
         self._load_workers = 1
         self._ort_cache: OptimizedModelCache | None = None
+        # Versions a reload took out of the catalog that still finish what they admitted.
+        self._retiring: dict[tuple[str, int], _Served] = {}
         self._loaded = False
         self._started = False
         self._stopping = False
@@ -124,6 +126,7 @@ class ClassificationEngine:
                 except Exception as exc:  # noqa: BLE001 - one broken model must not stop the others
                     failures.append(f"{version.name}:{version.version}: {exc}")
                     log.error("not serving %s:%d: %s", version.name, version.version, exc)
+                    metrics.MODEL_LOAD_FAILURES.labels(model=version.name, version=str(version.version)).inc()
                 else:
                     self._add(served)
                     if on_loaded is not None:
@@ -146,6 +149,70 @@ class ClassificationEngine:
             model=m.name, version=str(m.version), provider=m.provider, trained=str(m.trained).lower()
         ).set(1)
         metrics.PROVIDER_INFO.labels(provider=m.provider).set(1)
+
+    # --- hot reload (settings.repository_poll_s, SIGHUP) ----------------------------------------------
+
+    async def reload(self) -> ReloadResult:
+        """Scan the repository again and serve what changed, while serving: a selected version not
+        loaded yet is verified, loaded and warmed up off the event loop, then serves (the latest
+        rule picks it once warm); a loaded version no longer selected (its version_policy, or gone
+        from the repository) stops taking new requests, finishes the ones it admitted and unloads.
+        A version that fails is logged and counted and changes nothing: a model keeps its old
+        versions until a new one serves. A version added here serves classification only: the
+        gradient processes were started with the versions of the start (its gradient RPCs come with
+        the next restart). A model's changed config.yaml applies to versions loaded after it."""
+        if not self._started or self._stopping:
+            return ReloadResult()
+        root = Path(self._settings.repository)
+        try:
+            chosen = await asyncio.to_thread(select_versions, root, self._settings.models)
+        except ModelLoadError as exc:
+            log.error("repository reload: %s; serving what was loaded", exc)
+            return ReloadResult(failed=[str(exc)])
+        wanted = {(v.name, v.version): v for v in chosen.versions}
+        result = ReloadResult()
+        for key, version in sorted(wanted.items()):
+            if key in self._served:
+                continue
+            try:
+                served = await asyncio.to_thread(self._load_version, version, chosen.config(version.name))
+            except Exception as exc:  # noqa: BLE001 - the versions serving go on
+                log.error("repository reload: not serving %s:%d: %s", version.name, version.version, exc)
+                metrics.MODEL_LOAD_FAILURES.labels(model=version.name, version=str(version.version)).inc()
+                result.failed.append(f"{version.name}:{version.version}: {exc}")
+                continue
+            gradients_off = {k: v and k == "classify" for k, v in served.model.capabilities.items()}
+            served.model = replace(served.model, capabilities=gradients_off)
+            self._add(served)
+            await self.start_version(served.model)
+            log.info("repository reload: serving %s:%d", version.name, version.version)
+            result.added.append(served.model)
+        in_repository = {version.name for version in chosen.versions} | set(chosen.refused)
+        for key, served in list(self._served.items()):
+            name = key[0]
+            keeps_a_wanted_version = any(k in self._served for k in wanted if k[0] == name and k != key)
+            if key in wanted or (name in in_repository and not keeps_a_wanted_version):
+                continue  # still selected, or its replacement did not load: it goes on serving
+            await self._retire(served)
+            result.removed.append(served.model)
+        return result
+
+    async def _retire(self, served: _Served) -> None:
+        """Take a version out of the catalog (no new request resolves to it), let the requests it
+        admitted finish (up to grace_period_s), then stop its batcher and drop its session."""
+        m = served.model
+        with self._lock:
+            self._served.pop((m.name, m.version), None)
+            self._catalog = Catalog(s.model for s in self._served.values())
+            self._retiring[(m.name, m.version)] = served
+        deadline = time.monotonic() + self._settings.grace_period_s
+        while served.batcher.admitted_images and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await served.batcher.close()
+        with self._lock:
+            self._retiring.pop((m.name, m.version), None)
+        metrics.MODEL_INFO.remove(m.name, str(m.version), m.provider, str(m.trained).lower())
+        log.info("repository reload: unloaded %s:%d", m.name, m.version)
 
     def _provider_for(self, device: str) -> ProviderChoice:
         with self._lock:
@@ -264,7 +331,8 @@ class ClassificationEngine:
     async def stop(self) -> None:
         """Refuse new requests, finish the queued ones, stop the threads."""
         self._stopping = True
-        await asyncio.gather(*(s.batcher.close() for s in self._served.values()))
+        everything = [*self._served.values(), *self._retiring.values()]
+        await asyncio.gather(*(s.batcher.close() for s in everything))
 
     @property
     def ready(self) -> bool:
@@ -304,7 +372,8 @@ class ClassificationEngine:
     def _serving(self, model: LoadedModel) -> _Served:
         if self._stopping:
             raise Unavailable("the server is shutting down", reason="unavailable")
-        served = self._served.get((model.name, model.version))
+        key = (model.name, model.version)
+        served = self._served.get(key) or self._retiring.get(key)
         if served is None:
             raise NotFound(f"model {model.name}:{model.version} is not loaded", reason="not_found")
         if not served.started:
@@ -351,6 +420,15 @@ class ClassificationEngine:
         return logits, timings
 
 
+@dataclass
+class ReloadResult:
+    """What one repository reload changed."""
+
+    added: list[LoadedModel] = field(default_factory=list)
+    removed: list[LoadedModel] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class LocalAdmission:
     """An in-process Admission: the batcher's place and the rows, a private array."""
@@ -362,4 +440,4 @@ class LocalAdmission:
         self.place.release()
 
 
-__all__ = ["ClassificationEngine", "LocalAdmission"]
+__all__ = ["ClassificationEngine", "LocalAdmission", "ReloadResult"]

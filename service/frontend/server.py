@@ -173,6 +173,8 @@ class Server:
         # The gradient tier the gradient RPCs go to (settings.worker_address); None: the local pool.
         self.tier: GradientTier | None = None
         self._announced: set[str] = set()  # models with a version serving (model:<name> SERVING)
+        self._reload_requested = asyncio.Event()  # SIGHUP (request_reload) or the poll interval
+        self._reload_task: asyncio.Task[None] | None = None
         self._serving_announced = False  # serve_when=any: the overall status turned SERVING
 
     # --- readiness ------------------------------------------------------------------------------
@@ -318,10 +320,49 @@ class Server:
         )
         if hasattr(self.engine, "wait_ready_change"):  # an engine process: it can go and come back
             self._engine_task = asyncio.create_task(self._follow_engine(), name="cnnserve-engine-health")
+        if hasattr(self.engine, "reload"):
+            self._reload_task = asyncio.create_task(self._watch_repository(), name="cnnserve-reload")
         if self.tier is not None:
             self._pool_task = asyncio.create_task(self._follow_worker_tier(), name="cnnserve-worker-tier")
         elif self.settings.workers > 0 or self.pool is not None:
             self._pool_task = asyncio.create_task(self._run_gradient_pool(), name="cnnserve-gradients")
+
+    # --- hot reload --------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """SIGHUP: scan the repository once now (ClassificationEngine.reload)."""
+        if not hasattr(self.engine, "reload"):
+            log.warning("SIGHUP: this process does not reload its repository; ignored")
+            return
+        log.info("SIGHUP: scanning the repository")
+        self._reload_requested.set()
+
+    async def _watch_repository(self) -> None:
+        """Reload on SIGHUP and every repository_poll_s (0: SIGHUP only), until shutdown; keep
+        model:<name> health in step with what serves."""
+        poll = self.settings.repository_poll_s
+        while not self.state.draining:
+            try:
+                await asyncio.wait_for(self._reload_requested.wait(), timeout=poll or None)
+            except TimeoutError:
+                pass
+            self._reload_requested.clear()
+            if self.state.draining:
+                return
+            try:
+                result = await self.engine.reload()
+            except Exception:  # noqa: BLE001 - what serves goes on; the next scan tries again
+                log.exception("repository reload failed")
+                continue
+            for model in result.added:
+                if model.name not in self._announced:
+                    metrics.init_classify_series(model.name)
+                    self._announced.add(model.name)
+                await self._set_health([f"model:{model.name}"], True)
+            served = {m.name for m in self.engine.models()}
+            gone = sorted({m.name for m in result.removed} - served)
+            await self._set_health([f"model:{name}" for name in gone], False)
+            self._announced -= set(gone)
 
     async def _on_load_event(self, kind: str, payload: Any, started: float) -> None:
         if kind == "planned":  # registered NOT_SERVING until warm (a Check then says so, not NOT_FOUND)
@@ -473,6 +514,8 @@ class Server:
             await self.grpc_server.stop(grace)
         if self._engine_task is not None:
             self._engine_task.cancel()
+        if self._reload_task is not None:
+            self._reload_task.cancel()
         if self._pool_task is not None:
             self._pool_task.cancel()
             try:
@@ -533,6 +576,8 @@ async def run(
 
     if server is None:
         server = Server(settings, engine)
+    # SIGHUP rescans the repository (its default action would end the process).
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
     try:
         await server.start()
     except StartupError as exc:

@@ -76,6 +76,12 @@ MODEL_INFO = Gauge(
     ["model", "version", "provider", "trained"],
     multiprocess_mode="livemax",
 )
+MODEL_LOAD_FAILURES = Counter(
+    "cnnserve_model_load_failures_total",
+    "Model versions that failed their checks or their load (at start or in a repository reload); "
+    "the versions already serving go on.",
+    ["model", "version"],
+)
 PROVIDER_INFO = Gauge(
     "cnnserve_execution_provider_info", "The ONNX Runtime execution provider in use (value 1).", ["provider"],
     multiprocess_mode="livemax",

@@ -40,6 +40,7 @@ class FakeModel:
     metadata: dict[str, Any] = field(
         default_factory=lambda: {"input": {"name": "input"}, "output": {"name": "logits"}}
     )
+    serving: Any = None  # LoadedModel.serving: a fake engine reports the settings' values
 
 
 @dataclass(frozen=True)
