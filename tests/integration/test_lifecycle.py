@@ -107,3 +107,39 @@ def test_no_loadable_model_exits_non_zero(tmp_path: Path, start_server: Callable
     assert code == 1
     assert "no model could be loaded" in server.log
     assert "Traceback" not in server.log  # an operator error, said in one line
+
+
+def test_sighup_serves_a_new_version_and_unloads_the_old(
+    demo_repository: Path, start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Issue 13: SIGHUP rescans the repository of a running server; its default action (ending
+    the process) is replaced. A second version of lenet5, published as the exporter does (built
+    aside, renamed into place), takes over as the latest, and version 1 is unloaded."""
+    import json
+    import shutil
+    import signal
+
+    root = tmp_path / "repository"
+    shutil.copytree(demo_repository / "lenet5" / "1", root / "lenet5" / "1")
+    server = start_server(root)
+    server.wait_ready()
+    stub = pb_grpc.InferenceStub(server.channel)
+    assert list(stub.GetModel(pb.GetModelRequest(name="lenet5"), timeout=10).versions) == [1]
+
+    staging = root / "lenet5" / ".tmp-2"
+    shutil.copytree(root / "lenet5" / "1", staging)
+    meta = json.loads((staging / "metadata.json").read_text())
+    (staging / "metadata.json").write_text(json.dumps({**meta, "version": 2}))
+    staging.rename(root / "lenet5" / "2")
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while list(stub.GetModel(pb.GetModelRequest(name="lenet5"), timeout=10).versions) != [2]:
+        assert server.process.poll() is None, server.log
+        assert time.monotonic() < deadline, server.log[-3000:]
+        time.sleep(0.1)
+    tensor = pb.ImageInput(
+        tensor=pb.Tensor(shape=[1, 32, 32], dtype="float32", data=np.zeros((1, 32, 32), np.float32).tobytes())
+    )
+    assert stub.Classify(pb.ClassifyRequest(model="lenet5", image=tensor), timeout=10).version == 2
+    assert "repository reload: serving lenet5:2" in server.log
+    assert "repository reload: unloaded lenet5:1" in server.log
