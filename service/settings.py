@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         "list such as 1,8,16 (sizes above a model's batch limit are skipped). A model's config.yaml "
         "may override it. More sizes start slower: VGG-19 warms 1..16 for 25-31 s on 2 CPU cores.",
     )
+    ort_cpu_mem_arena: bool = Field(
+        False,
+        description="ONNX Runtime's CPU memory arena. Off: memory for activations is returned after "
+        "each run instead of kept at its high-water mark (VGG-19 after batches of 1 and 16: 828 "
+        "instead of 1508 MB; ResNet-50: 263 instead of 426 MB), for 3-7% slower batches of 16 on "
+        "2 CPU cores (issue 13). On: throughput first.",
+    )
     load_concurrency: int = Field(
         0,
         ge=0,

@@ -287,3 +287,9 @@ def test_cuda_io_binding_matches_cpu(tmp_path: Path, fp16: bool) -> None:
 def test_intra_op_spinning_follows_the_setting(spinning: bool, entry: str) -> None:
     so = session_options(Settings(intra_op_spinning=spinning))
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == entry
+
+
+def test_the_cpu_memory_arena_is_off_unless_asked_for() -> None:
+    """Settings.ort_cpu_mem_arena (issue 13): activations are returned after each run by default."""
+    assert session_options(Settings()).enable_cpu_mem_arena is False
+    assert session_options(Settings(ort_cpu_mem_arena=True)).enable_cpu_mem_arena is True
