@@ -109,7 +109,8 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="Model versions loaded (verified, ONNX Runtime session built, warmed up) at once "
-        "at start (0: the cores, at most 4). Each version serves as soon as it is warm.",
+        "at start (0: the cores, at most 4, on CPU; 1 on CUDA, where parallel loads are not yet measured). "
+        "Each version serves as soon as it is warm.",
     )
     repository_poll_s: float = Field(
         0.0,

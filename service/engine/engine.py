@@ -112,7 +112,10 @@ class ClassificationEngine:
         left = {name: sum(v.name == name for v in chosen.versions) for name in self._pending}
         if on_planned is not None:
             on_planned(sorted(self._pending))
-        workers = self._load_workers = settings.load_concurrency or min(4, os.cpu_count() or 1)
+        # On CUDA one at a time unless asked: concurrent CUDA session builds and warm-ups have not
+        # run on a GPU yet (no device was lent to the session that wrote this).
+        default_workers = 1 if provider.is_cuda else min(4, os.cpu_count() or 1)
+        workers = self._load_workers = settings.load_concurrency or default_workers
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnserve-load") as pool:
             futures = {
                 pool.submit(self._load_version, version, chosen.config(version.name)): version

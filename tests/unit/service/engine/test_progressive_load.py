@@ -162,3 +162,18 @@ def test_a_models_config_overrides_the_settings_and_is_reported(repo: dict[str, 
         assert config.config.dynamic_batching.max_queue_delay_microseconds == 5000
     finally:
         h.close()
+
+
+def test_load_concurrency_defaults_to_the_cores_on_cpu(
+    repo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.engine.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod.os, "cpu_count", lambda: 8)
+    engine = ClassificationEngine(settings_for(repo["root"], models="gray"))
+    engine.load()
+    assert engine._load_workers == 4  # the cores, at most 4
+    engine = ClassificationEngine(settings_for(repo["root"], models="gray", load_concurrency=1))
+    engine.load()
+    assert engine._load_workers == 1
+    assert "loaded 1 at a time" in engine.startup_summary()
