@@ -145,6 +145,31 @@ def queue_full() -> ResourceExhausted:
     return ResourceExhausted("queue full: 4 images waiting for lenet5", reason="queue_full")
 
 
+class FakePoolLifecycle:
+    """The part of GradientPool the server drives (start, close, liveness), for the pool doubles of
+    the servicer tests; each double adds its own submit. `alive` workers while started and open."""
+
+    alive_generation = 0
+
+    def __init__(self, alive: int = 1) -> None:
+        self.alive = alive
+        self.started = False
+        self.closed = False
+
+    @property
+    def alive_workers(self) -> int:
+        return self.alive if self.started and not self.closed else 0
+
+    async def wait_alive_change(self, seen: int, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self, grace_s: float) -> None:
+        self.closed = True
+
+
 class Harness:
     """The real service.frontend.server.Server around a FakeEngine, on 127.0.0.1 with ephemeral ports, its
     event loop in a background thread; tests talk to it over a real channel."""

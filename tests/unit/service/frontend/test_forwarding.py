@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from servicer_fakes import FakeEngine, FakeModel, Harness, counter
+from servicer_fakes import FakeEngine, FakeModel, FakePoolLifecycle, Harness, counter
 
 from export.preprocessing import IMAGENET
 from service._proto.cnnserve.v1 import inference_pb2 as pb
@@ -156,34 +156,17 @@ def test_the_tiers_reason_crosses_the_hop() -> None:
 # --- a fake pool and the two tiers ----------------------------------------------------------------
 
 
-class FakePool:
+class FakePool(FakePoolLifecycle):
     """GradientPool double on the worker tier: records submits, streams progress, fabricated results;
     `fail_with` is raised by submit, `block` makes a job run until cancelled."""
 
     def __init__(self) -> None:
-        self.alive = 1
-        self.started = False
-        self.closed = False
+        super().__init__()
         self.submits: list[tuple[Any, float, float | None, float]] = []  # task, cost, deadline, when
         self.block = False
         self.fail_with: BaseException | None = None
         self.running = threading.Event()
         self.cancelled = threading.Event()
-
-    @property
-    def alive_workers(self) -> int:
-        return self.alive if self.started and not self.closed else 0
-
-    alive_generation = 0
-
-    async def wait_alive_change(self, seen: int, timeout_s: float) -> None:
-        await asyncio.sleep(timeout_s)
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def close(self, grace_s: float) -> None:
-        self.closed = True
 
     async def submit(self, task: Any, *, cost: float, deadline: float | None, on_progress: Any = None) -> Any:
         self.submits.append((task, cost, deadline, time.monotonic()))

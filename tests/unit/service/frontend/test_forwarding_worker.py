@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from servicer_fakes import FakeEngine, FakeModel, Harness
+from servicer_fakes import FakeEngine, FakeModel, FakePoolLifecycle, Harness
 
 from export.preprocessing import IMAGENET
 from service import cli
@@ -121,30 +121,14 @@ def test_catalog_leaves_out_a_version_whose_weights_do_not_match(
 # --- drain ----------------------------------------------------------------------------------------
 
 
-class SlowPool:
+class SlowPool(FakePoolLifecycle):
     """Ends every job after `delay_s` with a recognisable status (no result needs fabricating)."""
 
     def __init__(self, delay_s: float) -> None:
+        super().__init__()
         self.delay_s = delay_s
-        self.started = False
-        self.closed = False
         self.running = threading.Event()
         self.finished = threading.Event()
-
-    @property
-    def alive_workers(self) -> int:
-        return 1 if self.started and not self.closed else 0
-
-    alive_generation = 0
-
-    async def wait_alive_change(self, seen: int, timeout_s: float) -> None:
-        await asyncio.sleep(timeout_s)
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def close(self, grace_s: float) -> None:
-        self.closed = True
 
     async def submit(self, task: Any, *, cost: float, deadline: float | None, on_progress: Any = None) -> Any:
         from service.errors import InvalidArgument

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from servicer_fakes import FakeEngine, FakeModel, Harness
+from servicer_fakes import FakeEngine, FakeModel, FakePoolLifecycle, Harness
 
 from export.preprocessing import IMAGENET
 from service._proto.cnnserve.v1 import inference_pb2 as pb
@@ -30,33 +30,16 @@ from service.worker.rendering import encode_png
 ALL = {"classify": True, "explain": True, "dream": True, "stylize": True}
 
 
-class FakePool:
+class FakePool(FakePoolLifecycle):
     """GradientPool double: records submits, reports progress, answers with fabricated results."""
 
     def __init__(self) -> None:
-        self.alive = 1
-        self.started = False
-        self.closed = False
+        super().__init__()
         self.submits: list[tuple[Any, float, float | None]] = []
         self.block = False
         self.cancelled = threading.Event()
         self.running = threading.Event()
         self.ready_summary: Any = None  # GradientPool.ready_summary: what the processes refused
-
-    @property
-    def alive_workers(self) -> int:
-        return self.alive if self.started and not self.closed else 0
-
-    alive_generation = 0
-
-    async def wait_alive_change(self, seen: int, timeout_s: float) -> None:
-        await asyncio.sleep(timeout_s)
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def close(self, grace_s: float) -> None:
-        self.closed = True
 
     async def submit(self, task: Any, *, cost: float, deadline: float | None, on_progress: Any = None) -> Any:
         self.submits.append((task, cost, deadline))
