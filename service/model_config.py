@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.settings import Settings
+from service.settings import Settings, warmup_sizes_of
 
 CONFIG_FILE = "config.yaml"
 MAX_CONFIG_BYTES = 64 * 1024
@@ -95,7 +95,7 @@ class ModelConfig(BaseModel):
     max_batch_size: int | None = Field(default=None, ge=1, le=256)
     max_queue_delay_s: float | None = Field(default=None, ge=0, le=1)
     max_queue_size: int | None = Field(default=None, ge=1, le=100_000)
-    warmup_batch_sizes: Literal["all", "none"] | tuple[int, ...] | None = None
+    warmup_batch_sizes: Literal["auto", "all", "none"] | tuple[int, ...] | None = None
     device: Literal["auto", "cpu", "cuda"] | None = None
     version_policy: VersionPolicy | None = None
     gradients: tuple[Literal["explain", "dream", "stylize"], ...] | None = None
@@ -172,16 +172,15 @@ def read_model_config(model_dir: Path) -> ModelConfig:
 
 
 def warmup_sizes(settings: Settings, config: ModelConfig, max_batch: int, *, fixed_shape: bool) -> list[int]:
-    """The batch sizes a version runs once before it serves: the model's config, else the setting
-    (Settings.warmup_sizes: auto, all, none or a list)."""
-    spec = config.warmup_batch_sizes
-    if spec is None:
-        return settings.warmup_sizes(max_batch, fixed_shape=fixed_shape)
-    if spec == "all":
-        return list(range(1, max_batch + 1))
-    if spec == "none":
-        return []
-    return [s for s in spec if s <= max_batch]
+    """The batch sizes a version runs once before it serves: the model's config, else the setting."""
+    given = config.warmup_batch_sizes
+    if given is None:
+        spec = settings.warmup_batch_sizes
+    elif isinstance(given, tuple):
+        spec = ",".join(map(str, given))
+    else:
+        spec = given
+    return warmup_sizes_of(spec, max_batch, fixed_shape=fixed_shape)
 
 
 __all__ = [

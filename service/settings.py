@@ -285,17 +285,9 @@ class Settings(BaseSettings):
         return ",".join(str(s) for s in sorted(set(sizes)))
 
     def warmup_sizes(self, max_batch: int, *, fixed_shape: bool = False) -> list[int]:
-        """The batch sizes to warm a model version up with whose batches hold at most `max_batch`.
-        auto: one run at max_batch where every batch runs at that one shape (`fixed_shape`: CUDA
-        with cuda_fixed_batch), else 1 and max_batch (ONNX Runtime on CPU allocates per shape; the
-        sizes between cost a little more the first time they occur, measured in issue 13)."""
-        if self.warmup_batch_sizes == "auto":
-            return [max_batch] if fixed_shape else sorted({1, max_batch})
-        if self.warmup_batch_sizes == "all":
-            return list(range(1, max_batch + 1))
-        if self.warmup_batch_sizes == "none":
-            return []
-        return [s for s in (int(p) for p in self.warmup_batch_sizes.split(",")) if s <= max_batch]
+        """The batch sizes to warm a model version up with whose batches hold at most `max_batch`
+        (warmup_sizes_of the setting)."""
+        return warmup_sizes_of(self.warmup_batch_sizes, max_batch, fixed_shape=fixed_shape)
 
     @field_validator("ort_cache_dir")
     @classmethod
@@ -367,3 +359,18 @@ class Settings(BaseSettings):
         """Sized for the largest allowed batch of float32 tensors at 224x224x3, plus framing."""
         largest_batch = self.max_images_per_request * 3 * 224 * 224 * 4
         return max(self.max_message_bytes, largest_batch + 1024 * 1024)
+
+
+def warmup_sizes_of(spec: str, max_batch: int, *, fixed_shape: bool = False) -> list[int]:
+    """The warm-up batch sizes a `warmup_batch_sizes` value (the setting's, or a model config's in
+    the same form) gives for batches of at most `max_batch`. auto: one run at max_batch where every
+    batch runs at that one shape (`fixed_shape`: CUDA with cuda_fixed_batch), else 1 and max_batch
+    (ONNX Runtime on CPU allocates per shape; the sizes between cost a little more the first time
+    they occur, measured in issue 13)."""
+    if spec == "auto":
+        return [max_batch] if fixed_shape else sorted({1, max_batch})
+    if spec == "all":
+        return list(range(1, max_batch + 1))
+    if spec == "none":
+        return []
+    return [s for s in (int(p) for p in spec.split(",")) if s <= max_batch]
