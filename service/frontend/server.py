@@ -172,7 +172,7 @@ class Server:
         self._pool_task: asyncio.Task[None] | None = None
         # The gradient tier the gradient RPCs go to (settings.worker_address); None: the local pool.
         self.tier: GradientTier | None = None
-        self._announced: set[str] = set()  # models with a version serving (model:<name> SERVING)
+        self._warm: set[tuple[str, int]] = set()  # versions announced serving (_version_warm)
         self._reload_requested = asyncio.Event()  # SIGHUP (request_reload) or the poll interval
         self._reload_task: asyncio.Task[None] | None = None
         self._serving_announced = False  # serve_when=any: the overall status turned SERVING
@@ -304,7 +304,7 @@ class Server:
         await self.engine.start()
         self._engine_started = True
         for model in self.engine.models():  # an engine that announces none as it goes (a process's)
-            if model.name not in self._announced:
+            if (model.name, model.version) not in self._warm:
                 await self._version_warm(model, started)
         if self.state.draining:
             return
@@ -355,14 +355,11 @@ class Server:
                 log.exception("repository reload failed")
                 continue
             for model in result.added:
-                if model.name not in self._announced:
-                    metrics.init_classify_series(model.name)
-                    self._announced.add(model.name)
-                await self._set_health([f"model:{model.name}"], True)
-            served = {m.name for m in self.engine.models()}
+                await self._version_warm(model)
+            self._warm -= {(m.name, m.version) for m in result.removed}
+            served = {name for name, _ in self._warm}
             gone = sorted({m.name for m in result.removed} - served)
             await self._set_health([f"model:{name}" for name in gone], False)
-            self._announced -= set(gone)
 
     async def _on_load_event(self, kind: str, payload: Any, started: float) -> None:
         if kind == "planned":  # registered NOT_SERVING until warm (a Check then says so, not NOT_FOUND)
@@ -370,34 +367,36 @@ class Server:
         else:
             await self._version_warm(payload, started)
 
-    async def _version_warm(self, model: Any, started: float) -> None:
-        """One version is loaded and warm: start it, zero its metrics, report model:<name> SERVING
-        (and the overall status with serve_when=any)."""
+    async def _version_warm(self, model: Any, started: float | None = None) -> None:
+        """One version is loaded and warm (at start, or added by a reload): start it, zero its
+        metrics, report model:<name> SERVING (and the overall status with serve_when=any). `started`:
+        the start's clock, for the log line (a reload's engine logs its own)."""
         start_version = getattr(self.engine, "start_version", None)
         if start_version is not None:
             await start_version(model)
         # Every per-model counter at 0 before the first scrape of a ready server (metrics.py: why).
         answers_gradients = self.tier is not None or self.settings.workers > 0 or self.pool is not None
-        if model.name not in self._announced:
+        if model.name not in {name for name, _ in self._warm}:
             metrics.init_classify_series(model.name)
         if answers_gradients:
             metrics.init_gradient_series(
                 model.name, model.capabilities, runs_jobs=self.tier is None, version=model.version
             )
-        self._announced.add(model.name)
+        self._warm.add((model.name, model.version))
         if self.state.draining:
             return
         await self._set_health([f"model:{model.name}"], True)
         if self.settings.serve_when == "any" and not self._serving_announced:
             self._serving_announced = True
             await self._set_health(["", INFERENCE_SERVICE, OIP_SERVICE], True)
-        log.info(
-            "serving %s:%d (%s) %.2fs after the start",
-            model.name,
-            model.version,
-            model.provider,
-            time.perf_counter() - started,
-        )
+        if started is not None:
+            log.info(
+                "serving %s:%d (%s) %.2fs after the start",
+                model.name,
+                model.version,
+                model.provider,
+                time.perf_counter() - started,
+            )
 
     def _make_pool(self) -> Any:
         """The GradientPool for the model versions the engine loaded (same weights.pt)."""
