@@ -23,16 +23,22 @@ def decoded(model: str) -> float:
     )
 
 
+async def rgb_with_room_for_two(repo: dict[str, Any]) -> tuple[ClassificationEngine, ClassifyPath, Any, Any]:
+    """The rgb model served with capacity 2 (a batch of 1 + a queue of 1): engine, classify path,
+    model and its batcher."""
+    engine = ClassificationEngine(
+        settings_for(repo["root"], models="rgb", max_batch_size=1, max_queue_size=1)
+    )
+    engine.load()
+    path = ClassifyPath(engine, engine._settings)
+    await engine.start()
+    model = engine.get("rgb")
+    return engine, path, model, engine._served[(model.name, model.version)].batcher
+
+
 def test_a_full_model_refuses_before_decoding_or_validating(repo: dict[str, Any]) -> None:
     async def main() -> None:
-        engine = ClassificationEngine(
-            settings_for(repo["root"], models="rgb", max_batch_size=1, max_queue_size=1)
-        )
-        engine.load()
-        path = ClassifyPath(engine, engine._settings)
-        await engine.start()
-        model = engine.get("rgb")
-        batcher = engine._served[(model.name, model.version)].batcher
+        engine, path, model, batcher = await rgb_with_room_for_two(repo)
         assert batcher.capacity == 2
         held = batcher.admit(2)  # what two requests in flight would hold
         decodes = decoded("rgb")
@@ -58,14 +64,7 @@ def test_a_full_model_refuses_before_decoding_or_validating(repo: dict[str, Any]
 
 def test_a_cancelled_request_gives_its_place_back(repo: dict[str, Any]) -> None:
     async def main() -> None:
-        engine = ClassificationEngine(
-            settings_for(repo["root"], models="rgb", max_batch_size=1, max_queue_size=1)
-        )
-        engine.load()
-        path = ClassifyPath(engine, engine._settings)
-        await engine.start()
-        model = engine.get("rgb")
-        batcher = engine._served[(model.name, model.version)].batcher
+        engine, path, model, batcher = await rgb_with_room_for_two(repo)
         big = png(random_image(0, size=(2000, 2000)))  # decoding takes a while
         task = asyncio.create_task(path.classify_images(model, [big, big], None))
         while batcher.admitted_images == 0:
