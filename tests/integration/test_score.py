@@ -186,6 +186,11 @@ def test_retries_resource_exhausted_until_everything_is_scored(
                 stub.Classify(request, timeout=30)
             except grpc.RpcError:
                 pass
+            # A short pause after each answer: the two threads still keep the room of two images
+            # full most of the time (the queue fills: asserted below), but an answer's slot is not
+            # always retaken at once, so the scorer's retries can get in (without it, whether they
+            # ever do within 50 attempts was a matter of scheduling luck on a loaded machine).
+            stop.wait(0.02)
 
     listing = tmp_path / "list.txt"  # resnet18 is slow on a CPU: a few images are enough
     listing.write_text("\n".join(sorted(labels)[:4]) + "\n")
