@@ -1,10 +1,12 @@
 """Dynamic batching: many clients' requests merged into one ONNX Runtime call per model version.
 
-One asyncio task per batcher forms batches; the model runs on its own single-thread executor (ONNX
-Runtime releases the GIL and parallelises inside each op), so the event loop never blocks.
+One asyncio task per batcher forms batches; each of the model's `instances` (one runner each, e.g.
+one ONNX Runtime session) runs on its own single-thread executor (ONNX Runtime releases the GIL and
+parallelises inside each op), so the event loop never blocks. With k instances up to k batches run
+at once, each on an idle instance (Triton's instance_group count).
 
-Batch formation is adaptive, in the classic way: while a batch is running, new requests simply
-accumulate, and the next batch takes whatever is queued the moment the runner is free. Waiting for
+Batch formation is adaptive, in the classic way: while every instance is busy, new requests simply
+accumulate, and the next batch takes whatever is queued the moment an instance is free. Waiting for
 more (up to `max_queue_delay_s`, counted from the oldest queued request) only happens when the
 batch is not full *and* recent traffic says more requests are about to come: the batcher keeps a
 decaying peak of how many requests were outstanding at once, and stops waiting as soon as that many
@@ -13,16 +15,16 @@ are queued. A single client (concurrency 1) therefore never waits: its latency i
 Every request holds n >= 1 images; one larger than `max_batch_size` is spread over several batches
 and reassembled.
 
-Admission is exact and synchronous. A model version holds at most `capacity` = Q + N images, where
-Q = `max_queue_size` (images waiting) and N = `max_batch_size` (the images of the one batch ONNX
-Runtime computes at a time): an image counts from the moment its request is admitted until the
-request is answered (or abandoned and none of its rows is in the running batch any more). A request
-whose images do not fit is refused at once with RESOURCE_EXHAUSTED (reason queue_full). The count
-does not depend on when the batcher task happens to take a batch, so N + Q + k one-image requests
-arriving while nothing finishes yield exactly k refusals. A caller with work to do before its
-input is ready (decoding, validation) takes its place first with `admit(n)` and hands the
-`Admission` to `submit_timed`: under overload a request is refused before any of that work, at
-once, in arrival order. A request whose deadline passes while it waits is
+Admission is exact and synchronous. A model version holds at most `capacity` = Q + k * N images,
+where Q = `max_queue_size` (images waiting), N = `max_batch_size` and k = the instances (the images
+of the batches ONNX Runtime computes at once): an image counts from the moment its request is
+admitted until the request is answered (or abandoned and none of its rows is in a running batch any
+more). A request whose images do not fit is refused at once with RESOURCE_EXHAUSTED (reason
+queue_full). The count does not depend on when the batcher task happens to take a batch, so
+capacity + j one-image requests arriving while nothing finishes yield exactly j refusals. A caller
+with work to do before its input is ready (decoding, validation) takes its place first with
+`admit(n)` and hands the `Admission` to `submit_timed`: under overload a request is refused before
+any of that work, at once, in arrival order. A request whose deadline passes while it waits is
 answered DEADLINE_EXCEEDED at once (a timer, not the next batch boundary) and is never computed; a
 cancelled caller's request leaves the queue; `close()` refuses new work and drains the queue.
 When a batch's ONNX Runtime call fails, each of its requests is run again alone: only a request
@@ -87,6 +89,7 @@ class _Request:
     finished_at: float = 0.0
     parts: list[tuple[int, int]] = field(default_factory=list)
     released: bool = False  # its n images no longer count against the capacity
+    running: int = 0  # batches now computing some of its rows (it may be split over several)
 
 
 class Admission:
@@ -134,7 +137,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        runner: Runner,
+        runners: Runner | Sequence[Runner],
         *,
         name: str,
         max_batch_size: int,
@@ -142,29 +145,34 @@ class DynamicBatcher:
         max_queue_size: int,
         provider: str = "",
         item_shape: tuple[int, ...] | None = None,
-        executor: ThreadPoolExecutor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`runner(x[N, ...]) -> y[N, ...]` is called on `executor` (default: a new single thread
-        owned by the batcher). `name` and `provider` label the metrics; `item_shape` (C, H, W), if
-        given, is enforced on submit. `clock` must be the clock deadlines are measured on."""
+        """`runners`: one per instance (or a single runner: one instance), each `runner(x[N, ...])
+        -> y[N, ...]` called on its own thread, owned by the batcher, one batch at a time. `name`
+        and `provider` label the metrics; `item_shape` (C, H, W), if given, is enforced on submit.
+        `clock` must be the clock deadlines are measured on."""
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        self._runners: list[Runner] = [runners] if callable(runners) else list(runners)
+        if not self._runners:
+            raise ValueError("a batcher needs at least one runner")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self._runner = runner
         self._item_shape = tuple(item_shape) if item_shape is not None else None
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}-{i}")
+            for i in range(len(self._runners))
+        ]
+        self._idle = list(range(len(self._runners)))  # instances not computing a batch
+        self._batches: set[asyncio.Task[None]] = set()  # the batches computing now
         self._clock = clock
         self._queue: deque[_Request] = deque()
         self._queued = 0  # images waiting (not yet handed to a batch)
         self._admitted = 0  # images of admitted requests not yet released (see the module doc)
         self._outstanding = 0  # requests submitted and not yet finished
         self._peak = 1.0  # decaying peak of _outstanding (see module doc)
-        self._current: list[_Request] = []  # requests in the batch being computed
         self._state = _State.NEW
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -196,17 +204,22 @@ class DynamicBatcher:
             if self._task is not None:
                 await asyncio.shield(self._task)
             self._state = _State.CLOSED
-        if self._own_executor:
-            self._executor.shutdown(wait=False)
+        for executor in self._executors:
+            executor.shutdown(wait=False)
 
     @property
     def queued_images(self) -> int:
         return self._queued
 
     @property
+    def instances(self) -> int:
+        """Batches computed at once (one per runner)."""
+        return len(self._runners)
+
+    @property
     def capacity(self) -> int:
-        """Most images admitted at once: max_queue_size waiting + max_batch_size being computed."""
-        return self.max_queue_size + self.max_batch_size
+        """Most images admitted at once: max_queue_size waiting + a batch per instance computing."""
+        return self.max_queue_size + self.instances * self.max_batch_size
 
     @property
     def admitted_images(self) -> int:
@@ -292,20 +305,24 @@ class DynamicBatcher:
             what = "shutting down" if self._state in (_State.CLOSING, _State.CLOSED) else "not started"
             raise Unavailable(f"model {self.name} is {what}; not accepting requests", reason="unavailable")
 
+    def _capacity_terms(self) -> str:
+        batches = f"max_batch_size {self.max_batch_size}"
+        if self.instances > 1:
+            batches = f"{self.instances} instances x {batches}"
+        return f"max_queue_size {self.max_queue_size} + {batches}"
+
     def _check_capacity(self, n: int) -> None:
         capacity = self.capacity
         if n > capacity:
             raise ResourceExhausted(
                 f"a request of {n} images can never fit model {self.name}'s capacity of {capacity} "
-                f"images (max_queue_size {self.max_queue_size} + max_batch_size {self.max_batch_size}); "
-                "send fewer per request",
+                f"images ({self._capacity_terms()}); send fewer per request",
                 reason="queue_full",
             )
         if self._admitted + n > capacity:
             raise ResourceExhausted(
                 f"model {self.name} is overloaded: {self._admitted} of {capacity} images admitted "
-                f"(max_queue_size {self.max_queue_size} + max_batch_size {self.max_batch_size}) and this "
-                f"request needs {n}; retry with backoff",
+                f"({self._capacity_terms()}) and this request needs {n}; retry with backoff",
                 reason="queue_full",
             )
 
@@ -337,8 +354,8 @@ class DynamicBatcher:
         req.finished_at = self._clock()
         self._outstanding -= 1
         self._dequeue_rest(req)
-        if req not in self._current:
-            self._release(req)  # else when its batch ends: its rows still occupy the runner
+        if not req.running:
+            self._release(req)  # else when its last batch ends: its rows still occupy a runner
         if req.future.done():
             return
         if error is not None:
@@ -373,23 +390,35 @@ class DynamicBatcher:
             except Exception as exc:  # a bug here must not leave callers hanging or stop serving
                 log.error("model %s: batcher loop crashed; restarting it", self.name, exc_info=exc)
                 metrics.ENGINE_RESTARTS.labels(model=self.name).inc()
-                current, self._current = self._current, []
-                for req in current:
-                    self._finish(req, error=Internal(GENERIC_INTERNAL_MESSAGE))
-                    self._release(req)
 
     async def _loop(self) -> None:
         while True:
-            if not self._queue:
-                if self._state is not _State.RUNNING:
-                    return  # closing and drained
+            if not self._queue or not self._idle:
+                if not self._queue and self._state is not _State.RUNNING:
+                    if self._batches:  # closing: the batches computing still answer
+                        await asyncio.gather(*self._batches, return_exceptions=True)
+                    return
+                # A submit or a finished batch wakes the loop.
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             await self._wait_for_company()
             parts = self._take_batch()
             if parts:
-                await self._run_batch(parts)
+                self._launch(parts)
+
+    def _launch(self, parts: list[tuple[_Request, int, int]]) -> None:
+        """Hand a batch to an idle instance. Its requests count as running from now, not from when
+        the task first runs: one abandoned in between still holds its place (module doc)."""
+        requests = list(dict.fromkeys(req for req, _, _ in parts))
+        for req in requests:
+            req.running += 1
+        instance = self._idle.pop()
+        task = asyncio.get_running_loop().create_task(
+            self._run_batch(parts, requests, instance), name=f"batch-{self.name}-{instance}"
+        )
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     def _expected_requests(self) -> int:
         return max(1, round(self._peak))
@@ -443,10 +472,13 @@ class DynamicBatcher:
                 self._queue.popleft()
         return parts
 
-    async def _run_batch(self, parts: list[tuple[_Request, int, int]]) -> None:
-        self._current = list(dict.fromkeys(req for req, _, _ in parts))
+    async def _run_batch(
+        self, parts: list[tuple[_Request, int, int]], requests: list[_Request], instance: int
+    ) -> None:
+        """Compute one batch (`requests`: those its parts come from) on `instance`, then give the
+        instance back and wake the loop."""
         try:
-            if not await self._run_parts(parts, answer_failure=len(parts) == 1):
+            if not await self._run_parts(parts, instance, answer_failure=len(parts) == 1):
                 # One request's input can fail the whole ONNX Runtime call: run each request of the
                 # batch alone, so only the culprit is answered INTERNAL and the others are served.
                 log.warning(
@@ -454,22 +486,31 @@ class DynamicBatcher:
                 )
                 for part in parts:
                     if not part[0].finished:
-                        await self._run_parts([part], answer_failure=True)
+                        await self._run_parts([part], instance, answer_failure=True)
+        except Exception as exc:  # a bug here must not leave the batch's callers hanging
+            log.error("model %s: a batch crashed", self.name, exc_info=exc)
+            metrics.ENGINE_RESTARTS.labels(model=self.name).inc()
+            for req in requests:
+                self._finish(req, error=Internal(GENERIC_INTERNAL_MESSAGE))
         finally:
-            current, self._current = self._current, []
-            for req in current:
-                if req.finished:  # answered (or abandoned during the run): its images leave now
+            for req in requests:
+                req.running -= 1
+                if req.finished and not req.running:  # answered or abandoned: its images leave now
                     self._release(req)
+            self._idle.append(instance)
+            self._wakeup.set()
 
-    async def _run_parts(self, parts: list[tuple[_Request, int, int]], *, answer_failure: bool) -> bool:
-        """One ONNX Runtime call on these rows; delivers them to their requests. On failure: logs,
-        answers the requests INTERNAL if `answer_failure`, and returns False."""
+    async def _run_parts(
+        self, parts: list[tuple[_Request, int, int]], instance: int, *, answer_failure: bool
+    ) -> bool:
+        """One ONNX Runtime call on these rows, on `instance`; delivers them to their requests. On
+        failure: logs, answers the requests INTERNAL if `answer_failure`, and returns False."""
         rows = sum(stop - start for _, start, stop in parts)
         inputs = [req.x[start:stop] for req, start, stop in parts]
         loop = asyncio.get_running_loop()
         try:
             outputs, elapsed = await loop.run_in_executor(
-                self._executor, _compute, self._runner, inputs, rows
+                self._executors[instance], _compute, self._runners[instance], inputs, rows
             )
         except Exception as exc:
             log.error(

@@ -465,3 +465,91 @@ def test_metrics_are_recorded() -> None:
     assert sample("cnnserve_queue_wait_seconds_count", model="metrics-test") >= 1
     assert sample("cnnserve_inference_duration_seconds_count", model="metrics-test", provider="CPU") >= 1
     assert sample("cnnserve_queue_depth", model="metrics-test") == 0
+
+
+# --- instances: several runners, a batch each at once ---------------------------------------------
+
+
+def test_instances_compute_batches_at_once_and_answers_are_not_mixed() -> None:
+    first, second = FakeRunner(blocking=True), FakeRunner(blocking=True)
+
+    async def main() -> None:
+        b = DynamicBatcher(
+            [first, second], name="two", max_batch_size=2, max_queue_delay_s=0, max_queue_size=8
+        )
+        await b.start()
+        assert b.instances == 2
+        a = asyncio.create_task(b.submit(ids(0, 2), None))
+        await wait_until(lambda: first.entered.is_set() or second.entered.is_set())
+        c = asyncio.create_task(b.submit(ids(10, 2), None))
+        # The second batch starts on the other instance while the first is still held.
+        await wait_until(lambda: first.entered.is_set() and second.entered.is_set())
+        assert b.queued_images == 0
+        d = asyncio.create_task(b.submit(ids(20, 1), None))
+        await wait_until(lambda: b.queued_images == 1)  # no instance idle: it waits
+        first.gate.set()
+        second.gate.set()
+        for task, start, n in ((a, 0, 2), (c, 10, 2), (d, 20, 1)):
+            np.testing.assert_array_equal(await task, ids(start, n) * 2)
+        assert b.admitted_images == 0
+        await b.close()
+
+    run(main)
+    assert sorted(first.sizes() + second.sizes()) == [1, 2, 2]
+
+
+def test_capacity_counts_a_batch_per_instance_and_admission_stays_exact() -> None:
+    batch, queue, extra = 2, 3, 2
+    runners = [FakeRunner(blocking=True) for _ in range(3)]
+
+    async def main() -> None:
+        b = DynamicBatcher(
+            runners, name="three", max_batch_size=batch, max_queue_delay_s=0, max_queue_size=queue
+        )
+        await b.start()
+        assert b.capacity == queue + 3 * batch
+        tasks = [asyncio.create_task(b.submit(ids(i, 1), None)) for i in range(b.capacity + extra)]
+        await asyncio.sleep(0.05)
+        refused = [t for t in tasks if t.done() and isinstance(t.exception(), ResourceExhausted)]
+        assert len(refused) == extra
+        assert "3 instances x max_batch_size 2" in refused[0].exception().message  # type: ignore[union-attr]
+        for runner in runners:
+            runner.gate.set()
+        answered = await asyncio.gather(*(t for t in tasks if t not in refused))
+        assert len(answered) == queue + 3 * batch
+        assert b.admitted_images == 0
+        await b.close()
+
+    run(main)
+    assert sum(sum(r.sizes()) for r in runners) == queue + 3 * batch
+
+
+def test_a_failing_instance_fails_only_its_batch_and_close_drains_every_instance() -> None:
+    good, bad = FakeRunner(delay_s=0.01), FakeRunner(delay_s=0.01, poison=666.0)
+
+    async def main() -> None:
+        b = DynamicBatcher(
+            [good, bad], name="mixed", max_batch_size=4, max_queue_delay_s=0, max_queue_size=256
+        )
+        await b.start()
+        sizes = [1 + (i % 4) for i in range(60)]
+        starts = [1000 + 10 * i for i in range(60)]
+        tasks = [asyncio.create_task(b.submit(ids(s, n), None)) for s, n in zip(starts, sizes, strict=True)]
+        poisoned = asyncio.create_task(b.submit(np.full((1, 1), 666.0, dtype=np.float32), None))
+        closing = asyncio.create_task(b.close())  # refuses new work, answers everything queued
+        for task, s, n in zip(tasks, starts, sizes, strict=True):
+            np.testing.assert_array_equal(await task, ids(s, n) * 2)
+        # Computed by whichever instance took it: only the poisoned one fails, and only on `bad`.
+        try:
+            out = await poisoned
+        except Internal:
+            assert any(np.any(x == 666.0) for x in bad.batches)
+        else:
+            np.testing.assert_array_equal(out, np.full((1, 1), 1332.0))
+        await closing
+        assert b.admitted_images == 0
+        with pytest.raises(Unavailable):
+            await b.submit(ids(0, 1), None)
+
+    run(main)
+    assert good.batches and bad.batches  # both instances worked
