@@ -46,16 +46,20 @@ from torch import nn
 from export.errors import UsageError, VerificationError
 from export.repository import ModelVersion
 
+# The bounds are shared with the engine's fp16-at-load check.
+from export.tolerances import (
+    FP16_MAX,
+    FP16_MAX_RELATIVE_DIFF,
+    FP16_MIN_TOP1_AGREEMENT,
+    FP16_SMALLEST_NORMAL,
+    FP32_MAX_RELATIVE_DIFF,
+    VERIFY_BATCH,
+    VERIFY_SEED,
+)
+
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
 MAX_OPSET = 23
-VERIFY_BATCH = 4
-VERIFY_SEED = 0
-FP32_MAX_RELATIVE_DIFF = 1e-4
-FP16_MAX_RELATIVE_DIFF = 1e-2
-FP16_MIN_TOP1_AGREEMENT = 0.75
-FP16_SMALLEST_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-05
-FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 # Architectures whose gradient features the service offers (besides classify and explain).

@@ -8,7 +8,9 @@ model, the way Triton's config.pbtxt does (LeNet-5 wants batches of 256, VGG-19 
     max_queue_delay_s: 0.001
     max_queue_size: 512
     warmup_batch_sizes: [1, 256]      # or "all" / "none"
+    instances: 2                      # ONNX Runtime sessions, each computing a batch at once
     device: cpu                       # auto | cpu | cuda
+    precision: exported               # exported | fp32 | fp16 (fp32 exports converted at load)
     version_policy: {latest: 2}       # or {specific: [1, 3]} or {all: true}
     gradients: [explain]              # the gradient RPCs offered: explain, dream, stylize
 
@@ -96,7 +98,11 @@ class ModelConfig(BaseModel):
     max_queue_delay_s: float | None = Field(default=None, ge=0, le=1)
     max_queue_size: int | None = Field(default=None, ge=1, le=100_000)
     warmup_batch_sizes: Literal["auto", "all", "none"] | tuple[int, ...] | None = None
+    instances: int | None = Field(default=None, ge=1, le=16)
     device: Literal["auto", "cpu", "cuda"] | None = None
+    # exported: as the version was exported; fp32: refuse an fp16 export; fp16: an fp16 export as it
+    # is, an fp32 export converted at load and checked (service/engine/precision.py).
+    precision: Literal["exported", "fp32", "fp16"] | None = None
     version_policy: VersionPolicy | None = None
     gradients: tuple[Literal["explain", "dream", "stylize"], ...] | None = None
 
@@ -123,6 +129,9 @@ class ServingConfig:
     device: str
     version_policy: str
     config_file: str  # "" when the model has none
+    instances: int = 1
+    intra_op_threads: int = 0  # per instance; 0: ONNX Runtime's default (one per core)
+    precision: str = "fp32"  # what runs: fp32, fp16 (an fp16 export) or fp16 (converted at load)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +142,9 @@ class ServingConfig:
             "device": self.device,
             "version_policy": self.version_policy,
             "config_file": self.config_file,
+            "instances": self.instances,
+            "intra_op_threads": self.intra_op_threads,
+            "precision": self.precision,
         }
 
     @classmethod

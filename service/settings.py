@@ -89,6 +89,15 @@ class Settings(BaseSettings):
         description="Images that may wait per model version, besides the max_batch_size being computed; "
         "beyond that requests get RESOURCE_EXHAUSTED at once.",
     )
+    instances: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="ONNX Runtime sessions per model version, each computing its own batch at once "
+        "(Triton's instance_group count); a model's config.yaml may override it. Each instance holds "
+        "its own copy of the weights. With intra_op_threads 0 the cores are split between a model's "
+        "instances (cores // instances threads each) instead of each taking all of them.",
+    )
     warmup_batch_sizes: str = Field(
         "auto",
         description="Batch sizes each model version runs once before it serves, so the first requests "

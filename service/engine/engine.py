@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from service.catalog import (
 )
 from service.engine.batcher import Admission, BatchTimings, DynamicBatcher
 from service.engine.ort_cache import OptimizedModelCache
+from service.engine.precision import check_fp16, convert_to_fp16, verify_batch
 from service.engine.providers import CUDA, ProviderChoice, select_provider
 from service.engine.session import ModelSession
 from service.errors import DeadlineExceeded, NotFound, Unavailable
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Served:
     model: LoadedModel
-    session: ModelSession
+    sessions: list[ModelSession]  # one per instance
     batcher: DynamicBatcher
     images: Any = field(init=False, repr=False)  # this model's images counter, looked up once
     started: bool = False  # its batcher runs: requests for this version are accepted
@@ -236,7 +238,10 @@ class ClassificationEngine:
         model = loaded_model(meta, provider="", path=Path(version.path), config=config)
         device = config.device or settings.device
         provider = self._provider_for(device)
-        session = ModelSession(
+        instances = config.instances or settings.instances
+        threads = _threads_per_instance(settings.intra_op_threads, instances)
+        open_session = partial(
+            ModelSession,
             Path(version.path) / "model.onnx",
             settings=settings,
             provider=provider,
@@ -249,19 +254,37 @@ class ClassificationEngine:
             listed_files=frozenset(meta["files"]),
             cache=self._ort_cache,
             model_sha256=meta["files"][repository.ONNX_FILE]["sha256"],  # verify_files just checked it
+            threads=threads,
         )
+        session = open_session()
         if session.num_classes is not None and session.num_classes != model.num_classes:
             raise ModelLoadError(
                 f"model.onnx outputs {session.num_classes} classes, metadata.json says {model.num_classes}"
             )
+        exported = "fp16" if model.input_dtype == np.dtype(np.float16) else "fp32"
+        asked = config.precision or "exported"
+        if asked == "fp32" and exported == "fp16":
+            raise ModelLoadError(
+                "config.yaml asks for precision fp32 but this version is an fp16 export; export it "
+                "without --fp16 (or ask for fp16 or exported)"
+            )
+        model_bytes = None
+        precision = exported
+        if asked == "fp16" and exported == "fp32":
+            session, model_bytes = _fp16_session(session, open_session, model)
+            precision = "fp16 (converted at load)"
+        sessions = [session, *(open_session(model_bytes=model_bytes) for _ in range(instances - 1))]
+        session_s = sum(s.load_s for s in sessions)
+
         max_batch = config.max_batch_size or settings.max_batch_size
         if session.batch_limit is not None:
             max_batch = min(max_batch, session.batch_limit)
         fixed = session.provider == CUDA and settings.cuda_fixed_batch
         if fixed:
-            session.fix_batch_size(max_batch)  # every batch then runs (and warms up) at one shape
+            for s in sessions:
+                s.fix_batch_size(max_batch)  # every batch then runs (and warms up) at one shape
         sizes = warmup_sizes(settings, config, max_batch, fixed_shape=fixed)
-        warmup_s = session.warmup(sizes)
+        warmup_s = sum(s.warmup(sizes) for s in sessions)  # each instance allocates its own
         serving = ServingConfig(
             max_batch_size=max_batch,
             max_queue_delay_s=(
@@ -274,10 +297,13 @@ class ClassificationEngine:
             device=device,
             version_policy=config.version_policy.describe() if config.version_policy else "latest: 1",
             config_file=str(Path(version.path).parent / "config.yaml") if config != ModelConfig() else "",
+            instances=instances,
+            intra_op_threads=settings.intra_op_threads if threads is None else threads,
+            precision=precision,
         )
         model = replace(model, provider=session.provider, serving=serving)
         batcher = DynamicBatcher(
-            session.run,
+            [s.run for s in sessions],
             name=model.name,
             max_batch_size=max_batch,
             max_queue_delay_s=serving.max_queue_delay_s,
@@ -286,21 +312,22 @@ class ClassificationEngine:
             item_shape=model.input_shape,
         )
         with self._lock:
-            self._load_times.append((verified_s, session.load_s, warmup_s))
+            self._load_times.append((verified_s, session_s, warmup_s))
         log.info(
-            "loaded %s:%d on %s in %.2f s (verify %.2f s, session %.2f s, ONNX Runtime graph cache %s; "
+            "loaded %s:%d on %s in %.2f s (verify %.2f s, session %.2f s, ONNX Runtime graph cache %s%s; "
             "warm-up of batch sizes %s: %.2f s)",
             model.name,
             model.version,
             session.provider,
             time.perf_counter() - started,
             verified_s,
-            session.load_s,
+            session_s,
             session.cache_outcome,
+            f", {instances} instances" if instances > 1 else "",
             ",".join(map(str, sizes)) or "none",
             warmup_s,
         )
-        return _Served(model, session, batcher)
+        return _Served(model, sessions, batcher)
 
     def startup_summary(self) -> str:
         """Where the loading time went, summed over the versions (for the `ready in` line)."""
@@ -421,6 +448,37 @@ class ClassificationEngine:
         logits, timings = await served.batcher.submit_timed(x, deadline, place)
         served.images.inc(len(x))
         return logits, timings
+
+
+def _threads_per_instance(setting: int, instances: int) -> int | None:
+    """Intra-op threads of each instance's session: None where the setting applies as it is (it
+    names a number, or one instance takes ONNX Runtime's default of one per core); else the cores
+    split between the instances, so k sessions computing at once do not run k x cores threads."""
+    if setting > 0 or instances == 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // instances)
+
+
+def _fp16_session(
+    session: ModelSession, open_session: Callable[..., ModelSession], model: LoadedModel
+) -> tuple[ModelSession, bytes]:
+    """A session of the float16 conversion of the float32 model `session` runs, and the converted
+    model, once it has met the float16 bounds against `session` on the seeded batch
+    (service/engine/precision.py). Raises ModelLoadError."""
+    if session.external_files:
+        raise ModelLoadError("precision fp16 needs a self-contained model.onnx (this one has external data)")
+    x = verify_batch(model.input_shape)
+    reference = session.run(x)
+    try:
+        converted = convert_to_fp16(session.path)
+    except Exception as exc:  # noqa: BLE001 - the converter's own errors
+        raise ModelLoadError(f"precision fp16: cannot convert model.onnx to float16: {exc}") from exc
+    fp16 = open_session(model_bytes=converted)
+    check, refused = check_fp16(reference, fp16.run(x))
+    if refused:
+        raise ModelLoadError(f"precision fp16: {refused}")
+    log.info("%s:%d: float16 at load: %s", model.name, model.version, check.describe())
+    return fp16, converted
 
 
 @dataclass

@@ -191,12 +191,16 @@ class ModelSession:
         listed_files: Collection[str] | None = None,
         cache: OptimizedModelCache | None = None,
         model_sha256: str = "",
+        model_bytes: bytes | None = None,
+        threads: int | None = None,
     ) -> None:
         """`input_shape` is the per-image (C, H, W) from metadata.json; `require_provider` makes a
         fallback from the chosen provider an error instead of a warning (device=cuda);
         `listed_files`: see check_external_data. `cache` keeps the optimized graph between starts,
         under a key that includes `model_sha256`, the verified hash of model_path (metadata.json's);
-        without both, the graph is optimized here every time. `cache_outcome` says which happened."""
+        without both, the graph is optimized here every time. `cache_outcome` says which happened.
+        `model_bytes`: a model derived from model_path's (service/engine/precision.py) to run
+        instead of the file, never cached. `threads`: intra-op threads instead of the setting's."""
         self.path = Path(model_path)
         self.input_name = input_name
         self.output_name = output_name
@@ -207,7 +211,9 @@ class ModelSession:
         self.external_files = check_external_data(self.path, listed_files)
         started = time.perf_counter()
         try:
-            self._session, self.cache_outcome = self._open(settings, provider, cache, model_sha256)
+            self._session, self.cache_outcome = self._open(
+                settings, provider, cache, model_sha256, model_bytes, threads
+            )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
         self.load_s = time.perf_counter() - started
@@ -232,8 +238,16 @@ class ModelSession:
         provider: ProviderChoice,
         cache: OptimizedModelCache | None,
         model_sha256: str,
+        model_bytes: bytes | None,
+        threads: int | None,
     ) -> tuple[ort.InferenceSession, str]:
         options = session_options(settings)
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        if model_bytes is not None:
+            # The cache is keyed by the file's sha256, which does not name a derived model.
+            session = ort.InferenceSession(model_bytes, options, providers=provider.session_providers())
+            return session, "off (a model converted at load)"
         if cache is not None and model_sha256 and not self.external_files:
             cached = cache.session(self.path, model_sha256, options, provider)
             return cached.session, cached.outcome

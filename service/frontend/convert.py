@@ -185,6 +185,9 @@ def model_info(
                 device=sc.device,
                 version_policy=sc.version_policy,
                 config_file=sc.config_file,
+                instances=sc.instances,
+                intra_op_threads=sc.intra_op_threads,
+                precision=sc.precision,
             )
         )
     if include_labels:

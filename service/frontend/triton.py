@@ -41,10 +41,10 @@ def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
     (its config.yaml over the setting), max_images_per_request). (A larger request, up to
     max_images_per_request, is accepted too and split over several batches; an ONNX model with a
     fixed batch dimension below max_batch_size runs smaller batches than this says.) dims leave the
-    batch dimension out, as Triton's do. One instance group of one instance (one ONNX Runtime
-    session per version): KIND_GPU on settings.cuda_device_id when the model runs on CUDA, else
-    KIND_CPU. dynamic_batching carries the model's max_queue_delay_s; cnnserve has no preferred
-    batch sizes.
+    batch dimension out, as Triton's do. One instance group whose count is the version's
+    instances (ONNX Runtime sessions, each computing a batch at once): KIND_GPU on
+    settings.cuda_device_id when the model runs on CUDA, else KIND_CPU. dynamic_batching carries
+    the model's max_queue_delay_s; cnnserve has no preferred batch sizes.
     """
     settings = state.settings
     gpu = model.provider == CUDA_PROVIDER
@@ -77,7 +77,7 @@ def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
             mc.ModelInstanceGroup(
                 name=model.name,
                 kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
-                count=1,
+                count=serving.instances if serving else state.settings.instances,
                 gpus=[settings.cuda_device_id] if gpu else [],
             )
         ],

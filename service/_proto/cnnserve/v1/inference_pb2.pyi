@@ -258,7 +258,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., trained: _Optional[bool] = ..., trained_on: _Optional[str] = ..., parameters: _Optional[int] = ..., flops: _Optional[int] = ..., execution_provider: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., ready: _Optional[bool] = ..., input_description: _Optional[str] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_s", "max_queue_size", "warmup_batch_sizes", "device", "version_policy", "config_file")
+    __slots__ = ("max_batch_size", "max_queue_delay_s", "max_queue_size", "warmup_batch_sizes", "device", "version_policy", "config_file", "instances", "intra_op_threads", "precision")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_S_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,9 @@ class ServingConfig(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FILE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_s: float
     max_queue_size: int
@@ -273,7 +276,10 @@ class ServingConfig(_message.Message):
     device: str
     version_policy: str
     config_file: str
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_s: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., warmup_batch_sizes: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., version_policy: _Optional[str] = ..., config_file: _Optional[str] = ...) -> None: ...
+    instances: int
+    intra_op_threads: int
+    precision: str
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_s: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., warmup_batch_sizes: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., version_policy: _Optional[str] = ..., config_file: _Optional[str] = ..., instances: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "version", "images", "target_classes", "method", "include_plain_gradient")
