@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.preprocessing import Preprocessing
+from service import memory
 from service.errors import FailedPrecondition, NotFound
 from service.worker.params import Limits
 
@@ -178,12 +179,10 @@ def module_bytes(module: nn.Module) -> int:
 def _release_memory() -> None:
     """Collect dropped modules now and give glibc's free pages back to the system: freed tensors
     below malloc's mmap threshold stay in the heap otherwise, and RSS would not go down."""
-    import ctypes
     import gc
 
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc only; elsewhere RSS just falls later
+    memory.trim_heap()
 
 
 class LoadMetrics:
