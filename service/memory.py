@@ -3,11 +3,11 @@
 glibc's malloc keeps memory it was given back by `free` for the next allocation instead of
 returning it, except the part at the very top of a heap. A model load frees a lot in the middle of
 its heaps: ONNX Runtime's parsed model.onnx and the initializers it copied out of it, a warm-up's
-activations (the CPU arena is off, so they go back to malloc). Measured on 2 cores (issue 13):
-ResNet-50 alone left 166 MB of such free memory in the server, the six demo models 490 MB, and the
-parity self-test about 40 MB in a gradient worker. `malloc_trim(0)` hands every free page of every
-arena back (madvise), in 1-11 ms; what is still in use is untouched, and the next allocations fault
-fresh pages in as they would after a start. Without glibc (musl, macOS) there is nothing to call,
+activations (the CPU arena is off, so they go back to malloc); a gradient worker's dropped modules.
+Measured on 2 cores (issue 13): ResNet-50 alone left 166 MB of such free memory in the server, the
+six demo models 490 MB. `malloc_trim(0)` hands every free page of every arena back (madvise), in
+1-11 ms; what is still in use is untouched, and the next allocations fault fresh pages in as they
+would after a start. Without glibc (musl, macOS) there is nothing to call,
 and RSS goes down later or not at all.
 """
 
