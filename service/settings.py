@@ -100,9 +100,10 @@ class Settings(BaseSettings):
     ort_cpu_mem_arena: bool = Field(
         False,
         description="ONNX Runtime's CPU memory arena. Off: memory for activations is returned after "
-        "each run instead of kept at its high-water mark (VGG-19 after batches of 1 and 16: 828 "
-        "instead of 1508 MB; ResNet-50: 263 instead of 426 MB), for 3-7% slower batches of 16 on "
-        "2 CPU cores (issue 13). On: throughput first.",
+        "each run instead of kept at its high-water mark (server RSS after loading VGG-19 with "
+        "batches of 1 and 16: 682 instead of 1196 MB; ResNet-50: 211 instead of 339 MB, the heap "
+        "trimmed after each load either way), for 3-7% slower batches of 16 on 2 CPU cores "
+        "(issue 13). On: throughput first.",
     )
     load_concurrency: int = Field(
         0,
