@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from service.catalog import ModelLoadError
+from service.engine import onnx_wire
 from service.engine.ort_cache import OptimizedModelCache
 from service.engine.providers import CUDA, ProviderChoice
 from service.settings import Settings
@@ -60,56 +61,23 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 # --- external data ---------------------------------------------------------------------------------
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("sparse_tensor"):
-            yield attr.sparse_tensor.values
-            yield attr.sparse_tensor.indices
-        for sparse in attr.sparse_tensors:
-            yield sparse.values
-            yield sparse.indices
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for sub in attr.graphs:
-            yield from _graph_tensors(sub)
-
-
-def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
-
-
 def check_external_data(model_path: Path, listed_files: Collection[str] | None = None) -> list[Path]:
     """Refuse a model whose external data could read files outside its own folder.
 
     Every tensor stored as external data must name a relative `location` with no `..`, no
     symlink on the way, resolving to an existing file inside the model's folder. With
     `listed_files` (the names metadata.json lists, each with its sha256), the file must also be one
-    of them, so every byte ONNX Runtime reads has been checked against a hash. Runs on the
-    ModelProto loaded *without* its external data, before any session exists. Returns the external
-    files (empty for the usual self-contained model). Raises ModelLoadError.
+    of them, so every byte ONNX Runtime reads has been checked against a hash. Runs on the file's
+    tensors as onnx_wire reads them (their data skipped, never parsed), before any session exists.
+    Returns the external files (empty for the usual self-contained model). Raises ModelLoadError.
     """
     try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
+        tensors = onnx_wire.tensors(model_path)
+    except (OSError, onnx_wire.WireError) as exc:
         raise ModelLoadError(f"{model_path}: not a readable ONNX model ({exc})") from exc
     folder = model_path.parent.resolve(strict=True)
     files: dict[str, Path] = {}
-    for tensor in _model_tensors(model):
+    for tensor in tensors:
         entries = {e.key: e.value for e in tensor.external_data}
         if tensor.data_location != onnx.TensorProto.EXTERNAL and not entries:
             continue

@@ -11,7 +11,8 @@ The rooms, and the way their imports run (docs/SERVICE_INTERFACES.md, "Gradient 
   handshake, reaping, respawn; reusable, knows nothing about jobs) <- `child.py` (the pipe protocol,
   `JobContext` and the child's main loop). The pool knows nothing about the algorithms.
 - the child side, run in each gradient process by name: `loading.py` (`load_models`, the
-  initializer) and `handlers.py` (`handle`, the handler), which call the algorithms
+  initializer, which runs the start-up parity self-test in `parity.py`'s short-lived process) and
+  `handlers.py` (`handle`, the handler), which call the algorithms
   `guided_backprop.py`, `deepdream.py` and `style_transfer.py` on plain tensors; those share
   `model_state.py` and take their parameters from `params.py`, never from the handlers.
 

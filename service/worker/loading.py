@@ -15,7 +15,9 @@ versions it may offer for gradient RPCs (ModelInfo capabilities, FAILED_PRECONDI
 would change what ModelInfo says while the server runs. The verdict depends only on metadata.json
 (which names the sha256 of weights.pt and model.onnx, and the build arguments) and this code, so
 processes of one server share it through `config["verdict_dir"]`: the first process to reach a
-version computes it, the others (and every replacement) read it.
+version computes it, the others (and every replacement) read it. The test itself runs in a
+short-lived process (parity.py, settings.worker_parity_process), so the gradient process, which
+lives as long as the server, never imports ONNX Runtime nor keeps what the test allocated.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.preprocessing import Preprocessing
+from service import memory
 from service.errors import FailedPrecondition, NotFound
 from service.worker.params import Limits
 
@@ -178,12 +181,10 @@ def module_bytes(module: nn.Module) -> int:
 def _release_memory() -> None:
     """Collect dropped modules now and give glibc's free pages back to the system: freed tensors
     below malloc's mmap threshold stay in the heap otherwise, and RSS would not go down."""
-    import ctypes
     import gc
 
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc only; elsewhere RSS just falls later
+    memory.trim_heap()
 
 
 class LoadMetrics:
@@ -229,6 +230,7 @@ def load_models_config(
         "nice": settings.worker_nice,
         "memory_bytes": settings.worker_model_memory_bytes,
         "verdict_dir": None if verdict_dir is None else str(verdict_dir),
+        "parity_process": settings.worker_parity_process,
         "limits": {
             "max_iterations": settings.max_task_iterations,
             "max_image_side": settings.max_task_image_side,
@@ -245,7 +247,8 @@ class ParityError(RuntimeError):
         self.key = key
 
 
-def _read_version(directory: Path) -> ModelVersion:
+def read_version(directory: Path) -> ModelVersion:
+    """The version in `directory`, its architecture known; RuntimeError naming what is wrong."""
     from export import repository
     from export.errors import ExportError
     from export.models import get_spec
@@ -364,28 +367,31 @@ def _locked(path: Path, *, blocking: bool) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _verdict_path(version: ModelVersion, directory: Path) -> Path:
+    # metadata.json names the sha256 of weights.pt and model.onnx and the build arguments: all the
+    # verdict depends on besides this code. Its own bytes are the key.
+    return directory / f"{hashlib.sha256(version.metadata_path.read_bytes()).hexdigest()}.json"
+
+
 def _shared_verdict(version: ModelVersion, directory: Path, *, blocking: bool) -> tuple[bool, str | None]:
     """(found, verdict) for `version` through `directory`: read when another process computed it,
     else computed now and written for the others. (False, None) when not blocking and another
     process is computing it right now."""
-    # metadata.json names the sha256 of weights.pt and model.onnx and the build arguments: all the
-    # verdict depends on besides this code. Its own bytes are the key.
-    key = hashlib.sha256(version.metadata_path.read_bytes()).hexdigest()
-    path = directory / f"{key}.json"
-    with _locked(directory / f"{key}.lock", blocking=blocking) as held:
+    path = _verdict_path(version, directory)
+    with _locked(path.with_suffix(".lock"), blocking=blocking) as held:
         if not held:
             return False, None
         if path.exists():
             refused: str | None = json.loads(path.read_text())["refused"]
             return True, refused
         refused = _verdict_now(version)
-        tmp = directory / f".{key}.{os.getpid()}.tmp"
+        tmp = directory / f".{path.stem}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"refused": refused}))
         os.replace(tmp, path)
         return True, refused
 
 
-def _verdicts(versions: Sequence[ModelVersion], directory: str | None) -> dict[Key, str | None]:
+def shared_verdicts(versions: Sequence[ModelVersion], directory: str | None) -> dict[Key, str | None]:
     """The parity verdict of every version (None: passed; else why refused), each computed once per
     `directory`. First the versions no other process is testing, then a wait for the rest: two
     processes starting together test different versions at the same time."""
@@ -405,6 +411,107 @@ def _verdicts(versions: Sequence[ModelVersion], directory: str | None) -> dict[K
     return {v.key: verdicts[v.key] for v in versions}
 
 
+def _known_verdicts(versions: Sequence[ModelVersion], directory: str | None) -> dict[Key, str | None]:
+    """The verdicts another process of the pool already wrote (files appear whole: os.replace)."""
+    known: dict[Key, str | None] = {}
+    if directory is None:
+        return known
+    for version in versions:
+        with contextlib.suppress(FileNotFoundError):
+            known[version.key] = json.loads(_verdict_path(version, Path(directory)).read_text())["refused"]
+    return known
+
+
+class _ParityProcess:
+    """`python -m service.worker.parity` testing some versions (see parity.py), started at once so
+    it runs while the gradient process imports torch. `verdicts()` waits for its answer; `stop()`
+    kills it if it still runs (the gradient process's start failed meanwhile)."""
+
+    def __init__(self, versions: Sequence[ModelVersion], config: Mapping[str, Any]) -> None:
+        import subprocess
+        import sys
+
+        request = {
+            "models": [str(v.path) for v in versions],
+            "verdict_dir": config.get("verdict_dir"),
+            "torch_threads": int(config.get("torch_threads", 0)),
+            "parent": os.getpid(),
+        }
+        # The directory this package was imported from, so the test runs this very code, installed
+        # or not (the tests run from a checkout).
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "service.worker.parity", json.dumps(request)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=path),
+            text=True,
+        )
+
+    def verdicts(self) -> dict[Key, str | None]:
+        """The verdicts (None: passed; else why refused); RuntimeError with the process's own error
+        when something stopped a version from loading, or when the process died."""
+        from service.worker.spawned import exit_status
+
+        out, _ = self._process.communicate()
+        try:
+            answer = json.loads(out.splitlines()[-1])
+        except (ValueError, IndexError):
+            status = exit_status(self._process.returncode)
+            raise RuntimeError(f"the parity self-test process {status} without an answer") from None
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return {(name, version): refused for name, version, refused in answer["verdicts"]}
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+
+
+@contextlib.contextmanager
+def _verdicts(
+    versions: Sequence[ModelVersion], config: Mapping[str, Any]
+) -> Iterator[Callable[[], dict[Key, str | None]]]:
+    """Yields a function that returns every version's parity verdict (`shared_verdicts`), in the
+    order of `versions`. With config["parity_process"] the versions no other process of the pool has
+    a verdict for yet are tested in a process of their own (parity.py), started on entry so the test
+    runs while the caller goes on; else here, when the function is called."""
+    directory = config.get("verdict_dir")
+    known = _known_verdicts(versions, directory)
+    untested = [v for v in versions if v.key not in known]
+    if not untested or not config.get("parity_process", False):
+        yield lambda: shared_verdicts(versions, directory)
+        return
+    process = _ParityProcess(untested, config)
+
+    def wait() -> dict[Key, str | None]:
+        found = known | process.verdicts()
+        return {v.key: found[v.key] for v in versions}
+
+    try:
+        yield wait
+    finally:
+        process.stop()
+
+
+def _torch_device(config: Mapping[str, Any]) -> str:
+    """Import torch, set its threads, and choose the device (config["device"]) the jobs run on."""
+    import torch
+
+    threads = int(config.get("torch_threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    wanted = config.get("device", "auto")
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {wanted!r}")
+    use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch.cuda.is_available() is false in the gradient worker")
+    return f"cuda:{int(config.get('cuda_device_id', 0))}" if use_cuda else "cpu"
+
+
 def load_models(config: Mapping[str, Any]) -> LoadedModels:
     """Prepare every model version listed in `config` (see `load_models_config`) for gradient jobs.
 
@@ -413,32 +520,25 @@ def load_models(config: Mapping[str, Any]) -> LoadedModels:
     config["cuda_device_id"], config["torch_threads"] (0: leave torch's default), config["nice"]
     (lower this process's CPU priority by that much; 0: unchanged), config["memory_bytes"] (the
     bound of `LoadedModels`; 0 or missing: none), config["verdict_dir"] (see `load_models_config`),
+    config["parity_process"] (run the self-test in a process of its own, parity.py; missing: here),
     config["limits"].
     Each version's parity is proven now (`_check_version`, or the verdict another process of the
     same server reached) and its module dropped again: `LoadedModels.get` builds it on first use. One
     that fails the parity self-test is listed in `refused` (its jobs answer FAILED_PRECONDITION),
     anything else that stops a version from loading fails the process's start.
     """
-    import torch
-
-    threads = int(config.get("torch_threads", 0))
-    if threads > 0:
-        torch.set_num_threads(threads)
     nice = int(config.get("nice", 0))
     if nice > 0:
-        # Below the serving process: where they share cores, classification threads win.
+        # Below the serving process: where they share cores, classification threads win. First, so
+        # that a parity process started next inherits it.
         os.nice(nice)
-    wanted = config.get("device", "auto")
-    if wanted not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {wanted!r}")
-    use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but torch.cuda.is_available() is false in the gradient worker")
-    device = torch.device(f"cuda:{int(config.get('cuda_device_id', 0))}") if use_cuda else torch.device("cpu")
-    versions = [_read_version(Path(entry)) for entry in config.get("models", [])]
+    versions = [read_version(Path(entry)) for entry in config.get("models", [])]
+    with _verdicts(versions, config) as verdicts:
+        device = _torch_device(config)
+        reached = verdicts()
     offered: dict[Key, ModelVersion] = {}
     refused: dict[Key, str] = {}
-    for key, reason in _verdicts(versions, config.get("verdict_dir")).items():
+    for key, reason in reached.items():
         if reason is None:
             offered[key] = next(v for v in versions if v.key == key)
         else:
@@ -449,7 +549,7 @@ def load_models(config: Mapping[str, Any]) -> LoadedModels:
     _release_memory()  # the self-test's modules and ONNX Runtime sessions
     return LoadedModels(
         models={},
-        device=str(device),
+        device=device,
         limits=Limits(**dict(config.get("limits", {}))),
         refused=refused,
         offered=offered,

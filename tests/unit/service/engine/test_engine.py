@@ -13,6 +13,7 @@ import pytest
 from linear_repo import GRAY8, settings_for, sha256
 from onnx import TensorProto
 
+from service import memory
 from service.catalog import ModelLoadError
 from service.engine.engine import ClassificationEngine
 from service.engine.session import ModelSession
@@ -130,6 +131,25 @@ def test_refused_external_data_skips_the_version(
     engine.load()
     assert [(m.name, m.version) for m in engine.models()] == [("rgb", 1)]
     assert "etc/passwd" in caplog.text
+
+
+def test_each_load_gives_the_memory_it_freed_back_after_its_warm_up(
+    repo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading frees hundreds of MB that glibc would keep (service/memory.py): each version, loaded
+    or refused, trims the heap once it is done, after its warm-up."""
+    events: list[str] = []
+    real = ModelSession.warmup
+
+    def warmup(self: ModelSession, batch_sizes: Any) -> float:
+        events.append(f"warm-up {self.path.parent.parent.name}")
+        return real(self, batch_sizes)
+
+    monkeypatch.setattr(ModelSession, "warmup", warmup)
+    monkeypatch.setattr(memory, "trim_heap", lambda: events.append("trim") or True)
+    (repo["root"] / "rgb" / "2" / "model.onnx").write_bytes(b"tampered")  # refused at verification
+    ClassificationEngine(settings_for(repo["root"], models="rgb:all,gray", load_concurrency=1)).load()
+    assert events == ["warm-up gray", "trim", "warm-up rgb", "trim", "trim"]
 
 
 def test_warmup_covers_every_batch_size_and_metrics_are_set(
