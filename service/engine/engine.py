@@ -122,7 +122,7 @@ class ClassificationEngine:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnserve-load") as pool:
             futures = {
                 pool.submit(self._load_version, version, chosen.config(version.name)): version
-                for version in chosen.versions
+                for version in load_order(chosen.versions, workers)
             }
             for future in as_completed(futures):
                 version = futures[future]
@@ -459,6 +459,21 @@ class ClassificationEngine:
         logits, timings = await served.batcher.submit_timed(x, deadline, place)
         served.images.inc(len(x))
         return logits, timings
+
+
+def load_order(versions: list[repository.ModelVersion], workers: int) -> list[repository.ModelVersion]:
+    """The order versions are handed to `workers` loading threads: the workers - 1 biggest first
+    (by model.onnx's size, which load and warm-up time follow), each on a thread of its own from
+    the start, then the rest smallest first on the last thread, so small models serve at once and
+    the big ones do not start last and set the total. With one worker: smallest first. Six demo
+    models on 2 cores: VGG-19 (6 s alone) no longer starts after the five others."""
+
+    def size(version: repository.ModelVersion) -> int:
+        return int(version.metadata["files"][repository.ONNX_FILE]["bytes"])
+
+    ascending = sorted(versions, key=size)
+    rest = len(ascending) - min(len(ascending), max(0, workers - 1))
+    return ascending[rest:][::-1] + ascending[:rest]
 
 
 def _threads_per_instance(setting: int, instances: int) -> int | None:

@@ -177,3 +177,21 @@ def test_load_concurrency_defaults_to_the_cores_on_cpu(
     engine.load()
     assert engine._load_workers == 1
     assert "loaded 1 at a time" in engine.startup_summary()
+
+
+def test_the_biggest_models_start_first_and_the_rest_smallest_first() -> None:
+    from types import SimpleNamespace
+
+    from service.engine.engine import load_order
+
+    def version(name: str, size: int) -> Any:
+        return SimpleNamespace(name=name, metadata={"files": {"model.onnx": {"bytes": size}}})
+
+    models = [version(n, s) for n, s in [("alexnet", 244), ("lenet5", 1), ("vgg19", 574), ("resnet50", 102)]]
+    names = lambda order: [v.name for v in order]  # noqa: E731
+    # 2 threads: VGG-19 alone on one from the start, the others smallest first on the other.
+    assert names(load_order(models, 2)) == ["vgg19", "lenet5", "resnet50", "alexnet"]
+    assert names(load_order(models, 3)) == ["vgg19", "alexnet", "lenet5", "resnet50"]
+    assert names(load_order(models, 1)) == ["lenet5", "resnet50", "alexnet", "vgg19"]
+    assert names(load_order(models, 9)) == ["vgg19", "alexnet", "resnet50", "lenet5"]
+    assert load_order([], 2) == []
