@@ -6,6 +6,9 @@ python -m bench --parts resnet,lenet # a subset: resnet, lenet, proxy, style, gr
 python -m bench --no-write           # print the table, leave BENCHMARKS.md alone
 python -m bench --parts startup      # start-up time and memory (issue 13; bench/startup.py)
 
+BENCHMARKS.md's generated sections are written by a run of every default part; a run of some parts
+only prints its table (its rows would replace the full table), unless --out names a file.
+
 `startup` is not in the default run: it builds a third repository with every demo model (2.5 min
 and 2.6 GB of memory for VGG-19's export, once) and its three server starts took 5.4 min on 2 busy
 cores, more than the ~3 minutes `make bench` should grow by. Name it with --parts.
@@ -781,6 +784,16 @@ def kept_sections(text: str) -> str:
     return "\n".join(kept).rstrip() + "\n" if kept else ""
 
 
+def report_path(args: argparse.Namespace) -> Path | None:
+    """Where the report goes: --out, else BENCHMARKS.md when every default part ran (a partial
+    run's rows would replace the full table's); None with --no-write."""
+    if args.no_write:
+        return None
+    if args.out is not None:
+        return Path(args.out)
+    return ROOT / "BENCHMARKS.md" if set(PARTS) <= set(args.parts) else None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -833,7 +846,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--startup-runs", type=int, default=1, help="server starts per startup scenario (median)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds per startup server start")
-    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the report here (default BENCHMARKS.md, and only after a run of every default part)",
+    )
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--json", type=Path, help="also write the raw numbers as JSON here")
     args = p.parse_args(argv)
@@ -881,9 +899,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table())
     for n in report.notes:
         print(f"note: {n}")
-    if not args.no_write:
-        write_markdown(args.out, report, args, machine, busy, elapsed)
-        log(f"wrote {args.out}")
+    out = report_path(args)
+    if out is not None:
+        write_markdown(out, report, args, machine, busy, elapsed)
+        log(f"wrote {out}")
+    elif not args.no_write:
+        log("a run of some parts: BENCHMARKS.md left alone (--out FILE writes this table)")
     if args.json:
         args.json.write_text(json.dumps(report.raw, indent=2, default=str))
     return 0

@@ -45,3 +45,18 @@ def test_only_the_generated_sections_are_replaced() -> None:
 def test_nothing_to_keep() -> None:
     assert kept_sections("") == ""
     assert kept_sections("# Benchmarks\n\n## Results\n\nx\n") == ""
+
+
+def test_only_a_run_of_every_default_part_rewrites_benchmarks_md() -> None:
+    from pathlib import Path
+
+    from bench.__main__ import ROOT, parse_args, report_path
+
+    assert report_path(parse_args([])) == ROOT / "BENCHMARKS.md"
+    assert report_path(parse_args(["--quick"])) == ROOT / "BENCHMARKS.md"
+    assert report_path(parse_args(["--parts", "resnet,lenet,proxy,style,gradients,startup"])) is not None
+    # A subset's rows would replace the whole table: printed only, unless a file is named.
+    assert report_path(parse_args(["--parts", "startup"])) is None
+    assert report_path(parse_args(["--parts", "resnet,lenet"])) is None
+    assert report_path(parse_args(["--parts", "startup", "--out", "/tmp/x.md"])) == Path("/tmp/x.md")
+    assert report_path(parse_args(["--no-write"])) is None
