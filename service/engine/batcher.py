@@ -165,7 +165,8 @@ class DynamicBatcher:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}-{i}")
             for i in range(len(self._runners))
         ]
-        self._idle = list(range(len(self._runners)))  # instances not computing a batch
+        self._instances = len(self._runners)
+        self._idle = list(range(self._instances))  # instances not computing a batch
         self._batches: set[asyncio.Task[None]] = set()  # the batches computing now
         self._clock = clock
         self._queue: deque[_Request] = deque()
@@ -206,6 +207,8 @@ class DynamicBatcher:
             self._state = _State.CLOSED
         for executor in self._executors:
             executor.shutdown(wait=False)
+        # A closed batcher runs nothing again: it keeps no session (and its weights) alive.
+        self._runners = []
 
     @property
     def queued_images(self) -> int:
@@ -214,7 +217,7 @@ class DynamicBatcher:
     @property
     def instances(self) -> int:
         """Batches computed at once (one per runner)."""
-        return len(self._runners)
+        return self._instances
 
     @property
     def capacity(self) -> int:

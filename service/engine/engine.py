@@ -214,9 +214,12 @@ class ClassificationEngine:
         deadline = time.monotonic() + self._settings.grace_period_s
         while served.batcher.admitted_images and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        await served.batcher.close()
+        await served.batcher.close()  # its runners let go of the sessions
         with self._lock:
             self._retiring.pop((m.name, m.version), None)
+        served.sessions.clear()
+        # The sessions' weights are freed now; give the pages back as after a load (memory.py).
+        await asyncio.to_thread(memory.trim_heap)
         metrics.MODEL_INFO.remove(m.name, str(m.version), m.provider, str(m.trained).lower())
         log.info("repository reload: unloaded %s:%d", m.name, m.version)
 

@@ -146,17 +146,28 @@ def test_the_repository_is_polled(gray_repo: Path) -> None:
         h.close()
 
 
-def test_a_policy_of_all_keeps_the_old_version_and_a_deleted_model_unloads(gray_repo: Path) -> None:
+def test_a_policy_of_all_keeps_the_old_version_and_a_deleted_model_unloads(
+    gray_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import weakref
+
+    from service import memory
+
     (gray_repo / "gray" / "config.yaml").write_text("version_policy: {all: true}\n")
     add_version(gray_repo, "rgb", 1, seed=5)
     engine = ClassificationEngine(settings_for(gray_repo))
     h = Harness(engine, repository=gray_repo)  # type: ignore[arg-type]
     try:
+        rgb_session = weakref.ref(engine._served[("rgb", 1)].sessions[0])
         publish(gray_repo, 2, seed=2)
         shutil.rmtree(gray_repo / "rgb")
+        trims: list[int] = []
+        monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1) or True)
         result = h.run(engine.reload())
         assert [(m.name, m.version) for m in result.added] == [("gray", 2)]
         assert [(m.name, m.version) for m in result.removed] == [("rgb", 1)]
+        # The unloaded version's session is gone, and the heap was trimmed after (and after the load).
+        assert rgb_session() is None and len(trims) == 2
         assert sorted((m.name, m.version) for m in engine.models()) == [("gray", 1), ("gray", 2)]
     finally:
         h.close()
