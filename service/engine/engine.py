@@ -61,6 +61,9 @@ class _Served:
     batcher: DynamicBatcher
     images: Any = field(init=False, repr=False)  # this model's images counter, looked up once
     started: bool = False  # its batcher runs: requests for this version are accepted
+    # A version added by a reload serves classification until gradient processes that know it are
+    # ready (offer_gradients): the capabilities it waits for.
+    awaiting_gradients: dict[str, bool] | None = None
 
     def __post_init__(self) -> None:
         self.images = metrics.IMAGES.labels(model=self.model.name)
@@ -164,9 +167,9 @@ class ClassificationEngine:
         rule picks it once warm); a loaded version no longer selected (its version_policy, or gone
         from the repository) stops taking new requests, finishes the ones it admitted and unloads.
         A version that fails is logged and counted and changes nothing: a model keeps its old
-        versions until a new one serves. A version added here serves classification only: the
-        gradient processes were started with the versions of the start (its gradient RPCs come with
-        the next restart). A model's changed config.yaml applies to versions loaded after it."""
+        versions until a new one serves. A version added here serves classification only until the
+        server's gradient processes know it (offer_gradients). A model's changed config.yaml
+        applies to versions loaded after it."""
         if not self._started or self._stopping:
             return ReloadResult()
         root = Path(self._settings.repository)
@@ -188,6 +191,8 @@ class ClassificationEngine:
                 result.failed.append(f"{version.name}:{version.version}: {exc}")
                 continue
             gradients_off = {k: v and k == "classify" for k, v in served.model.capabilities.items()}
+            if gradients_off != served.model.capabilities:
+                served.awaiting_gradients = dict(served.model.capabilities)
             served.model = replace(served.model, capabilities=gradients_off)
             self._add(served)
             await self.start_version(served.model)
@@ -202,6 +207,25 @@ class ClassificationEngine:
             await self._retire(served)
             result.removed.append(served.model)
         return result
+
+    @property
+    def awaiting_gradients(self) -> bool:
+        """Some version a reload added waits for gradient processes that know it."""
+        return any(s.awaiting_gradients is not None for s in list(self._served.values()))
+
+    def offer_gradients(self) -> list[LoadedModel]:
+        """Give the versions a reload added their gradient capabilities back (the caller's gradient
+        processes now know them: Server._renew_gradient_pool). Returns those versions, updated."""
+        offered = []
+        with self._lock:
+            for served in self._served.values():
+                if served.awaiting_gradients is not None:
+                    served.model = replace(served.model, capabilities=served.awaiting_gradients)
+                    served.awaiting_gradients = None
+                    offered.append(served.model)
+            if offered:
+                self._catalog = Catalog(s.model for s in self._served.values())
+        return offered
 
     async def _retire(self, served: _Served) -> None:
         """Take a version out of the catalog (no new request resolves to it), let the requests it

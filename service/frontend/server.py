@@ -170,6 +170,7 @@ class Server:
         self._engine_started = False
         self.pool: Any = pool
         self._pool_task: asyncio.Task[None] | None = None
+        self._pool_started = False  # this process's gradient pool is up (a reload may renew it)
         # The gradient tier the gradient RPCs go to (settings.worker_address); None: the local pool.
         self.tier: GradientTier | None = None
         self._warm: set[tuple[str, int]] = set()  # versions announced serving (_version_warm)
@@ -360,6 +361,10 @@ class Server:
             served = {name for name, _ in self._warm}
             gone = sorted({m.name for m in result.removed} - served)
             await self._set_health([f"model:{name}" for name in gone], False)
+            # A reload while the first gradient processes still start is caught up when they are
+            # ready (_run_gradient_pool asks for one more scan).
+            if self._pool_started and self.engine.awaiting_gradients:
+                await self._renew_gradient_pool()
 
     async def _on_load_event(self, kind: str, payload: Any, started: float) -> None:
         if kind == "planned":  # registered NOT_SERVING until warm (a Check then says so, not NOT_FOUND)
@@ -445,7 +450,53 @@ class Server:
         except Exception:  # noqa: BLE001 - classification keeps serving; gradient RPCs answer UNAVAILABLE
             log.exception("the gradient workers failed to start; gradient RPCs are UNAVAILABLE")
             return
+        self._pool_started = True
+        if getattr(self.engine, "awaiting_gradients", False):
+            self._reload_requested.set()  # versions a reload added meanwhile: renew the processes
         await self._follow_pool(pool, (GRADIENTS_SERVICE,))
+
+    async def _renew_gradient_pool(self) -> None:
+        """A reload added versions: gradient processes started with every version the engine now
+        serves replace the running ones once ready (their parity self-tests included), then the
+        added versions offer their gradient RPCs (engine.offer_gradients), and the old processes
+        finish the jobs they hold (up to grace_period_s) and stop. Until then, and for good if the
+        new processes fail to start, the added versions serve classification only. Both sets of
+        processes run side by side meanwhile: the memory of the gradient workers, twice."""
+        old = self.pool
+        new = self._make_pool()
+        started = time.perf_counter()
+        try:
+            await new.start()
+        except asyncio.CancelledError:
+            await new.close(grace_s=0)
+            raise
+        except Exception:  # noqa: BLE001 - the old processes and the classification path serve on
+            log.exception(
+                "repository reload: gradient workers for the new versions failed to start; "
+                "those versions serve classification only"
+            )
+            return
+        self.pool = self.local_gradients.pool = new
+        for model in self.engine.offer_gradients():
+            metrics.init_gradient_series(
+                model.name, model.capabilities, runs_jobs=True, version=model.version
+            )
+        if self._pool_task is not None:
+            self._pool_task.cancel()  # it follows the old processes' health
+        self._pool_task = asyncio.create_task(
+            self._follow_pool(new, (GRADIENTS_SERVICE,)), name="cnnserve-gradients"
+        )
+        log.info(
+            "repository reload: gradient workers renewed in %.2fs: %d worker(s)",
+            time.perf_counter() - started,
+            new.alive_workers,
+        )
+        deadline = time.monotonic() + self.settings.grace_period_s
+        try:
+            while old.admitted_cost > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:  # a shutdown meanwhile still reaps the old processes
+            await asyncio.shield(old.close(grace_s=max(0.0, deadline - time.monotonic())))
 
     async def _set_health(self, names: Iterable[str], serving: bool) -> None:
         status = (

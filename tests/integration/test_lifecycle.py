@@ -113,33 +113,46 @@ def test_sighup_serves_a_new_version_and_unloads_the_old(
     demo_repository: Path, start_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     """Issue 13: SIGHUP rescans the repository of a running server; its default action (ending
-    the process) is replaced. A second version of lenet5, published as the exporter does (built
-    aside, renamed into place), takes over as the latest, and version 1 is unloaded."""
+    the process) is replaced. A second version of resnet18, published as the exporter does (built
+    aside, renamed into place), takes over as the latest, and version 1 is unloaded. New gradient
+    processes that know version 2 replace the running one, and then it answers Explain too."""
     import json
     import shutil
     import signal
 
     root = tmp_path / "repository"
-    shutil.copytree(demo_repository / "lenet5" / "1", root / "lenet5" / "1")
-    server = start_server(root)
+    shutil.copytree(demo_repository / "resnet18" / "1", root / "resnet18" / "1")
+    server = start_server(root, "--workers", "1")
     server.wait_ready()
     stub = pb_grpc.InferenceStub(server.channel)
-    assert list(stub.GetModel(pb.GetModelRequest(name="lenet5"), timeout=10).versions) == [1]
+    explain = pb.Capability.CAPABILITY_EXPLAIN
+    first = stub.GetModel(pb.GetModelRequest(name="resnet18"), timeout=10)
+    assert list(first.versions) == [1] and explain in first.capabilities
 
-    staging = root / "lenet5" / ".tmp-2"
-    shutil.copytree(root / "lenet5" / "1", staging)
+    staging = root / "resnet18" / ".tmp-2"
+    shutil.copytree(root / "resnet18" / "1", staging)
     meta = json.loads((staging / "metadata.json").read_text())
     (staging / "metadata.json").write_text(json.dumps({**meta, "version": 2}))
-    staging.rename(root / "lenet5" / "2")
+    staging.rename(root / "resnet18" / "2")
     server.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 60
-    while list(stub.GetModel(pb.GetModelRequest(name="lenet5"), timeout=10).versions) != [2]:
+    while list(stub.GetModel(pb.GetModelRequest(name="resnet18"), timeout=10).versions) != [2]:
         assert server.process.poll() is None, server.log
         assert time.monotonic() < deadline, server.log[-3000:]
         time.sleep(0.1)
+    shape = [3, 224, 224]
     tensor = pb.ImageInput(
-        tensor=pb.Tensor(shape=[1, 32, 32], dtype="float32", data=np.zeros((1, 32, 32), np.float32).tobytes())
+        tensor=pb.Tensor(shape=shape, dtype="float32", data=np.zeros(shape, np.float32).tobytes())
     )
-    assert stub.Classify(pb.ClassifyRequest(model="lenet5", image=tensor), timeout=10).version == 2
-    assert "repository reload: serving lenet5:2" in server.log
-    assert "repository reload: unloaded lenet5:1" in server.log
+    assert stub.Classify(pb.ClassifyRequest(model="resnet18", image=tensor), timeout=10).version == 2
+    assert "repository reload: serving resnet18:2" in server.log
+    assert "repository reload: unloaded resnet18:1" in server.log
+
+    # Classification first; Explain once gradient processes that know version 2 are ready.
+    while explain not in stub.GetModel(pb.GetModelRequest(name="resnet18"), timeout=10).capabilities:
+        assert server.process.poll() is None, server.log
+        assert time.monotonic() < deadline + 120, server.log[-3000:]
+        time.sleep(0.2)
+    assert "repository reload: gradient workers renewed" in server.log
+    explained = stub.Explain(pb.ExplainRequest(model="resnet18", images=[tensor]), timeout=120)
+    assert explained.version == 2 and len(explained.explanations) == 1

@@ -135,13 +135,16 @@ def test_the_repository_is_polled(gray_repo: Path) -> None:
     try:
         publish(gray_repo, 2, seed=2)
         wait_for(lambda: [m.version for m in engine.models()] == [2], "version 2 found by the poll")
-        # A version added by a reload serves classification; its gradient RPCs wait for a restart.
+        # A version added by a reload serves classification; its gradient RPCs wait for gradient
+        # processes that know it (Server._renew_gradient_pool; tests/integration/test_lifecycle.py).
+        # These linear models offer none, so nothing waits.
         assert engine.get("gray").capabilities == {
             "classify": True,
             "explain": False,
             "dream": False,
             "stylize": False,
         }
+        assert not engine.awaiting_gradients and engine.offer_gradients() == []
     finally:
         h.close()
 
