@@ -5,6 +5,7 @@ keeps the published field numbers, KServe's and Triton's (standard clients depen
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,26 @@ def _load_gen_protos():  # tools/ is not a package: load the script by path
     return module
 
 
+# The generator's own version, stamped into each stub: the committed stubs keep the one they were
+# made with (the least grpcio/protobuf they accept at import, pyproject's lower bounds), while a
+# fresh install may have a newer generator whose stubs differ in that stamp alone.
+_VERSION_STAMPS = (
+    re.compile(rb"^GRPC_GENERATED_VERSION = '[0-9.]+'$", re.MULTILINE),
+    re.compile(rb"^# Protobuf Python Version: [0-9.]+$", re.MULTILINE),
+    re.compile(rb"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,"),
+)
+
+
+def _unstamped(text: bytes) -> bytes:
+    for stamp in _VERSION_STAMPS:
+        text = stamp.sub(lambda m: m.group(1) if m.lastindex else b"<version>", text)
+    return text
+
+
 def _files(root: Path) -> dict[str, bytes]:
     package = root / "service" / "_proto"
     return {
-        p.relative_to(package).as_posix(): p.read_bytes()
+        p.relative_to(package).as_posix(): _unstamped(p.read_bytes())
         for p in package.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     }
