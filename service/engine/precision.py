@@ -33,8 +33,6 @@ from export.tolerances import (
     VERIFY_SEED,
 )
 
-PRECISIONS = ("exported", "fp32", "fp16")
-
 
 @dataclass(frozen=True)
 class Fp16Check:
@@ -89,4 +87,4 @@ def check_fp16(reference: np.ndarray, got: np.ndarray) -> tuple[Fp16Check, str |
     return check, None
 
 
-__all__ = ["PRECISIONS", "Fp16Check", "check_fp16", "convert_to_fp16", "verify_batch"]
+__all__ = ["Fp16Check", "check_fp16", "convert_to_fp16", "verify_batch"]

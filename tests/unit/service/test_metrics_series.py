@@ -11,7 +11,7 @@ import asyncio
 import typing
 from typing import Any
 
-from servicer_fakes import FakeEngine, FakeModel, Harness
+from servicer_fakes import FakeEngine, FakeModel, FakePoolLifecycle, Harness
 
 from service._proto.cnnserve.v1 import inference_pb2
 from service._proto.inference import grpc_predict_v2_pb2
@@ -54,26 +54,8 @@ def gradient_series(model: str) -> dict[str, float | None]:
     return series
 
 
-class IdlePool:
+class IdlePool(FakePoolLifecycle):
     """A GradientPool double that starts, stays alive and runs nothing."""
-
-    alive_generation = 0
-
-    def __init__(self) -> None:
-        self.started = self.closed = False
-
-    @property
-    def alive_workers(self) -> int:
-        return 1 if self.started and not self.closed else 0
-
-    async def wait_alive_change(self, seen: int, timeout_s: float) -> None:
-        await asyncio.sleep(timeout_s)
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def close(self, grace_s: float) -> None:
-        self.closed = True
 
     async def submit(self, task: Any, **kwargs: Any) -> Any:
         raise AssertionError("no job is submitted in these tests")
