@@ -14,6 +14,9 @@ class Capability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAPABILITY_EXPLAIN: _ClassVar[Capability]
     CAPABILITY_DREAM: _ClassVar[Capability]
     CAPABILITY_STYLIZE: _ClassVar[Capability]
+    CAPABILITY_EMBED: _ClassVar[Capability]
+    CAPABILITY_FEATURE_MAPS: _ClassVar[Capability]
+    CAPABILITY_FILTERS: _ClassVar[Capability]
 
 class ExplainMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -38,6 +41,9 @@ CAPABILITY_CLASSIFY: Capability
 CAPABILITY_EXPLAIN: Capability
 CAPABILITY_DREAM: Capability
 CAPABILITY_STYLIZE: Capability
+CAPABILITY_EMBED: Capability
+CAPABILITY_FEATURE_MAPS: Capability
+CAPABILITY_FILTERS: Capability
 EXPLAIN_METHOD_UNSPECIFIED: ExplainMethod
 EXPLAIN_METHOD_GUIDED_BACKPROP: ExplainMethod
 EXPLAIN_METHOD_GUIDED_GRADCAM: ExplainMethod
@@ -153,6 +159,54 @@ class ClassifyStreamRequest(_message.Message):
     request: ClassifyRequest
     def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ClassifyRequest, _Mapping]] = ...) -> None: ...
 
+class EmbedRequest(_message.Message):
+    __slots__ = ("model", "version", "image", "normalize", "top_k")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    image: ImageInput
+    normalize: bool
+    top_k: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., normalize: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("model", "version", "embedding", "norm", "classes", "timings")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    embedding: Tensor
+    norm: float
+    classes: _containers.RepeatedCompositeFieldContainer[ClassScore]
+    timings: Timings
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ..., norm: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class EmbedStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: EmbedRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[EmbedRequest, _Mapping]] = ...) -> None: ...
+
+class EmbedStreamResponse(_message.Message):
+    __slots__ = ("id", "result", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    result: EmbedResponse
+    error: Status
+    def __init__(self, id: _Optional[str] = ..., result: _Optional[_Union[EmbedResponse, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+
 class Status(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +245,16 @@ class GetModelRequest(_message.Message):
     include_labels: bool
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., include_labels: _Optional[bool] = ...) -> None: ...
 
+class LayerInfo(_message.Message):
+    __slots__ = ("name", "shape", "kind")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    kind: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ...) -> None: ...
+
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -216,7 +280,7 @@ class Preprocessing(_message.Message):
     def __init__(self, color_mode: _Optional[str] = ..., resize: _Optional[int] = ..., crop: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "architecture", "input", "output", "num_classes", "labels_count", "labels", "preprocessing", "trained", "trained_on", "parameters", "flops", "execution_provider", "capabilities", "ready", "input_description", "serving")
+    __slots__ = ("name", "version", "versions", "architecture", "input", "output", "num_classes", "labels_count", "labels", "preprocessing", "trained", "trained_on", "parameters", "flops", "execution_provider", "capabilities", "ready", "input_description", "serving", "features", "layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +300,8 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     INPUT_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -255,7 +321,9 @@ class ModelInfo(_message.Message):
     ready: bool
     input_description: str
     serving: ServingConfig
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., trained: _Optional[bool] = ..., trained_on: _Optional[str] = ..., parameters: _Optional[int] = ..., flops: _Optional[int] = ..., execution_provider: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., ready: _Optional[bool] = ..., input_description: _Optional[str] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ...) -> None: ...
+    features: TensorSpec
+    layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., trained: _Optional[bool] = ..., trained_on: _Optional[str] = ..., parameters: _Optional[int] = ..., flops: _Optional[int] = ..., execution_provider: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., ready: _Optional[bool] = ..., input_description: _Optional[str] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., features: _Optional[_Union[TensorSpec, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
     __slots__ = ("max_batch_size", "max_queue_delay_s", "max_queue_size", "warmup_batch_sizes", "device", "version_policy", "config_file", "instances", "intra_op_threads", "precision")
@@ -282,36 +350,74 @@ class ServingConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_s: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., warmup_batch_sizes: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., version_policy: _Optional[str] = ..., config_file: _Optional[str] = ..., instances: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "target_classes", "method", "include_plain_gradient")
+    __slots__ = ("model", "version", "images", "target_classes", "method", "include_plain_gradient", "neuron")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLASSES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PLAIN_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    NEURON_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     target_classes: _containers.RepeatedScalarFieldContainer[int]
     method: ExplainMethod
     include_plain_gradient: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., target_classes: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., include_plain_gradient: _Optional[bool] = ...) -> None: ...
+    neuron: NeuronTarget
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., target_classes: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., include_plain_gradient: _Optional[bool] = ..., neuron: _Optional[_Union[NeuronTarget, _Mapping]] = ...) -> None: ...
+
+class NeuronTarget(_message.Message):
+    __slots__ = ("layer", "channel", "y", "x")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    channel: int
+    y: int
+    x: int
+    def __init__(self, layer: _Optional[str] = ..., channel: _Optional[int] = ..., y: _Optional[int] = ..., x: _Optional[int] = ...) -> None: ...
+
+class NeuronExplained(_message.Message):
+    __slots__ = ("layer", "channel", "y", "x", "activation", "field_top", "field_left", "field_bottom", "field_right")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    FIELD_TOP_FIELD_NUMBER: _ClassVar[int]
+    FIELD_LEFT_FIELD_NUMBER: _ClassVar[int]
+    FIELD_BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    FIELD_RIGHT_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    channel: int
+    y: int
+    x: int
+    activation: float
+    field_top: int
+    field_left: int
+    field_bottom: int
+    field_right: int
+    def __init__(self, layer: _Optional[str] = ..., channel: _Optional[int] = ..., y: _Optional[int] = ..., x: _Optional[int] = ..., activation: _Optional[float] = ..., field_top: _Optional[int] = ..., field_left: _Optional[int] = ..., field_bottom: _Optional[int] = ..., field_right: _Optional[int] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("saliency", "png", "explained", "predicted", "plain_gradient", "gradcam")
+    __slots__ = ("saliency", "png", "explained", "predicted", "plain_gradient", "gradcam", "neuron")
     SALIENCY_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
     EXPLAINED_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     PLAIN_GRADIENT_FIELD_NUMBER: _ClassVar[int]
     GRADCAM_FIELD_NUMBER: _ClassVar[int]
+    NEURON_FIELD_NUMBER: _ClassVar[int]
     saliency: Tensor
     png: bytes
     explained: ClassScore
     predicted: ClassScore
     plain_gradient: Tensor
     gradcam: Tensor
-    def __init__(self, saliency: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., explained: _Optional[_Union[ClassScore, _Mapping]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., plain_gradient: _Optional[_Union[Tensor, _Mapping]] = ..., gradcam: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    neuron: NeuronExplained
+    def __init__(self, saliency: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., explained: _Optional[_Union[ClassScore, _Mapping]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., plain_gradient: _Optional[_Union[Tensor, _Mapping]] = ..., gradcam: _Optional[_Union[Tensor, _Mapping]] = ..., neuron: _Optional[_Union[NeuronExplained, _Mapping]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("model", "version", "method", "explanations", "seconds")
@@ -509,3 +615,69 @@ class StylizeResponse(_message.Message):
     progress: GradientProgress
     result: StylizeResult
     def __init__(self, progress: _Optional[_Union[GradientProgress, _Mapping]] = ..., result: _Optional[_Union[StylizeResult, _Mapping]] = ...) -> None: ...
+
+class FeatureMapsRequest(_message.Message):
+    __slots__ = ("model", "version", "image", "layers", "max_channels")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    image: ImageInput
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    max_channels: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., max_channels: _Optional[int] = ...) -> None: ...
+
+class FeatureMap(_message.Message):
+    __slots__ = ("layer", "activations", "png", "channels")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    activations: Tensor
+    png: bytes
+    channels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., channels: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FeatureMapsResponse(_message.Message):
+    __slots__ = ("model", "version", "maps", "predicted", "seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    maps: _containers.RepeatedCompositeFieldContainer[FeatureMap]
+    predicted: ClassScore
+    seconds: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[FeatureMap, _Mapping]]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class FiltersRequest(_message.Message):
+    __slots__ = ("model", "version", "layer")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    layer: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ...) -> None: ...
+
+class FiltersResponse(_message.Message):
+    __slots__ = ("model", "version", "layer", "weights", "png", "seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    layer: str
+    weights: Tensor
+    png: bytes
+    seconds: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -49,6 +49,16 @@ class InferenceStub:
                 request_serializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.SerializeToString,
                 response_deserializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/cnnserve.v1.Inference/Embed',
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.EmbedStream = channel.stream_stream(
+                '/cnnserve.v1.Inference/EmbedStream',
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.EmbedStreamRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.EmbedStreamResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/cnnserve.v1.Inference/ListModels',
                 request_serializer=cnnserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
@@ -84,6 +94,16 @@ class InferenceStub:
                 request_serializer=cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
                 response_deserializer=cnnserve_dot_v1_dot_inference__pb2.StylizeResult.FromString,
                 _registered_method=True)
+        self.FeatureMaps = channel.unary_unary(
+                '/cnnserve.v1.Inference/FeatureMaps',
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.FeatureMapsRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.FeatureMapsResponse.FromString,
+                _registered_method=True)
+        self.Filters = channel.unary_unary(
+                '/cnnserve.v1.Inference/Filters',
+                request_serializer=cnnserve_dot_v1_dot_inference__pb2.FiltersRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_inference__pb2.FiltersResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -109,6 +129,24 @@ class InferenceServicer:
         """Classify a stream of images. Every request carries a client-chosen id, echoed in exactly one
         response; responses may come back in a different order than the requests. A bad item gets its
         status in its own response and the stream goes on: nothing a client sends is dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """The embedding of one image: the model's penultimate activations (ModelInfo.features), from
+        the same ONNX Runtime call and dynamic batch as Classify. FAILED_PRECONDITION for a model
+        exported without the `features` output (re-export it: the message names the command).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EmbedStream(self, request_iterator, context):
+        """Embed a stream of images, with ClassifyStream's contract: every request carries a client-chosen
+        id echoed in exactly one response (in any order); a bad item gets its status in its own
+        response and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +208,22 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FeatureMaps(self, request, context):
+        """The activations of named layers (ModelInfo.layers) for one image: float32 tensors, and each
+        layer's strongest channels tiled into one PNG. No gradients: a forward pass with hooks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Filters(self, request, context):
+        """A convolution's learned kernels as an image grid (default: the first convolution; AlexNet's
+        96 11x11x3 kernels are the paper's Figure 3), with the weights as a tensor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +241,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ClassifyStream,
                     request_deserializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.FromString,
                     response_serializer=cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'EmbedStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EmbedStream,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.EmbedStreamRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.EmbedStreamResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -222,6 +286,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.StylizeUnary,
                     request_deserializer=cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.FromString,
                     response_serializer=cnnserve_dot_v1_dot_inference__pb2.StylizeResult.SerializeToString,
+            ),
+            'FeatureMaps': grpc.unary_unary_rpc_method_handler(
+                    servicer.FeatureMaps,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.FeatureMapsRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.FeatureMapsResponse.SerializeToString,
+            ),
+            'Filters': grpc.unary_unary_rpc_method_handler(
+                    servicer.Filters,
+                    request_deserializer=cnnserve_dot_v1_dot_inference__pb2.FiltersRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_inference__pb2.FiltersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +379,60 @@ class Inference:
             '/cnnserve.v1.Inference/ClassifyStream',
             cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamRequest.SerializeToString,
             cnnserve_dot_v1_dot_inference__pb2.ClassifyStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.Inference/Embed',
+            cnnserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cnnserve.v1.Inference/EmbedStream',
+            cnnserve_dot_v1_dot_inference__pb2.EmbedStreamRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.EmbedStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -494,6 +622,60 @@ class Inference:
             '/cnnserve.v1.Inference/StylizeUnary',
             cnnserve_dot_v1_dot_inference__pb2.StylizeRequest.SerializeToString,
             cnnserve_dot_v1_dot_inference__pb2.StylizeResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FeatureMaps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.Inference/FeatureMaps',
+            cnnserve_dot_v1_dot_inference__pb2.FeatureMapsRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.FeatureMapsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Filters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.Inference/Filters',
+            cnnserve_dot_v1_dot_inference__pb2.FiltersRequest.SerializeToString,
+            cnnserve_dot_v1_dot_inference__pb2.FiltersResponse.FromString,
             options,
             channel_credentials,
             insecure,
