@@ -130,7 +130,57 @@ def _check_verification(ver: dict[str, Any], where: str) -> None:
         _require_field(ver, key, ok, what, f"{where}: verification")
 
 
+def _check_features(meta: dict[str, Any], where: str) -> None:
+    """`features` (optional: versions exported before embeddings lack it): the embedding output,
+    its name differing from the logits', shape [D] and the model's dtype."""
+    if "features" not in meta:
+        return
+    _require_field(meta, "features", lambda v: isinstance(v, dict), "an object", where)
+    sub, at = meta["features"], f"{where}: features"
+    _require(
+        sub,
+        "name",
+        isinstance(sub.get("name"), str) and bool(sub["name"]) and sub["name"] != meta["output"]["name"],
+        "a string other than the logits' name",
+        at,
+    )
+    _require(
+        sub,
+        "shape",
+        isinstance(sub.get("shape"), list) and len(sub["shape"]) == 1 and is_int(sub["shape"][0])
+        and sub["shape"][0] >= 1,
+        "[D], D >= 1",
+        at,
+    )  # fmt: skip
+    _require(sub, "dtype", sub.get("dtype") == meta["output"]["dtype"], "the output's dtype", at)
+
+
+def _check_layers(meta: dict[str, Any], where: str) -> None:
+    """`layers` (optional): [{"name", "shape", "kind"}], names unique."""
+    if "layers" not in meta:
+        return
+
+    def layer_ok(entry: Any) -> bool:
+        return (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and bool(entry["name"])
+            and isinstance(entry.get("kind"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(is_int(d) and d >= 1 for d in entry["shape"])
+        )
+
+    layers = meta["layers"]
+    ok = isinstance(layers, list) and all(layer_ok(e) for e in layers)
+    _require(meta, "layers", ok, 'a list of {"name", "shape": [int], "kind"}', where)
+    names = [e["name"] for e in layers]
+    if len(set(names)) != len(names):
+        raise MetadataError(f"{where}: field 'layers' names a layer twice")
+
+
 def _check_optional_fields(meta: dict[str, Any], where: str) -> None:
+    _check_features(meta, where)
+    _check_layers(meta, where)
     for key in ("training", "evaluation"):
         if key in meta:
             _require_field(meta, key, lambda v: v is None or isinstance(v, dict), "an object or null", where)
@@ -142,7 +192,9 @@ def validate_metadata(meta: Any, where: str = METADATA) -> dict[str, Any]:
     """Check `meta` against schema version 1; returns it, or raises MetadataError naming the field.
 
     Optional fields: `training` (object or null: how the weights were trained), `evaluation`
-    (object or null: accuracy of model.onnx on a held-out set), `build_kwargs` (object).
+    (object or null: accuracy of model.onnx on a held-out set), `build_kwargs` (object), `features`
+    (the embedding output) and `layers` (the addressable layers), which exports before issue 14
+    lack.
     """
     if not isinstance(meta, dict):
         raise MetadataError(f"{where}: not a JSON object")

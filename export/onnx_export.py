@@ -7,11 +7,17 @@ architecture here a symbolic batch dimension ("batch"), and with `external_data=
 self-contained .onnx file (vgg19, the largest, is about 550 MB, under protobuf's 2 GB limit). Should
 an exporter still write external data, the model is re-saved inline before anything else looks at it.
 
+Every zoo network is exported with two outputs from one graph: "logits" [batch, classes] and
+"features" [batch, D], the input of its final classifier layer (export.layers: the embedding). The
+service serves both from one ONNX Runtime call. A model exported before this (one output) still
+loads; it just has no embedding.
+
 Every export is then:
 1. `onnx.checker.check_model(path, full_check=True)` (full_check runs strict shape inference);
 2. run with ONNX Runtime's CPUExecutionProvider on a seeded batch of `VERIFY_BATCH` N(0, 1) inputs
    and compared with the float32 PyTorch model on the same inputs:
-   max_abs_diff = max |ort - torch|, relative_diff = max_abs_diff / max |torch|.
+   max_abs_diff = max |ort - torch|, relative_diff = max_abs_diff / max |torch|, for the logits
+   and, with the same bound, for the features (features_relative_diff).
    - float32: relative_diff <= FP32_MAX_RELATIVE_DIFF (1e-4) and the same top-1 class on every row;
    - float16 (`fp16=True`: half weights, float16 input and output, compared with the *float32*
      model, so the bound is what fp16 costs a user): relative_diff <= FP16_MAX_RELATIVE_DIFF (1e-2)
@@ -44,6 +50,7 @@ import torch
 from torch import nn
 
 from export.errors import UsageError, VerificationError
+from export.layers import FEATURES_NAME, features_and_logits
 from export.repository import ModelVersion
 
 # The bounds are shared with the engine's fp16-at-load check.
@@ -83,6 +90,9 @@ class Verification:
     min_top1_agreement: float
     reference: str
     provider: str
+    # The features output against PyTorch's penultimate activations, same bound (None: no features).
+    features_max_abs_diff: float | None = None
+    features_relative_diff: float | None = None
 
 
 # Loggers whose warnings are the exporter talking to itself: "torchvision is not installed. Skipping
@@ -149,11 +159,14 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
+    head: str | None = None,
 ) -> None:
     """Export eval-mode `model` to one self-contained ONNX file at `path`.
 
-    Input "input" [batch, *input_shape], output "logits" [batch, classes]; batch is symbolic.
-    With `fp16` the weights, input and output are float16 (the model is converted on a copy).
+    Input "input" [batch, *input_shape], output "logits" [batch, classes]; batch is symbolic. With
+    `head` (the final classifier layer's module path, ArchSpec.head) a second output "features"
+    [batch, D], the head's input, from the same graph. With `fp16` the weights, input and outputs
+    are float16 (the model is converted on a copy).
     """
     path = Path(path)
     check_opset(opset)
@@ -163,15 +176,31 @@ def export_onnx(
     # Batch 2 for tracing: torch.export specializes a dimension that is 1 in the example input.
     example = torch.zeros(2, *input_shape, dtype=dtype)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with contextlib.ExitStack() as stack:
+        network: nn.Module = model.eval()
+        if head is not None:
+            network = stack.enter_context(features_and_logits(network, head))
+        _trace(network, example, batch, path, opset, output_names(head is not None))
+    _inline_external_data(path)
+
+
+def output_names(features: bool) -> list[str]:
+    """The exported outputs, in order."""
+    return [OUTPUT_NAME, FEATURES_NAME] if features else [OUTPUT_NAME]
+
+
+def _trace(
+    network: nn.Module, example: torch.Tensor, batch: Any, path: Path, opset: int, outputs: list[str]
+) -> None:
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(
-                model.eval(),
+                network,
                 (example,),
                 str(path),
                 dynamo=True,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=outputs,
                 dynamic_shapes=({0: batch},),
                 opset_version=opset,
                 external_data=False,
@@ -181,7 +210,6 @@ def export_onnx(
     except Exception as e:  # the exporter's own errors are many and multi-line
         first = " ".join(str(e).split())[:300]
         raise VerificationError(f"ONNX export failed: {type(e).__name__}: {first}") from e
-    _inline_external_data(path)
 
 
 def _half_copy(model: nn.Module) -> nn.Module:
@@ -190,8 +218,9 @@ def _half_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).half().eval()
 
 
-def check(path: Path, opset: int | None = None) -> None:
-    """onnx.checker with full_check (strict shape inference) plus our interface contract."""
+def check(path: Path, opset: int | None = None, *, features: bool = False) -> None:
+    """onnx.checker with full_check (strict shape inference) plus our interface contract: one input
+    "input", and the outputs "logits" (then "features" when `features`)."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -201,10 +230,10 @@ def check(path: Path, opset: int | None = None) -> None:
     graph = model_proto.graph
     inputs = [i.name for i in graph.input if i.name not in {init.name for init in graph.initializer}]
     outputs = [o.name for o in graph.output]
-    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
+    expected = output_names(features)
+    if inputs != [INPUT_NAME] or outputs != expected:
         raise VerificationError(
-            f"{path.name} has inputs {inputs} and outputs {outputs}; "
-            f"expected [{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
+            f"{path.name} has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and {expected}"
         )
     opsets = {o.domain or "ai.onnx": o.version for o in model_proto.opset_import}
     if opset is not None and opsets.get("ai.onnx") != opset:
@@ -227,23 +256,33 @@ def ort_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _run_onnx(session: Any, path: Path, x: np.ndarray, fp16: bool, shape: tuple[int, ...]) -> np.ndarray:
-    """The ONNX model's logits for float32 input `x` (cast to float16 for an fp16 model), refused
-    unless they have `shape` and the model's dtype."""
+def _run_onnx(
+    session: Any, path: Path, x: np.ndarray, fp16: bool, shapes: dict[str, tuple[int, ...]]
+) -> list[np.ndarray]:
+    """The ONNX model's outputs named in `shapes` for float32 input `x` (cast to float16 for an fp16
+    model), each refused unless it has its shape and the model's dtype."""
     feed = x.astype(np.float16 if fp16 else np.float32)
     try:
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: feed})
+        outputs = session.run(list(shapes), {INPUT_NAME: feed})
     except Exception as e:  # ORT raises its own Fail/InvalidArgument/NotImplemented types
         raise VerificationError(
             f"ONNX Runtime cannot run {path.name}: {' '.join(str(e).split())[:300]}"
         ) from None
     expected_dtype = np.float16 if fp16 else np.float32
-    if got.shape != shape or got.dtype != expected_dtype:
-        raise VerificationError(
-            f"{path.name} returned {got.dtype} {list(got.shape)}, expected {np.dtype(expected_dtype)} "
-            f"{list(shape)}"
-        )
-    return np.asarray(got)
+    for (name, shape), got in zip(shapes.items(), outputs, strict=True):
+        if got.shape != shape or got.dtype != expected_dtype:
+            raise VerificationError(
+                f"{path.name} returned {got.dtype} {list(got.shape)} as {name!r}, expected "
+                f"{np.dtype(expected_dtype)} {list(shape)}"
+            )
+    return [np.asarray(got) for got in outputs]
+
+
+def _relative(got: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(max |got - reference|, that over max |reference|)."""
+    max_abs = float(np.abs(got - reference).max())
+    scale = float(np.abs(reference).max())
+    return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")))
 
 
 def _refuse_outside_bounds(result: Verification, scale: float, fp16: bool) -> None:
@@ -261,6 +300,12 @@ def _refuse_outside_bounds(result: Verification, scale: float, fp16: bool) -> No
             f"{precision} ONNX model disagrees with PyTorch: relative diff {relative:.3g} > {bound:g} "
             f"(max abs diff {result.max_abs_diff:.3g})"
         )
+    features = result.features_relative_diff
+    if features is not None and not features <= bound:
+        raise VerificationError(
+            f"{precision} ONNX model's features disagree with PyTorch's penultimate activations: "
+            f"relative diff {features:.3g} > {bound:g} (max abs diff {result.features_max_abs_diff:.3g})"
+        )
     agreement, min_agreement = result.top1_agreement, result.min_top1_agreement
     if agreement < min_agreement:
         raise VerificationError(
@@ -275,33 +320,42 @@ def verify(
     input_shape: Sequence[int],
     *,
     fp16: bool = False,
+    head: str | None = None,
     batch: int = VERIFY_BATCH,
     seed: int = VERIFY_SEED,
 ) -> Verification:
-    """Run the ONNX model and the float32 PyTorch `model` on the same seeded batch; compare.
+    """Run the ONNX model and the float32 PyTorch `model` on the same seeded batch; compare the
+    logits, and with `head` (the model was exported with it) the features, each against the bound.
 
     Raises VerificationError when the bound for the model's precision (module docstring) is missed.
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *input_shape, generator=generator)
-    with torch.no_grad():
-        reference = model.eval()(x).double().numpy()
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        network: nn.Module = model.eval()
+        if head is not None:
+            network = stack.enter_context(features_and_logits(network, head))
+        out = network(x)
+        references = [t.double().numpy() for t in (out if head is not None else (out,))]
+    reference = references[0]
+    shapes = dict(zip(output_names(head is not None), (r.shape for r in references), strict=True))
     session = ort_session(path)
-    got64 = _run_onnx(session, path, x.numpy(), fp16, reference.shape).astype(np.float64)
+    got = [g.astype(np.float64) for g in _run_onnx(session, path, x.numpy(), fp16, shapes)]
+    got64 = got[0]
     scale = float(np.abs(reference).max())
-    if not np.isfinite(got64).all():
+    if not all(np.isfinite(g).all() for g in got):
         if fp16 and scale > FP16_MAX:
             raise VerificationError(
                 f"float16 export is meaningless for these weights: the logits reach {scale:.3g}, beyond "
                 f"float16's largest number {FP16_MAX:.0f}"
             )
-        raise VerificationError(f"{path.name} produced non-finite logits where PyTorch's are finite")
-    max_abs = float(np.abs(got64 - reference).max())
-    relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        raise VerificationError(f"{path.name} produced non-finite outputs where PyTorch's are finite")
+    max_abs, relative = _relative(got64, reference)
     agreement = float((got64.argmax(1) == reference.argmax(1)).mean())
     bound, min_agreement = (
         (FP16_MAX_RELATIVE_DIFF, FP16_MIN_TOP1_AGREEMENT) if fp16 else (FP32_MAX_RELATIVE_DIFF, 1.0)
     )
+    features_abs, features_relative = _relative(got[1], references[1]) if head is not None else (None, None)
     result = Verification(
         batch=batch,
         max_abs_diff=max_abs,
@@ -312,6 +366,8 @@ def verify(
         min_top1_agreement=min_agreement,
         reference="pytorch float32",
         provider=session.get_providers()[0],
+        features_max_abs_diff=features_abs,
+        features_relative_diff=features_relative,
     )
     _refuse_outside_bounds(result, scale, fp16)
     return result
@@ -326,7 +382,14 @@ def verify_version(version: ModelVersion, model: nn.Module) -> Verification:
     module built with other arguments than the exporter's (GoogLeNet's transform_input, say) computes
     another function of the same weights, and this refuses it. Raises VerificationError.
     """
-    return verify(version.onnx_path, model, version.input_shape, fp16=version.fp16)
+    head = _head(version) if version.metadata.get("features") else None
+    return verify(version.onnx_path, model, version.input_shape, fp16=version.fp16, head=head)
+
+
+def _head(version: ModelVersion) -> str:
+    from export.models import get_spec
+
+    return get_spec(version.architecture).head
 
 
 def exporter_versions() -> dict[str, str]:
@@ -346,12 +409,14 @@ def exporter_versions() -> dict[str, str]:
 def capabilities(arch: str, model: nn.Module) -> dict[str, bool]:
     """What the service may do with this model.
 
+    embed: every export has the features output (export_onnx with the architecture's head).
     explain (guided backprop) needs ReLU modules to hook: with none (LeNet-5 is tanh throughout) it
     would silently be a plain gradient, so it is offered only where the model has nn.ReLU modules.
     dream (DeepDream) and stylize (neural style, VGG-19's feature layers) are per architecture.
     """
     return {
         "classify": True,
+        "embed": True,
         "explain": any(isinstance(m, nn.ReLU) for m in model.modules()),
         "dream": arch in DREAM_ARCHITECTURES,
         "stylize": arch in STYLIZE_ARCHITECTURES,

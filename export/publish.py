@@ -112,17 +112,17 @@ def _network(
 
 
 def _write_model_files(
-    directory: Path, model: nn.Module, input_shape: tuple[int, int, int], *, opset: int, fp16: bool
+    directory: Path, model: nn.Module, spec: ArchSpec, *, opset: int, fp16: bool
 ) -> onnx_export.Verification:
-    """weights.pt (the float32 state_dict) and model.onnx in `directory`, the latter checked and
-    verified against eval-mode `model`; returns the verification."""
+    """weights.pt (the float32 state_dict) and model.onnx (logits and features) in `directory`, the
+    latter checked and verified against eval-mode `model`; returns the verification."""
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state_dict, directory / WEIGHTS_FILE)
 
     onnx_path = directory / ONNX_FILE
-    onnx_export.export_onnx(model, input_shape, onnx_path, opset=opset, fp16=fp16)
-    onnx_export.check(onnx_path, opset)
-    return onnx_export.verify(onnx_path, model, input_shape, fp16=fp16)
+    onnx_export.export_onnx(model, spec.input_shape, onnx_path, opset=opset, fp16=fp16, head=spec.head)
+    onnx_export.check(onnx_path, opset, features=True)
+    return onnx_export.verify(onnx_path, model, spec.input_shape, fp16=fp16, head=spec.head)
 
 
 def _metadata(
@@ -143,6 +143,7 @@ def _metadata(
     """metadata.json for the export of `spec`'s architecture as `name`; VersionWriter.commit fills
     in `version` and `files`. `trained_on` defaults to the architecture's data set when `trained`."""
     from export.describe import describe
+    from export.layers import FEATURES_NAME, addressable_layers, features_dim
 
     arch = spec.name
     if trained_on is None and trained:
@@ -161,6 +162,16 @@ def _metadata(
             "description": describe_input(spec.preprocessing),
         },
         "output": {"name": onnx_export.OUTPUT_NAME, "shape": [spec.num_classes], "dtype": dtype},
+        # The embedding: model.onnx's second output, the final classifier layer's input.
+        "features": {
+            "name": FEATURES_NAME,
+            "shape": [features_dim(model, spec.head)],
+            "dtype": dtype,
+            "layer": spec.head,
+        },
+        # What Explain's neuron target, Dream and FeatureMaps may name, with output shapes: the
+        # serving process checks names and GetModel lists them without torch.
+        "layers": addressable_layers(model, spec.input_shape),
         "num_classes": spec.num_classes,
         "preprocessing": spec.preprocessing.to_dict(),
         "labels": labels_for(spec.dataset, spec.num_classes),
@@ -220,7 +231,7 @@ def export_to_repository(
     writer = VersionWriter(repository, name, version)
     with writer:
         model, source_sha256 = _network(arch, kwargs, model, weights, seed)
-        verification = _write_model_files(writer.path, model, spec.input_shape, opset=opset, fp16=fp16)
+        verification = _write_model_files(writer.path, model, spec, opset=opset, fp16=fp16)
         evaluation = _digits_accuracy(writer.path, fp16) if trained and spec.dataset == "digits" else None
         metadata = _metadata(
             spec,

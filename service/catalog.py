@@ -78,6 +78,27 @@ def output_name(model: LoadedModel) -> str:
     return str((model.metadata or {}).get("output", {}).get("name", "logits"))
 
 
+def features_name(model: LoadedModel) -> str | None:
+    """The name of the model's embedding output (metadata.json `features`), or None for a version
+    exported before embeddings existed."""
+    features = (model.metadata or {}).get("features")
+    return str(features.get("name", "features")) if isinstance(features, dict) else None
+
+
+def features_dim(model: LoadedModel) -> int:
+    """D, the embedding's length; 0 when the model has no features output."""
+    features = (model.metadata or {}).get("features")
+    return int(features["shape"][0]) if isinstance(features, dict) else 0
+
+
+def reexport_command(model: LoadedModel) -> str:
+    """The command that exports `model` again as a new version with this release's outputs: from
+    its own weights.pt when trained, from the same seeded random weights when not."""
+    root = model.path.parent.parent if model.path is not None else Path("DIR")
+    weights = f" --weights {model.path / 'weights.pt'}" if model.trained and model.path is not None else ""
+    return f"python -m export onnx {model.architecture}{weights} --name {model.name} --repository {root}"
+
+
 def loaded_model(
     meta: dict[str, Any],
     *,
@@ -321,7 +342,10 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "Selection",
     "choose_versions",
+    "features_dim",
+    "features_name",
     "loaded_model",
+    "reexport_command",
     "parse_model_selection",
     "select_versions",
 ]

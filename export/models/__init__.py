@@ -41,31 +41,38 @@ class ArchSpec:
 
 
 def _imagenet(
-    name: str, builder: Callable[..., nn.Module], tv: str | None, description: str, head: str
+    name: str, builder: Callable[..., nn.Module], tv: str | None, description: str, head: str = "fc"
 ) -> ArchSpec:
     return ArchSpec(name, builder, (3, 224, 224), 1000, IMAGENET, "imagenet", tv, description, head)
 
+
+FC8 = "classifier.6"  # AlexNet's and VGG's last classifier layer (a Sequential position)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
         ArchSpec(
-            "lenet5", lenet5, (1, 32, 32), 10, DIGITS, "digits", None, "LeNet-5 (LeCun et al. 1998)",
+            "lenet5",
+            lenet5,
+            (1, 32, 32),
+            10,
+            DIGITS,
+            "digits",
+            None,
+            "LeNet-5 (LeCun et al. 1998)",
             "classifier.2",
         ),  # fmt: skip
-        _imagenet("alexnet", alexnet, None, "AlexNet as in the paper (Krizhevsky et al. 2012)", "classifier.6"),
+        _imagenet("alexnet", alexnet, None, "AlexNet as in the paper (Krizhevsky et al. 2012)", FC8),
         _imagenet(
-            "alexnet_torchvision", alexnet_torchvision, "alexnet", "AlexNet, torchvision's variant", "classifier.6"
+            "alexnet_torchvision", alexnet_torchvision, "alexnet", "AlexNet, torchvision's variant", FC8
         ),
-        _imagenet("googlenet", googlenet, "googlenet", "GoogLeNet / Inception v1 (Szegedy et al. 2014)", "fc"),
-        _imagenet("resnet18", resnet18, "resnet18", "ResNet-18 (He et al. 2015)", "fc"),
-        _imagenet("resnet34", resnet34, "resnet34", "ResNet-34 (He et al. 2015)", "fc"),
-        _imagenet("resnet50", resnet50, "resnet50", "ResNet-50 (He et al. 2015)", "fc"),
-        _imagenet("resnet101", resnet101, "resnet101", "ResNet-101 (He et al. 2015)", "fc"),
-        _imagenet("resnet152", resnet152, "resnet152", "ResNet-152 (He et al. 2015)", "fc"),
-        _imagenet(
-            "vgg19", vgg19, "vgg19", "VGG-19 (Simonyan & Zisserman 2014), the style network", "classifier.6"
-        ),
+        _imagenet("googlenet", googlenet, "googlenet", "GoogLeNet / Inception v1 (Szegedy et al. 2014)"),
+        _imagenet("resnet18", resnet18, "resnet18", "ResNet-18 (He et al. 2015)"),
+        _imagenet("resnet34", resnet34, "resnet34", "ResNet-34 (He et al. 2015)"),
+        _imagenet("resnet50", resnet50, "resnet50", "ResNet-50 (He et al. 2015)"),
+        _imagenet("resnet101", resnet101, "resnet101", "ResNet-101 (He et al. 2015)"),
+        _imagenet("resnet152", resnet152, "resnet152", "ResNet-152 (He et al. 2015)"),
+        _imagenet("vgg19", vgg19, "vgg19", "VGG-19 (Simonyan & Zisserman 2014), the style network", FC8),
     )
 }
 

@@ -31,6 +31,8 @@ from service.catalog import (
     Catalog,
     LoadedModel,
     ModelLoadError,
+    features_dim,
+    features_name,
     input_name,
     loaded_model,
     output_name,
@@ -39,10 +41,11 @@ from service.catalog import (
 from service.engine.batcher import Admission, BatchTimings, DynamicBatcher
 from service.engine.ort_cache import OptimizedModelCache
 from service.engine.precision import check_fp16, convert_to_fp16, verify_batch
+from service.engine.protocol import FEATURES, LOGITS, features_missing, select_outputs
 from service.engine.providers import CUDA, ProviderChoice, select_provider
 from service.engine.session import ModelSession
 from service.errors import DeadlineExceeded, NotFound, Unavailable
-from service.model_config import ModelConfig, ServingConfig, warmup_sizes
+from service.model_config import GRADIENT_RPCS, ModelConfig, ServingConfig, warmup_sizes
 from service.observability import metrics
 from service.settings import Settings
 
@@ -190,7 +193,7 @@ class ClassificationEngine:
                 metrics.MODEL_LOAD_FAILURES.labels(model=version.name, version=str(version.version)).inc()
                 result.failed.append(f"{version.name}:{version.version}: {exc}")
                 continue
-            gradients_off = {k: v and k == "classify" for k, v in served.model.capabilities.items()}
+            gradients_off = {k: v and k not in GRADIENT_RPCS for k, v in served.model.capabilities.items()}
             if gradients_off != served.model.capabilities:
                 served.awaiting_gradients = dict(served.model.capabilities)
             served.model = replace(served.model, capabilities=gradients_off)
@@ -285,6 +288,7 @@ class ClassificationEngine:
             provider=provider,
             input_name=input_name(model),
             output_name=output_name(model),
+            features_name=features_name(model),
             input_dtype=model.input_dtype,
             input_shape=model.input_shape,
             require_provider=device == "cuda",
@@ -298,6 +302,11 @@ class ClassificationEngine:
         if session.num_classes is not None and session.num_classes != model.num_classes:
             raise ModelLoadError(
                 f"model.onnx outputs {session.num_classes} classes, metadata.json says {model.num_classes}"
+            )
+        if session.features_dim not in (None, features_dim(model)):
+            said = features_dim(model)
+            raise ModelLoadError(
+                f"model.onnx outputs {session.features_dim} features, metadata.json says {said}"
             )
         exported = "fp16" if model.input_dtype == np.dtype(np.float16) else "fp32"
         asked = config.precision or "exported"
@@ -460,13 +469,17 @@ class ClassificationEngine:
         return LocalAdmission(place, np.empty((n, *model.input_shape), dtype=np.float32))
 
     async def infer(
-        self, model: LoadedModel, admission: object, deadline: float | None
+        self,
+        model: LoadedModel,
+        admission: object,
+        deadline: float | None,
+        outputs: tuple[str, ...] = (LOGITS,),
     ) -> tuple[np.ndarray, BatchTimings]:
-        """float32 logits [n, K] for the admitted rows, filled by the caller (values validated by the
-        frontend: this checks only that the admission is one of ours)."""
+        """float32 `outputs` (protocol.select_outputs) for the admitted rows, filled by the caller
+        (values validated by the frontend: this checks only that the admission is one of ours)."""
         if not isinstance(admission, LocalAdmission):
             raise TypeError(f"admission must come from this engine's admit(), got {type(admission).__name__}")
-        return await self.run(model, admission.inputs, deadline, admission.place)
+        return await self.run(model, admission.inputs, deadline, admission.place, outputs)
 
     # --- the engine process's primitives (service/engine/process.py) -------------------------------
 
@@ -479,15 +492,25 @@ class ClassificationEngine:
         return self._serving(model).batcher.admit(n)
 
     async def run(
-        self, model: LoadedModel, x: np.ndarray, deadline: float | None, place: Admission
+        self,
+        model: LoadedModel,
+        x: np.ndarray,
+        deadline: float | None,
+        place: Admission,
+        outputs: tuple[str, ...] = (LOGITS,),
     ) -> tuple[np.ndarray, BatchTimings]:
-        """Logits for x [n, *input_shape] in the reserved place."""
+        """`outputs` for x [n, *input_shape] in the reserved place. Every request of a batch gets
+        the session's whole rows (logits and features: one ONNX Runtime call serves both); each
+        takes the columns it asked for."""
         served = self._serving(model)
+        dim = features_dim(model)
+        if FEATURES in outputs and dim == 0:
+            raise features_missing(model)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline exceeded before inference", reason="deadline")
-        logits, timings = await served.batcher.submit_timed(x, deadline, place)
+        rows, timings = await served.batcher.submit_timed(x, deadline, place)
         served.images.inc(len(x))
-        return logits, timings
+        return select_outputs(model, outputs, rows, features_dim=dim), timings
 
 
 def load_order(versions: list[repository.ModelVersion], workers: int) -> list[repository.ModelVersion]:
@@ -529,7 +552,7 @@ def _fp16_session(
     except Exception as exc:  # noqa: BLE001 - the converter's own errors
         raise ModelLoadError(f"precision fp16: cannot convert model.onnx to float16: {exc}") from exc
     fp16 = open_session(model_bytes=converted)
-    check, refused = check_fp16(reference, fp16.run(x))
+    check, refused = check_fp16(reference, fp16.run(x), classes=model.num_classes)
     if refused:
         raise ModelLoadError(f"precision fp16: {refused}")
     log.info("%s:%d: float16 at load: %s", model.name, model.version, check.describe())

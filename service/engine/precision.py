@@ -63,15 +63,27 @@ def verify_batch(input_shape: tuple[int, ...]) -> np.ndarray:
     return rng.standard_normal((VERIFY_BATCH, *input_shape)).astype(np.float32)
 
 
-def check_fp16(reference: np.ndarray, got: np.ndarray) -> tuple[Fp16Check, str | None]:
-    """Compare the converted model's logits with the float32 model's on verify_batch. Returns the
-    figures and, when the bounds are missed, why (else None)."""
+def check_fp16(
+    reference: np.ndarray, got: np.ndarray, classes: int | None = None
+) -> tuple[Fp16Check, str | None]:
+    """Compare the converted model's outputs with the float32 model's on verify_batch. Returns the
+    figures and, when the bounds are missed, why (else None). With `classes`, the outputs are a
+    session's (N, K + D) logits then features: the top-1 rule applies to the first K columns, the
+    relative bound to the logits and the features each."""
+    if classes is not None and reference.shape[1] > classes:
+        check, refused = check_fp16(reference[:, :classes], got[:, :classes])
+        features = _relative_diff(reference[:, classes:], got[:, classes:])
+        if refused is None and not features <= FP16_MAX_RELATIVE_DIFF:
+            refused = (
+                f"the float16 model's features miss the bound against float32: relative diff "
+                f"{features:.2g} (bound {FP16_MAX_RELATIVE_DIFF:g})"
+            )
+        return check, refused
     reference = np.asarray(reference, dtype=np.float64)
     got = np.asarray(got, dtype=np.float64)
     scale = float(np.abs(reference).max())
     finite = bool(np.isfinite(got).all())
-    max_abs = float(np.abs(got - reference).max()) if finite else float("inf")
-    relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    relative = _relative_diff(reference, got)
     agreement = float((got.argmax(1) == reference.argmax(1)).mean())
     check = Fp16Check(relative_diff=relative, top1_agreement=agreement)
     if scale < FP16_SMALLEST_NORMAL:
@@ -85,6 +97,17 @@ def check_fp16(reference: np.ndarray, got: np.ndarray) -> tuple[Fp16Check, str |
     if relative > FP16_MAX_RELATIVE_DIFF or agreement < FP16_MIN_TOP1_AGREEMENT:
         return check, f"the float16 model misses the bounds against float32: {check.describe()}"
     return check, None
+
+
+def _relative_diff(reference: np.ndarray, got: np.ndarray) -> float:
+    """max |got - reference| / max |reference| (inf when `got` is not finite)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    if not np.isfinite(got).all():
+        return float("inf")
+    max_abs = float(np.abs(got - reference).max())
+    scale = float(np.abs(reference).max())
+    return max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
 
 
 __all__ = ["Fp16Check", "check_fp16", "convert_to_fp16", "verify_batch"]

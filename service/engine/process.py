@@ -38,6 +38,7 @@ from service.catalog import LoadedModel, input_name
 from service.engine import wire
 from service.engine.batcher import Admission
 from service.engine.engine import ClassificationEngine
+from service.engine.protocol import LOGITS, OUTPUTS
 from service.engine.slots import RowAllocator, SlotBlock, SlotLayout, is_contiguous
 from service.errors import InvalidArgument
 from service.settings import Settings
@@ -137,7 +138,8 @@ class EngineServer:
             except Exception as exc:  # noqa: BLE001 - the error goes back with its status
                 connection.send(wire.error_reply(request_id, exc))
         elif op == "infer":
-            task = asyncio.create_task(self._infer(connection, request_id, message.get("deadline")))
+            outputs = tuple(str(name) for name in message.get("outputs", (LOGITS,)))
+            task = asyncio.create_task(self._infer(connection, request_id, message.get("deadline"), outputs))
             connection.running[request_id] = task
             task.add_done_callback(lambda _: connection.running.pop(request_id, None))
         elif op == "release":
@@ -176,13 +178,17 @@ class EngineServer:
         connection.held[int(message["id"])] = _Held(version, place, rows)
         return list(rows)
 
-    async def _infer(self, connection: _Connection, request_id: int, deadline: float | None) -> None:
+    async def _infer(
+        self, connection: _Connection, request_id: int, deadline: float | None, outputs: tuple[str, ...]
+    ) -> None:
         held = connection.held.get(request_id)
         try:
             if held is None:
                 raise InvalidArgument(f"infer of request {request_id}, which holds no admission")
+            if not set(outputs) <= set(OUTPUTS):
+                raise InvalidArgument(f"infer of outputs {list(outputs)}; there are {list(OUTPUTS)}")
             x = _rows(held.version.block, held.rows)
-            logits, timings = await self._engine.run(held.version.model, x, deadline, held.place)
+            logits, timings = await self._engine.run(held.version.model, x, deadline, held.place, outputs)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the error goes back with its status

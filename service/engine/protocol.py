@@ -5,8 +5,10 @@ implements today and the engine process of the coming split implements remotely.
     await admit(model, n)           a place for n images, taken before any work on their input;
                                     the Admission holds their input rows: the frontend
                                     preprocesses straight into them
-    await infer(model, admission, deadline)
-                                    float32 logits [n, K] for the admitted, filled rows
+    await infer(model, admission, deadline, outputs)
+                                    float32 [n, ...] for the admitted, filled rows: the outputs
+                                    named (LOGITS [n, K], FEATURES [n, D]) side by side, all from
+                                    one ONNX Runtime call in one batch
 
 Tensors in, logits out: decoding, preprocessing, validation of client values and the softmax are
 the frontend's (service/frontend/classify.py). Errors are service.errors with their status:
@@ -16,12 +18,50 @@ NotFound, Internal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from service.errors import FailedPrecondition
+
 if TYPE_CHECKING:
     from service.catalog import LoadedModel
+
+# What infer() may return, by name: the model's logits and its embedding (ModelInfo.features).
+LOGITS = "logits"
+FEATURES = "features"
+OUTPUTS = (LOGITS, FEATURES)
+
+
+def select_outputs(
+    model: LoadedModel, outputs: Sequence[str], rows: np.ndarray, *, features_dim: int
+) -> np.ndarray:
+    """The columns of `outputs` from a session's rows ([n, K] logits, or [n, K + D] logits then
+    features), side by side in the order asked. FailedPrecondition when FEATURES is asked of a
+    model exported without them; ValueError for a name that is not an output."""
+    k = model.num_classes
+    parts = []
+    for name in outputs:
+        if name == LOGITS:
+            parts.append(rows[:, :k])
+        elif name == FEATURES:
+            if features_dim == 0 or rows.shape[1] != k + features_dim:
+                raise features_missing(model)
+            parts.append(rows[:, k:])
+        else:
+            raise ValueError(f"unknown output {name!r}; outputs are {OUTPUTS}")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def features_missing(model: LoadedModel) -> FailedPrecondition:
+    from service.catalog import reexport_command
+
+    return FailedPrecondition(
+        f"model {model.name}:{model.version} was exported without the features output (embeddings "
+        f"arrived later); re-export it: {reexport_command(model)}",
+        reason="no_features",
+    )
 
 
 class Rows(Protocol):
@@ -76,8 +116,23 @@ class Engine(ModelSource, Protocol):
     async def admit(self, model: LoadedModel, n: int) -> Admission: ...
 
     async def infer(
-        self, model: LoadedModel, admission: Admission, deadline: float | None
+        self,
+        model: LoadedModel,
+        admission: Admission,
+        deadline: float | None,
+        outputs: tuple[str, ...] = (LOGITS,),
     ) -> tuple[np.ndarray, InferTimings]: ...
 
 
-__all__ = ["Admission", "Engine", "InferTimings", "ModelSource", "Rows"]
+__all__ = [
+    "Admission",
+    "Engine",
+    "FEATURES",
+    "InferTimings",
+    "LOGITS",
+    "ModelSource",
+    "OUTPUTS",
+    "Rows",
+    "features_missing",
+    "select_outputs",
+]

@@ -21,6 +21,7 @@ import numpy as np
 
 from service.catalog import Catalog, LoadedModel, loaded_model
 from service.engine import wire
+from service.engine.protocol import LOGITS
 from service.engine.slots import SlotBlock, SlotLayout
 from service.errors import Unavailable
 from service.model_config import ModelConfig, ServingConfig
@@ -185,15 +186,20 @@ class RemoteEngine:
         return RemoteAdmission(self, request_id, [block.inputs[row] for row in reply["rows"]])
 
     async def infer(
-        self, model: LoadedModel, admission: object, deadline: float | None
+        self,
+        model: LoadedModel,
+        admission: object,
+        deadline: float | None,
+        outputs: tuple[str, ...] = (LOGITS,),
     ) -> tuple[np.ndarray, RemoteTimings]:
         if not isinstance(admission, RemoteAdmission) or not admission.taken():
             raise TypeError("infer() needs an open admission from this engine's admit()")
         request_id = admission.request_id
+        message: dict[str, Any] = {"op": "infer", "id": request_id, "deadline": deadline}
+        if outputs != (LOGITS,):
+            message["outputs"] = list(outputs)
         try:
-            reply, payload = await self._call(
-                request_id, {"op": "infer", "id": request_id, "deadline": deadline}
-            )
+            reply, payload = await self._call(request_id, message)
         except asyncio.CancelledError:
             with contextlib.suppress(Unavailable):
                 self._send({"op": "cancel", "id": request_id})

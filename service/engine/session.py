@@ -135,9 +135,12 @@ class ModelSession:
     """An onnxruntime.InferenceSession for one model version.
 
     `run(batch)` takes an (N, C, H, W) float32 (or the model's dtype) array and returns float32
-    logits (N, K). fp16 models are served as exported: the input is cast to float16 and the
-    float16 logits back to float32. On CUDA the run uses IO binding: the input is copied to the
-    device once, the output stays on the device until one copy back.
+    logits (N, K), or, for a model with a features output (`features_name`), one float32 array
+    (N, K + D): the logits then the features, so one run feeds both and the batcher moves one
+    array per batch (service/engine/engine.py slices what a request asked for). fp16 models are
+    served as exported: the input is cast to float16 and the float16 outputs back to float32. On
+    CUDA the run uses IO binding: the input is copied to the device once, the outputs stay on the
+    device until one copy back.
 
     Not thread-safe by design: the batcher calls it from the model's single runner thread.
     """
@@ -153,6 +156,7 @@ class ModelSession:
         provider: ProviderChoice,
         input_name: str = "input",
         output_name: str = "logits",
+        features_name: str | None = None,
         input_dtype: np.dtype | type = np.float32,
         input_shape: tuple[int, ...] | None = None,
         require_provider: bool = False,
@@ -172,6 +176,7 @@ class ModelSession:
         self.path = Path(model_path)
         self.input_name = input_name
         self.output_name = output_name
+        self.features_name = features_name
         self.input_dtype = np.dtype(input_dtype)
         if self.input_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
             raise self._error(f"unsupported input dtype {self.input_dtype} (float32 or float16)")
@@ -196,7 +201,9 @@ class ModelSession:
         self._device_id = provider.device_id or 0
 
         self.input_shape, self.batch_limit = self._check_input(input_shape)
-        self.num_classes = self._check_output()
+        self.num_classes = self._check_output(self.output_name, "classes")
+        self.features_dim = self._check_output(features_name, "features") if features_name else 0
+        self._outputs = [self.output_name, *([features_name] if features_name else [])]
         # Rows every run is zero-padded to (fix_batch_size); None: batches run at their own size.
         self.fixed_batch: int | None = None
 
@@ -267,16 +274,16 @@ class ModelSession:
         batch_limit = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
         return shape, batch_limit
 
-    def _check_output(self) -> int | None:
+    def _check_output(self, name: str, what: str) -> int | None:
         outputs = {o.name: o for o in self._session.get_outputs()}
-        if self.output_name not in outputs:
-            raise self._error(f"no output named {self.output_name!r}; it has {list(outputs)}")
-        meta = outputs[self.output_name]
+        if name not in outputs:
+            raise self._error(f"no output named {name!r}; it has {list(outputs)}")
+        meta = outputs[name]
         if meta.type not in _ORT_TYPES:
-            raise self._error(f"output {self.output_name!r} is {meta.type}, expected float logits")
+            raise self._error(f"output {name!r} is {meta.type}, expected float {what}")
         dims = list(meta.shape)
         if len(dims) != 2:
-            raise self._error(f"output {self.output_name!r} has shape {dims}, expected [N, classes]")
+            raise self._error(f"output {name!r} has shape {dims}, expected [N, {what}]")
         return dims[1] if isinstance(dims[1], int) else None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -294,18 +301,21 @@ class ModelSession:
             binding.bind_ortvalue_input(
                 self.input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self._device_id)
             )
-            binding.bind_output(self.output_name, "cuda", self._device_id)
+            for name in self._outputs:
+                binding.bind_output(name, "cuda", self._device_id)
             self._session.run_with_iobinding(binding)
-            logits = binding.copy_outputs_to_cpu()[0]
+            outputs = binding.copy_outputs_to_cpu()
         else:
-            logits = self._session.run([self.output_name], {self.input_name: x})[0]
-        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-            raise ModelRunError(
-                f"{self.path}: returned shape {list(logits.shape)} for a batch of {x.shape[0]}"
-            )
-        logits = logits[:rows]
+            outputs = self._session.run(self._outputs, {self.input_name: x})
+        for name, out in zip(self._outputs, outputs, strict=True):
+            if out.ndim != 2 or out.shape[0] != x.shape[0]:
+                raise ModelRunError(
+                    f"{self.path}: returned shape {list(out.shape)} as {name!r} for a batch of {x.shape[0]}"
+                )
         # Softmax and clients get float32 even from a float16 model.
-        return np.asarray(logits, dtype=np.float32)
+        if len(outputs) == 1:
+            return np.asarray(outputs[0][:rows], dtype=np.float32)
+        return np.concatenate([out[:rows] for out in outputs], axis=1, dtype=np.float32)
 
     def warmup(self, batch_sizes: Iterable[int]) -> float:
         """Run each batch size once (allocations, CUDA kernels, cuDNN algorithm search happen here,

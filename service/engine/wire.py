@@ -8,8 +8,10 @@ then an optional raw payload (a result's float32 logits). Requests carry an `id`
     frontend -> engine                              engine -> frontend
     {"op": "hello"}                                 {"op": "models", "models": [...], "ready": true}
     {"op": "admit", "id", "model", "version", "n"}  {"op": "admitted", "id", "rows": [...]} or error
-    {"op": "infer", "id", "deadline"}               {"op": "result", "id", "queue_s", "inference_s",
+    {"op": "infer", "id", "deadline"[, "outputs"]}  {"op": "result", "id", "queue_s", "inference_s",
                                                      "shape": [n, K]} + logits, or error
+      ("outputs": ["logits", "features"] in any order; absent: logits; the reply's shape and payload
+      hold the named outputs side by side, service/engine/protocol.py select_outputs)
     {"op": "release", "id"}   (admitted, not inferred: the place and rows back; no reply)
     {"op": "cancel", "id"}    (the caller went away: its request leaves the batcher; no reply)
                                                     {"op": "error", "id", "code", "message", "reason"}

@@ -14,7 +14,7 @@ import numpy as np
 
 from export.preprocessing import describe_input
 from service import images
-from service.catalog import input_name, output_name
+from service.catalog import features_dim, features_name, input_name, output_name
 from service.errors import InvalidArgument
 from service.frontend.classify import validated_tensor
 from service.worker import jobs
@@ -42,11 +42,13 @@ TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
 # never advertises an RPC the server does not serve.
 CAPABILITY_ENUM = {
     "classify": pb.CAPABILITY_CLASSIFY,
+    "embed": pb.CAPABILITY_EMBED,
     "explain": pb.CAPABILITY_EXPLAIN,
     "dream": pb.CAPABILITY_DREAM,
     "stylize": pb.CAPABILITY_STYLIZE,
 }
-SERVED_CAPABILITIES = frozenset({"classify"})
+# The engine's: embed only where the version has the features output (metadata.json says so).
+SERVED_CAPABILITIES = frozenset({"classify", "embed"})
 
 
 # The wire's ExplainMethod enum, derived from the one list of job methods (params.EXPLAIN_METHODS):
@@ -148,8 +150,8 @@ def model_info(
     dtype = np.dtype(model.input_dtype).name
     p = model.preprocessing
     capabilities = [
-        CAPABILITY_ENUM[name]
-        for name in ("classify", "explain", "dream", "stylize")
+        value
+        for name, value in CAPABILITY_ENUM.items()
         if name in served and model.capabilities.get(name, name == "classify")
     ]
     info = pb.ModelInfo(
@@ -174,6 +176,9 @@ def model_info(
         capabilities=capabilities,
         ready=ready,
     )
+    features = features_name(model)
+    if features is not None:
+        info.features.CopyFrom(pb.TensorSpec(name=features, shape=[features_dim(model)], dtype=dtype))
     if model.serving is not None:
         sc = model.serving
         info.serving.CopyFrom(

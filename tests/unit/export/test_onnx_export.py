@@ -42,29 +42,41 @@ def _check_parity(result: ExportResult, arch: str) -> None:
     assert not [t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
     onnx.checker.check_model(str(version.onnx_path), full_check=True)
     (inp,) = proto.graph.input
-    (out,) = proto.graph.output
-    assert (inp.name, out.name) == ("input", "logits")
+    out, features_out = proto.graph.output
+    assert (inp.name, out.name, features_out.name) == ("input", "logits", "features")
     dims = inp.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == list(get_spec(arch).input_shape)
     assert inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == TensorProto.FLOAT
+    assert features_out.type.tensor_type.elem_type == TensorProto.FLOAT
     assert {o.domain or "ai.onnx": o.version for o in proto.opset_import}["ai.onnx"] == 18
 
     # Recorded verification met the documented bound ...
     v = result.verification
     assert v.batch == 4 and v.relative_diff <= 1e-4 and v.top1_equal and v.provider == "CPUExecutionProvider"
+    assert v.features_relative_diff is not None and v.features_relative_diff <= 1e-4
     assert version.metadata["verification"]["relative_diff"] == v.relative_diff
-    # ... and an independent run agrees: new inputs, batch 3, model rebuilt from weights.pt.
+    assert version.metadata["verification"]["features_relative_diff"] == v.features_relative_diff
+    # ... and an independent run agrees: new inputs, batch 3, model rebuilt from weights.pt; the
+    # features against the PyTorch penultimate activations taken by a forward hook on the head.
+    spec = get_spec(arch)
     model = build(arch, **version.build_kwargs)
     load_weights(model, version.weights_path, arch)
-    x = torch.randn(3, *get_spec(arch).input_shape, generator=torch.Generator().manual_seed(123))
+    penultimate: list[torch.Tensor] = []
+    model.get_submodule(spec.head).register_forward_hook(lambda _m, i, _o: penultimate.append(i[0]))
+    x = torch.randn(3, *spec.input_shape, generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
         expected = model(x).numpy()
+    expected_features = penultimate[0].numpy()
+    dim = {"lenet5": 84, "googlenet": 1024, "resnet18": 512, "resnet34": 512}.get(arch, 2048)
+    dim = 4096 if arch.startswith(("alexnet", "vgg")) else dim
+    assert expected_features.shape == (3, dim) and version.metadata["features"]["shape"] == [dim]
     session = ort.InferenceSession(str(version.onnx_path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"input": x.numpy()})
-    assert got.shape == (3, get_spec(arch).num_classes) and got.dtype == np.float32
-    scale = float(np.abs(expected).max())
-    assert scale > 0
-    assert float(np.abs(got - expected).max()) / scale <= 1e-4
+    got, got_features = session.run(["logits", "features"], {"input": x.numpy()})
+    assert got.shape == (3, spec.num_classes) and got.dtype == np.float32
+    for ort_out, torch_out in ((got, expected), (got_features, expected_features)):
+        scale = float(np.abs(torch_out).max())
+        assert scale > 0
+        assert float(np.abs(ort_out - torch_out).max()) / scale <= 1e-4
     assert np.array_equal(got.argmax(1), expected.argmax(1))
 
 
@@ -92,9 +104,11 @@ def test_random_weights_are_seeded_and_recorded_as_untrained(
 
 def test_capabilities_follow_the_architecture(exported: dict[str, ExportResult]) -> None:
     caps = {arch: exported[arch].version.capabilities for arch in FAST}
-    assert caps["lenet5"] == {"classify": True, "explain": False, "dream": False, "stylize": False}
+    assert caps["lenet5"] == {
+        "classify": True, "embed": True, "explain": False, "dream": False, "stylize": False
+    }  # fmt: skip
     for arch in ("alexnet", "googlenet", "resnet18"):
-        assert caps[arch] == {"classify": True, "explain": True, "dream": True, "stylize": False}
+        assert caps[arch] == {"classify": True, "embed": True, "explain": True, "dream": True, "stylize": False}
     assert onnx_export.STYLIZE_ARCHITECTURES == {"vgg19"}
 
 

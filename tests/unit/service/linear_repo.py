@@ -1,6 +1,7 @@
 """A small model repository of linear ONNX models (metadata.json schema 1), for the engine's and the
 classify path's tests. logits = flatten(input) @ W + b, so every probability can be recomputed
-with numpy from the same preprocessing. `repo` is a fixture: import it into a test module."""
+with numpy from the same preprocessing; the `features` output (the embedding) is flatten(input)
+itself, unless a version is written as one exported before embeddings (features=False). `repo` is a fixture: import it into a test module."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def add_version(
     classes: int = 4,
     fp16: bool = False,
     seed: int = 0,
+    features: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Write root/name/version/{model.onnx, weights.pt, metadata.json}; return (W, b)."""
     c = p.channels
@@ -46,15 +48,19 @@ def add_version(
     w = (rng.standard_normal((c * p.crop * p.crop, classes)) * 0.3).astype(dtype)
     b = rng.standard_normal(classes).astype(dtype)
     elem = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    dim = c * p.crop * p.crop
+    features_nodes = [helper.make_node("Identity", ["flat"], ["features"])] if features else []
+    features_outputs = [helper.make_tensor_value_info("features", elem, ["N", dim])] if features else []
     graph = helper.make_graph(
         [
             helper.make_node("Flatten", ["input"], ["flat"], axis=1),
             helper.make_node("MatMul", ["flat", "W"], ["mm"]),
             helper.make_node("Add", ["mm", "b"], ["logits"]),
+            *features_nodes,
         ],
         name,
         [helper.make_tensor_value_info("input", elem, ["N", c, p.crop, p.crop])],
-        [helper.make_tensor_value_info("logits", elem, ["N", classes])],
+        [helper.make_tensor_value_info("logits", elem, ["N", classes]), *features_outputs],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
@@ -90,6 +96,9 @@ def add_version(
         "verification": {"batch": 2, "max_abs_diff": 0.0, "relative_diff": 0.0, "top1_equal": True},
         "capabilities": {"classify": True, "explain": False, "dream": False, "stylize": False},
     }
+    if features:
+        meta["features"] = {"name": "features", "shape": [dim], "dtype": dt, "layer": "flatten"}
+        meta["capabilities"] = {**meta["capabilities"], "embed": True}  # type: ignore[dict-item]
     (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
     return w, b
 

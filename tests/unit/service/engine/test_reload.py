@@ -140,6 +140,7 @@ def test_the_repository_is_polled(gray_repo: Path) -> None:
         # These linear models offer none, so nothing waits.
         assert engine.get("gray").capabilities == {
             "classify": True,
+            "embed": True,  # the engine's own: served at once, like classify
             "explain": False,
             "dream": False,
             "stylize": False,
