@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image
 
-from service.engine.protocol import Engine, Rows
+from service.engine.protocol import LOGITS, Engine, Rows
 from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from service.images import check_tensor, decode_image, image_to_tensor, load_image, open_image
 from service.observability import metrics
@@ -163,9 +163,14 @@ class ClassifyPath:
     # --- logits ----------------------------------------------------------------------------------
 
     async def images_logits(
-        self, model: LoadedModel, images: list[bytes], deadline: float | None
+        self,
+        model: LoadedModel,
+        images: list[bytes],
+        deadline: float | None,
+        outputs: tuple[str, ...] = (LOGITS,),
     ) -> tuple[np.ndarray, Timings]:
-        """float32 logits [n, K] for n encoded images: admitted, then decoded into their rows."""
+        """float32 logits [n, K] for n encoded images: admitted, then decoded into their rows. With
+        `outputs`, those outputs side by side instead (Engine.infer)."""
         n = len(images)
         if n == 0:
             raise InvalidArgument("no images in the request", reason="empty_image")
@@ -184,17 +189,23 @@ class ClassifyPath:
                 parts = await self._on_pool(jobs, deadline)
                 decode_s = sum(d for d, _ in parts)
                 preprocess_s = sum(p for _, p in parts)
-            logits, engine_timings = await self._engine.infer(model, admission, deadline)
+            logits, engine_timings = await self._engine.infer(model, admission, deadline, outputs)
         finally:
             self._active -= 1
             admission.release()  # a no-op once the engine took it over
         return logits, Timings(decode_s, preprocess_s, engine_timings.queue_s, engine_timings.inference_s)
 
     async def infer(
-        self, model: LoadedModel, batch: np.ndarray, deadline: float | None, *, checked: bool = False
+        self,
+        model: LoadedModel,
+        batch: np.ndarray,
+        deadline: float | None,
+        *,
+        checked: bool = False,
+        outputs: tuple[str, ...] = (LOGITS,),
     ) -> tuple[np.ndarray, Timings]:
-        """float32 logits [n, K] for a raw tensor (the Open Inference Protocol's output): admitted,
-        then validated into the admitted rows on the thread pool (unless `checked`: copied), then
+        """float32 logits [n, K] (or `outputs`, as images_logits) for a raw tensor: admitted, then
+        validated into the admitted rows on the thread pool (unless `checked`: copied), then
         inferred."""
         _check_deadline(deadline, "before inference")
         n = batch.shape[0] if batch.ndim == len(model.input_shape) + 1 else 1
@@ -209,7 +220,7 @@ class ClassifyPath:
                 fill = functools.partial(self._validate_into, model, batch, admission.inputs)
                 await self._on_pool([fill], deadline)
             check_s = time.perf_counter() - started
-            logits, engine_timings = await self._engine.infer(model, admission, deadline)
+            logits, engine_timings = await self._engine.infer(model, admission, deadline, outputs)
         finally:
             self._active -= 1
             admission.release()

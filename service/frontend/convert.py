@@ -16,7 +16,7 @@ from export.preprocessing import describe_input
 from service import images
 from service.catalog import features_dim, features_name, input_name, output_name
 from service.errors import InvalidArgument
-from service.frontend.classify import validated_tensor
+from service.frontend.classify import softmax, validated_tensor
 from service.worker import jobs
 from service.worker.params import EXPLAIN_METHODS, DreamParams, StyleParams
 from service.worker.rendering import pil_to_array
@@ -322,6 +322,27 @@ def style_params(request: pb.StylizeRequest) -> StyleParams:
 def tensor_proto(arr: np.ndarray) -> pb.Tensor:
     a = np.ascontiguousarray(arr, dtype="<f4")
     return pb.Tensor(shape=list(a.shape), dtype="float32", data=a.tobytes())
+
+
+def embed_response(
+    model: LoadedModel, row: np.ndarray, *, normalize: bool, top_k: int, timings: pb.Timings
+) -> pb.EmbedResponse:
+    """EmbedResponse from one engine row: the features (first D values), then, when top_k > 0, the
+    logits of the same run. `norm` is the vector's L2 norm before normalization (in float64)."""
+    dim = features_dim(model)
+    vector = row[:dim]
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if normalize and norm > 0:
+        vector = (vector.astype(np.float64) / norm).astype(np.float32)
+    classes = top_classes(softmax(row[None, dim:])[0], top_k, model.labels) if top_k else []
+    return pb.EmbedResponse(
+        model=model.name,
+        version=model.version,
+        embedding=tensor_proto(vector),
+        norm=norm,
+        classes=classes,
+        timings=timings,
+    )
 
 
 def _score(model: LoadedModel, index: int, probability: float) -> pb.ClassScore:

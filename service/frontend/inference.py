@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import TYPE_CHECKING, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from service.engine.protocol import FEATURES, LOGITS, features_missing
 from service.errors import InvalidArgument, ServiceError
 from service.frontend import convert
 from service.frontend.calls import Rpc, item, streamed, unary
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from service.frontend.state import ServingState
 
 T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
@@ -104,7 +107,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         def produce(rpc: Rpc) -> AsyncIterator[pb.ClassifyStreamResponse]:
             self._path()
             self._state.check_ready()
-            return self._stream(request_iterator, context)
+            return self._stream(request_iterator, context, self._stream_item)
 
         async for response in streamed("ClassifyStream", context, produce, items=True):
             yield response
@@ -138,8 +141,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _classify_inputs(
         self, path: ClassifyPath, model: LoadedModel, inputs: Sequence[pb.ImageInput], deadline: float
     ) -> tuple[np.ndarray, Timings | None]:
-        """Probabilities [n, K] for request images in request order; encoded images and tensors
-        may be mixed (they go down the classify path as two concurrent calls)."""
+        """Probabilities [n, K] for request images in request order."""
+        return await self._run_inputs(
+            model,
+            inputs,
+            lambda images: path.classify_images(model, images, deadline),
+            lambda batch: path.classify_tensors(model, batch, deadline, checked=True),
+        )
+
+    async def _run_inputs(
+        self,
+        model: LoadedModel,
+        inputs: Sequence[pb.ImageInput],
+        run_images: Callable[[list[bytes]], Awaitable[tuple[np.ndarray, Timings]]],
+        run_tensors: Callable[[np.ndarray], Awaitable[tuple[np.ndarray, Timings]]],
+    ) -> tuple[np.ndarray, Timings | None]:
+        """Rows [n, ...] for request images in request order: encoded images go to `run_images`,
+        tensors (checked here) to `run_tensors`; both kinds may be mixed (two concurrent calls)."""
         encoded: list[tuple[int, bytes]] = []
         tensors: list[tuple[int, np.ndarray]] = []
         for position, image in enumerate(inputs):
@@ -157,18 +175,82 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise InvalidArgument(f"{where} is empty: set `encoded` or `tensor`", reason="empty_image")
         calls: list[Awaitable[tuple[np.ndarray, Timings]]] = []
         if encoded:
-            calls.append(path.classify_images(model, [data for _, data in encoded], deadline))
+            calls.append(run_images([data for _, data in encoded]))
         if tensors:
-            batch = np.concatenate([t for _, t in tensors])
-            calls.append(path.classify_tensors(model, batch, deadline, checked=True))
+            calls.append(run_tensors(np.concatenate([t for _, t in tensors])))
         if len(calls) == 1:  # one kind of input, the usual case: already in request order
             return await calls[0]
         outcomes = await _first_error_gather(*calls)
-        probabilities = np.empty((len(inputs), model.num_classes), dtype=np.float32)
+        rows = np.empty((len(inputs), outcomes[0][0].shape[1]), dtype=np.float32)
         groups = [g for g in (encoded, tensors) if g]
-        for group, (probs, _) in zip(groups, outcomes, strict=True):
-            probabilities[[position for position, _ in group]] = probs
-        return probabilities, merge_timings([t for _, t in outcomes])
+        for group, (part, _) in zip(groups, outcomes, strict=True):
+            rows[[position for position, _ in group]] = part
+        return rows, merge_timings([t for _, t in outcomes])
+
+    # --- embeddings ----------------------------------------------------------------------------
+
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        return await unary("Embed", context, lambda rpc: self._embed_one(request, context, rpc))
+
+    async def EmbedStream(
+        self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: Context
+    ) -> AsyncIterator[pb.EmbedStreamResponse]:
+        """ClassifyStream's machinery and contract, with Embed's items."""
+
+        def produce(rpc: Rpc) -> AsyncIterator[pb.EmbedStreamResponse]:
+            self._path()
+            self._state.check_ready()
+            return self._stream(request_iterator, context, self._embed_stream_item)
+
+        async for response in streamed("EmbedStream", context, produce, items=True):
+            yield response
+
+    async def _embed_one(self, request: pb.EmbedRequest, context: Context, rpc: Rpc) -> pb.EmbedResponse:
+        """The features (and with top_k the classes) of one image, from one engine call: the
+        engine's rows hold both outputs of the same ONNX Runtime run."""
+        start = time.perf_counter()
+        path = self._path()
+        state = self._state
+        state.check_ready()
+        model = state.resolve_model(request.model, request.version)
+        rpc.model = model.name
+        if not model.capabilities.get("embed", False):
+            raise features_missing(model)
+        top_k = convert.resolve_top_k(request.top_k, model, state.settings.max_top_k) if request.top_k else 0
+        if not request.HasField("image"):
+            raise InvalidArgument("image is required", reason="empty_image")
+        deadline = state.deadline(context, cap_longer=rpc.method == "EmbedStream")
+        outputs = (FEATURES, LOGITS) if top_k else (FEATURES,)
+        rows, timings = await self._run_inputs(
+            model,
+            [request.image],
+            lambda images: path.images_logits(model, images, deadline, outputs),
+            lambda batch: path.infer(model, batch, deadline, checked=True, outputs=outputs),
+        )
+        return convert.embed_response(
+            model,
+            rows[0],
+            normalize=request.normalize,
+            top_k=top_k,
+            timings=convert.timings_proto(timings, time.perf_counter() - start),
+        )
+
+    async def _embed_stream_item(
+        self, request: pb.EmbedStreamRequest, context: Context
+    ) -> pb.EmbedStreamResponse:
+        async def work(rpc: Rpc) -> pb.EmbedStreamResponse:
+            if not request.HasField("request"):
+                raise InvalidArgument("stream item has no request", reason="invalid_argument")
+            return pb.EmbedStreamResponse(
+                id=request.id, result=await self._embed_one(request.request, context, rpc)
+            )
+
+        def failed(code: grpc.StatusCode, message: str) -> pb.EmbedStreamResponse:
+            return pb.EmbedStreamResponse(id=request.id, error=pb.Status(code=code.value[0], message=message))
+
+        return await item("EmbedStream", context, work, failed)
+
+    # --- streams -------------------------------------------------------------------------------
 
     def _stream_window(self) -> int:
         # Items of one stream classified concurrently: enough to fill a couple of batches, so a
@@ -195,14 +277,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return await item("ClassifyStream", context, work, failed)
 
     async def _stream(
-        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: Context
-    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
-        done: asyncio.Queue[pb.ClassifyStreamResponse | None] = asyncio.Queue()
+        self,
+        request_iterator: AsyncIterator[Req],
+        context: Context,
+        answer: Callable[[Req, Context], Coroutine[Any, Any, Resp]],
+    ) -> AsyncIterator[Resp]:
+        """A stream's items answered by `answer` (which never raises: errors are the item's
+        status), up to a window of them concurrently, each as soon as it is done."""
+        done: asyncio.Queue[Resp | None] = asyncio.Queue()
         window = asyncio.Semaphore(self._stream_window())
-        running: set[asyncio.Task[pb.ClassifyStreamResponse]] = set()
+        running: set[asyncio.Task[Resp]] = set()
         reader_error: list[BaseException] = []
 
-        def finished(task: asyncio.Task[pb.ClassifyStreamResponse]) -> None:
+        def finished(task: asyncio.Task[Resp]) -> None:
             running.discard(task)
             window.release()
             if not task.cancelled() and task.exception() is None:
@@ -212,15 +299,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 async for request in request_iterator:
                     await window.acquire()
-                    task = asyncio.create_task(self._stream_item(request, context))
+                    task = asyncio.create_task(answer(request, context))
                     running.add(task)
                     task.add_done_callback(finished)
             except DecodeError as exc:
                 # grpc.aio parses stream items as they are read, so a malformed one surfaces here.
                 reader_error.append(
                     InvalidArgument(
-                        "malformed request: a stream item is not a valid "
-                        f"cnnserve.v1.ClassifyStreamRequest message ({exc})",
+                        f"malformed request: a stream item is not a valid message of this stream ({exc})",
                         reason="malformed",
                     )
                 )

@@ -170,8 +170,9 @@ WORKER_MODEL_BYTES = Gauge(
 # labels them) with code OK, and queue_full, the classification path's load shedding, which
 # CnnserveQueueFullRejections watches. Other codes and reasons depend on the client or, for
 # gradient RPCs, on the tier (cost_budget where jobs run, resource_exhausted or worker_unreachable
-# where they are forwarded): they appear when they happen. At most 18 series per model.
-CLASSIFY_METHODS = ("Classify", "ClassifyBatch", "ClassifyStream", "ModelInfer")
+# where they are forwarded): they appear when they happen. At most 22 series per model.
+# The RPCs the engine serves (classification and embeddings: one batcher, one admission).
+CLASSIFY_METHODS = ("Classify", "ClassifyBatch", "ClassifyStream", "ModelInfer", "Embed", "EmbedStream")
 # Gradient task kind (LoadedModel.capabilities, TASK_STEPS' `task`) -> the RPCs that run it.
 TASK_METHODS: dict[str, tuple[str, ...]] = {
     "explain": ("Explain",),

@@ -124,8 +124,13 @@ class FakeEngine:
         return FakeAdmission(np.empty((n, *model.input_shape), dtype=np.float32))
 
     async def infer(
-        self, model: FakeModel, admission: FakeAdmission, deadline: float | None
+        self,
+        model: FakeModel,
+        admission: FakeAdmission,
+        deadline: float | None,
+        outputs: tuple[str, ...] = ("logits",),
     ) -> tuple[np.ndarray, FakeTimings]:
+        assert outputs == ("logits",), "the fake engine's models have logits only"
         # The engine's contract: the admitted float32 rows, filled by the frontend (its session casts).
         batch = admission.inputs
         assert batch.ndim == 4 and tuple(batch.shape[1:]) == model.input_shape

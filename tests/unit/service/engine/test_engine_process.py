@@ -91,6 +91,12 @@ def test_the_classify_path_over_the_engine_process_answers_like_in_process(
         )
         probs, _ = await path.classify_images(gray, [png(arrays[0])], None)
         np.testing.assert_allclose(probs, expected_probs([arrays[0]], GRAY8, gw, gb), rtol=1e-4, atol=1e-6)
+        # Other outputs cross the wire too, side by side in the order asked (the linear models'
+        # features are their flattened input).
+        both, _ = await path.infer(gray, x, None, outputs=("features", "logits"))
+        assert both.shape == (3, 64 + 3)
+        np.testing.assert_array_equal(both[:, :64], x.reshape(3, -1))
+        np.testing.assert_allclose(both[:, 64:], logits, rtol=1e-6)
         path.close()
         await remote.close()
 
