@@ -39,7 +39,8 @@ import grpc
 import numpy as np
 
 import service
-from service.catalog import input_name, output_name
+from service.catalog import features_dim, features_name, input_name, output_name, reexport_command
+from service.engine.protocol import FEATURES, LOGITS
 from service.errors import InvalidArgument
 from service.frontend.calls import Rpc, unary
 from service.frontend.classify import ClassifyPath, Timings, softmax
@@ -195,6 +196,13 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     pb.ModelMetadataResponse.TensorMetadata(
                         name=PROBABILITIES, datatype="FP32", shape=classes
                     ),
+                    *(
+                        pb.ModelMetadataResponse.TensorMetadata(
+                            name=features, datatype="FP32", shape=[-1, features_dim(model)]
+                        )
+                        for features in [features_name(model)]
+                        if features is not None
+                    ),
                 ],
             )
 
@@ -284,26 +292,45 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self._resolve(request.model_name, request.model_version)
             rpc.model = model.name
             outputs = self._requested_outputs(request, model)
-            logits, _ = await self._infer(request, model, state.deadline(context))
-            logits = np.asarray(logits, dtype=np.float32)
-            return self._response(request, model, logits, outputs)
+            features = features_name(model)
+            # Logits and features come from the same engine run when both are asked for.
+            engine_outputs = (LOGITS, FEATURES) if any(name == features for name, _ in outputs) else (LOGITS,)
+            rows, _ = await self._infer(request, model, state.deadline(context), engine_outputs)
+            rows = np.asarray(rows, dtype=np.float32)
+            values = {output_name(model): rows[:, : model.num_classes]}
+            if len(engine_outputs) == 2:
+                values[str(features)] = rows[:, model.num_classes :]
+            return self._response(request, model, values, outputs)
 
         return await unary("ModelInfer", context, work)
 
     def _requested_outputs(self, request: pb.ModelInferRequest, model: LoadedModel) -> list[tuple[str, int]]:
-        """(output name, classification k or 0) for each requested output; all outputs if none."""
+        """(output name, classification k or 0) for each requested output; all outputs if none (the
+        OIP's rule: the features too, where the model has them)."""
         _refuse_shared_memory(request)
-        known = (output_name(model), PROBABILITIES)
+        features = features_name(model)
+        known = (output_name(model), PROBABILITIES, *([features] if features is not None else []))
         if not request.outputs:
             return [(name, 0) for name in known]
         requested = []
         for output in request.outputs:
             if output.name not in known:
+                hint = (
+                    f"; re-export it for `features`: {reexport_command(model)}"
+                    if output.name == "features"
+                    else ""
+                )
                 raise InvalidArgument(
-                    f"unknown output {output.name!r}; {model.name} has {', '.join(known)}",
+                    f"unknown output {output.name!r}; {model.name} has {', '.join(known)}{hint}",
                     reason="invalid_argument",
                 )
             k = 0
+            if "classification" in output.parameters and output.name == features:
+                raise InvalidArgument(
+                    f"output {output.name!r}: the classification extension applies to class scores, "
+                    "not to the embedding",
+                    reason="invalid_argument",
+                )
             if "classification" in output.parameters:
                 parameter = output.parameters["classification"]
                 k = parameter.int64_param if parameter.WhichOneof("parameter_choice") == "int64_param" else -1
@@ -317,10 +344,10 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return requested
 
     async def _infer(
-        self, request: pb.ModelInferRequest, model: LoadedModel, deadline: float
+        self, request: pb.ModelInferRequest, model: LoadedModel, deadline: float, outputs: tuple[str, ...]
     ) -> tuple[np.ndarray, Timings]:
-        """Logits of the request's one input, down the classify path: a tensor is validated and
-        encoded images decoded only after the engine admitted them."""
+        """The engine `outputs` of the request's one input, down the classify path: a tensor is
+        validated and encoded images decoded only after the engine admitted them."""
         tensor, raw = _the_input(request, model)
         shape = [int(d) for d in tensor.shape]
         if not shape or any(d < 0 for d in shape):
@@ -332,14 +359,15 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._state.check_image_count(shape[0])
         if tensor.datatype.upper() == "BYTES":
             encoded = _encoded_images(tensor, raw, shape)
-            return await self._classify.images_logits(model, encoded, deadline)
-        return await self._classify.infer(model, _float_tensor(tensor, raw, shape, model), deadline)
+            return await self._classify.images_logits(model, encoded, deadline, outputs)
+        tensor_values = _float_tensor(tensor, raw, shape, model)
+        return await self._classify.infer(model, tensor_values, deadline, outputs=outputs)
 
     def _response(
         self,
         request: pb.ModelInferRequest,
         model: LoadedModel,
-        logits: np.ndarray,
+        values_by_name: dict[str, np.ndarray],
         outputs: list[tuple[str, int]],
     ) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse(
@@ -350,10 +378,10 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for name, k in outputs:
             if name == PROBABILITIES:
                 if probabilities is None:
-                    probabilities = softmax(logits)
+                    probabilities = softmax(values_by_name[output_name(model)])
                 values = probabilities
             else:
-                values = logits
+                values = values_by_name[name]
             out = response.outputs.add(name=name)
             if k:
                 order = np.argsort(-values, axis=1, kind="stable")[:, :k]

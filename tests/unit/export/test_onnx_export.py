@@ -108,7 +108,13 @@ def test_capabilities_follow_the_architecture(exported: dict[str, ExportResult])
         "classify": True, "embed": True, "explain": False, "dream": False, "stylize": False
     }  # fmt: skip
     for arch in ("alexnet", "googlenet", "resnet18"):
-        assert caps[arch] == {"classify": True, "embed": True, "explain": True, "dream": True, "stylize": False}
+        assert caps[arch] == {
+            "classify": True,
+            "embed": True,
+            "explain": True,
+            "dream": True,
+            "stylize": False,
+        }
     assert onnx_export.STYLIZE_ARCHITECTURES == {"vgg19"}
 
 

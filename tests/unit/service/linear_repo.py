@@ -1,7 +1,8 @@
 """A small model repository of linear ONNX models (metadata.json schema 1), for the engine's and the
 classify path's tests. logits = flatten(input) @ W + b, so every probability can be recomputed
 with numpy from the same preprocessing; the `features` output (the embedding) is flatten(input)
-itself, unless a version is written as one exported before embeddings (features=False). `repo` is a fixture: import it into a test module."""
+itself, unless a version is written as one exported before embeddings (features=False). `repo` is
+a fixture: import it into a test module."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ class FakeModel:
         default_factory=lambda: {"input": {"name": "input"}, "output": {"name": "logits"}}
     )
     serving: Any = None  # LoadedModel.serving: a fake engine reports the settings' values
+    path: Any = None  # LoadedModel.path: no version directory
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ features @ W + b), so every number is checked against numpy."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -165,3 +164,67 @@ def test_the_stream_answers_every_item_once_with_per_item_errors(served: dict[st
     assert counter("cnnserve_requests_total", method="EmbedStream", model="rgb", code="OK") == before + len(
         good
     )
+
+
+# --- the Open Inference Protocol's `features` output ---------------------------------------------------
+
+
+def oip_request(model: str, x: np.ndarray, *outputs: str) -> Any:
+    from service._proto.inference import grpc_predict_v2_pb2 as oip
+
+    request = oip.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def oip_outputs(response: Any) -> dict[str, np.ndarray]:
+    return {
+        out.name: np.frombuffer(raw, dtype="<f4").reshape(list(out.shape))
+        for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+
+
+def test_oip_lists_and_returns_the_features(served: dict[str, Any]) -> None:
+    from service._proto.inference import grpc_predict_v2_pb2 as oip
+    from service._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    stub = oip_grpc.GRPCInferenceServiceStub(served["harness"].channel)
+    meta = stub.ModelMetadata(oip.ModelMetadataRequest(name="rgb"))
+    assert [(o.name, list(o.shape)) for o in meta.outputs] == [
+        ("logits", [-1, 4]),
+        ("probabilities", [-1, 4]),
+        ("features", [-1, 192]),
+    ]
+    old = stub.ModelMetadata(oip.ModelMetadataRequest(name="old"))
+    assert [o.name for o in old.outputs] == ["logits", "probabilities"]
+
+    x = np.random.default_rng(7).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    w, b = served["weights"]
+    got = oip_outputs(stub.ModelInfer(oip_request("rgb", x, "features")))
+    assert list(got) == ["features"]
+    np.testing.assert_array_equal(got["features"], x.reshape(2, -1))
+    got = oip_outputs(stub.ModelInfer(oip_request("rgb", x, "features", "logits")))
+    np.testing.assert_allclose(
+        got["logits"], x.reshape(2, -1).astype(np.float64) @ w + b, rtol=1e-4, atol=1e-4
+    )
+    assert list(oip_outputs(stub.ModelInfer(oip_request("rgb", x)))) == [
+        "logits",
+        "probabilities",
+        "features",
+    ]
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(oip_request("old", x[:, :1], "features"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "unknown output 'features'" in info.value.details()
+        and "python -m export onnx" in info.value.details()
+    )
+    request = oip_request("rgb", x, "features")
+    request.outputs[0].parameters["classification"].int64_param = 2
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "embedding" in info.value.details()
