@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from service.catalog import input_name, output_name
+from service.catalog import features_dim, features_name, input_name, output_name
 from service.errors import ServiceError
 from service.frontend.calls import Rpc, unary
 from service.observability import metrics
@@ -69,6 +69,11 @@ def model_config(model: LoadedModel, state: ServingState) -> mc.ModelConfig:
         output=[
             mc.ModelOutput(name=output_name(model), data_type=mc.TYPE_FP32, dims=classes),
             mc.ModelOutput(name=PROBABILITIES, data_type=mc.TYPE_FP32, dims=classes),
+            *(
+                mc.ModelOutput(name=features, data_type=mc.TYPE_FP32, dims=[features_dim(model)])
+                for features in [features_name(model)]
+                if features is not None
+            ),
         ],
         dynamic_batching=mc.ModelDynamicBatching(
             max_queue_delay_microseconds=round(queue_delay_s * 1_000_000)

@@ -198,6 +198,8 @@ def test_oip_lists_and_returns_the_features(served: dict[str, Any]) -> None:
         ("probabilities", [-1, 4]),
         ("features", [-1, 192]),
     ]
+    config = stub.ModelConfig(oip.ModelConfigRequest(name="rgb")).config  # Triton's view too
+    assert [(o.name, list(o.dims)) for o in config.output][2] == ("features", [192])
     old = stub.ModelMetadata(oip.ModelMetadataRequest(name="old"))
     assert [o.name for o in old.outputs] == ["logits", "probabilities"]
 
