@@ -5,7 +5,8 @@ JSONL or CSV file; resumable, shardable, retrying. command.py's docstring is the
 One concern a module, imports running down the list: paths.py (discovery, normalisation: the key a
 path is resumed under, sharding), rows.py (row formats, reading an earlier output, the resume rules,
 the writer), progress.py (the progress bar, the summary), scorer.py (the streaming loop, retries,
-reconnects, deadlines), command.py (arguments, signals, exit status).
+reconnects, deadlines), vectors.py (--embeddings: the .npy shards and reading them back),
+command.py (arguments, signals, exit status).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from service.client.score.rows import (
     read_existing,
 )
 from service.client.score.scorer import Scorer, backoff_s, read_file
+from service.client.score.vectors import EmbeddingWriter, read_embeddings
 
 __all__ = [
+    "EmbeddingWriter",
     "Existing",
     "Progress",
     "RowWriter",
@@ -38,6 +41,7 @@ __all__ = [
     "normalise",
     "output_format",
     "parse_shard",
+    "read_embeddings",
     "read_existing",
     "read_file",
     "register_score",

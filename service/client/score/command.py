@@ -1,5 +1,6 @@
 """`cnnserve score`: classify a whole directory (or glob, or list of files) over ClassifyStream and
-write one row per image to a JSONL or CSV file; resumable, shardable, retrying.
+write one row per image to a JSONL or CSV file (and with --embeddings, each image's vector to .npy
+shards); resumable, shardable, retrying.
 
     cnnserve score /data/input --address=cnnserve:8500 --model=resnet50 \\
         --shard=3/8 --output=/data/output/scores-3-of-8.jsonl
@@ -41,6 +42,16 @@ the run gives up after --max-attempts stream failures in a row with no answer in
 --deadline is per image: an image not answered in time gets a DEADLINE_EXCEEDED row (a late answer
 is ignored).
 
+Embeddings (`--embeddings DIR`): the images go over EmbedStream instead, and each image's vector
+(the model's `features`, L2-normalized with --normalize) is written into DIR as float32 `.npy`
+shards of --shard-rows vectors, named after the output (scores-3-of-8-00000.npy, ...). The rows
+file stays the index: a successful row names its vector ("embedding": {"file", "row"}; in CSV an
+`embedding` column "FILE:ROW"), and carries the top-k classes of the same forward pass only with
+--top-k. A row is written once its shard is on disk, so a killed run loses at most one shard's
+worth of rows, scored again on resume; resuming, sharding and retries work as above. An output
+written with --embeddings resumes only with them (and its shards in DIR), and vice versa.
+`service.client.score.read_embeddings(OUTPUT, DIR)` gives back (paths, matrix).
+
 SIGTERM or SIGINT stops the run: the rows written so far are flushed and valid, the summary is
 printed, and rerunning the same command resumes.
 
@@ -67,6 +78,7 @@ from service.client.score.paths import collect_paths, parse_shard, shard_paths
 from service.client.score.progress import Progress, Summary
 from service.client.score.rows import Existing, RowWriter, output_format, read_existing
 from service.client.score.scorer import Scorer
+from service.client.score.vectors import DEFAULT_SHARD_ROWS, EmbeddingWriter
 
 
 def _stop_on(signals: Sequence[int], scorer: Scorer) -> dict[int, Any]:
@@ -105,7 +117,12 @@ def _existing(args: argparse.Namespace, fmt: str) -> Existing | None:
         return existing
     try:
         existing = read_existing(
-            args.output, fmt, drop_failed=args.retry_failed, model=args.model, version=args.version
+            args.output,
+            fmt,
+            drop_failed=args.retry_failed,
+            model=args.model,
+            version=args.version,
+            embeddings=args.embeddings,
         )
     except ValueError as exc:
         print(f"cnnserve score: {exc}", file=sys.stderr)
@@ -126,7 +143,12 @@ def _existing(args: argparse.Namespace, fmt: str) -> Existing | None:
 def _run(args: argparse.Namespace, fmt: str, todo: list[str]) -> tuple[Scorer, Summary]:
     """Score `todo` into the output, SIGTERM and SIGINT stopping the run; the output is closed
     (synced) whatever happens."""
-    writer = RowWriter(args.output, fmt)
+    rows = RowWriter(args.output, fmt, embeddings=args.embeddings is not None)
+    writer = (
+        rows
+        if args.embeddings is None
+        else EmbeddingWriter(rows, args.embeddings, shard_rows=args.shard_rows)
+    )
     progress = Progress(len(todo), quiet=args.quiet, interval_s=args.progress_interval)
     channel = grpc.insecure_channel(args.address, options=default_channel_options())
     scorer = Scorer(
@@ -139,6 +161,7 @@ def _run(args: argparse.Namespace, fmt: str, todo: list[str]) -> tuple[Scorer, S
         deadline_s=args.deadline,
         writer=writer,
         progress=progress,
+        normalize=args.normalize,
     )
     previous = _stop_on((signal.SIGTERM, signal.SIGINT), scorer)
     finished = False
@@ -174,6 +197,10 @@ def _exit_status(args: argparse.Namespace, scorer: Scorer, summary: Summary) -> 
 
 def score_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`cnnserve score`: the module docstring says what it does and what its exit status means."""
+    if args.embeddings is not None and args.output == "-":
+        parser.error("--embeddings needs --output FILE: the rows file is the index of the vectors")
+    if args.shard_rows < 1:
+        parser.error("--shard-rows must be at least 1")
     paths = _paths(args, parser)
     if paths is None:
         return 2
@@ -223,6 +250,14 @@ def register_score(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument(
         "--retry-failed", action="store_true", help="score again the paths whose earlier row is an error"
     )
+    parser.add_argument(
+        "--embeddings", metavar="DIR", help="also write each image's embedding into .npy shards in DIR"
+    )
+    parser.add_argument("--normalize", action="store_true", help="with --embeddings: L2-normalized vectors")
+    parser.add_argument(
+        "--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, metavar="N",
+        help="with --embeddings: vectors per .npy shard (default %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     parser.add_argument(
         "--progress-interval", type=float, default=10.0, metavar="SECONDS",

@@ -17,6 +17,9 @@ from typing import Any, TextIO
 from service.client.score.paths import normalise
 
 CSV_FIELDS = ["path", "model", "version", "index", "label", "probability", "classes", "error"]
+# With --embeddings (service/client/score/vectors.py): where the row's vector is, "FILE:ROW" in CSV,
+# {"file", "row"} in JSONL; empty (absent) on an error row.
+EMBEDDING_FIELD = "embedding"
 FSYNC_INTERVAL_S = 2.0
 FLUSH_INTERVAL_S = 0.02
 
@@ -46,23 +49,32 @@ def make_row(
     }
 
 
-def format_row(row: dict[str, Any], fmt: str) -> str:
-    """One row as one line (newline included)."""
+def format_row(row: dict[str, Any], fmt: str, *, embeddings: bool = False) -> str:
+    """One row as one line (newline included); `embeddings`: the CSV has the embedding column."""
     if fmt == "jsonl":
         return json.dumps(row, ensure_ascii=False) + "\n"
     top = row["classes"][0] if row["classes"] else {"index": "", "label": "", "probability": ""}
+    cells = [
+        row["path"], row["model"], row["version"], top["index"], top["label"], top["probability"],
+        json.dumps(row["classes"], ensure_ascii=False) if row["classes"] else "", row["error"],
+    ]  # fmt: skip
+    if embeddings:
+        ref = row.get(EMBEDDING_FIELD)
+        cells.append(f"{ref['file']}:{ref['row']}" if ref else "")
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(
-        [
-            row["path"], row["model"], row["version"], top["index"], top["label"], top["probability"],
-            json.dumps(row["classes"], ensure_ascii=False) if row["classes"] else "", row["error"],
-        ]
-    )  # fmt: skip
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
     return buffer.getvalue()
 
 
-def csv_header() -> str:
-    return ",".join(CSV_FIELDS) + "\n"
+def csv_header(*, embeddings: bool = False) -> str:
+    return ",".join([*CSV_FIELDS, *([EMBEDDING_FIELD] if embeddings else [])]) + "\n"
+
+
+def _embedding_cell(cell: str) -> dict[str, Any] | None:
+    if not cell:
+        return None
+    name, _, row = cell.rpartition(":")
+    return {"file": name, "row": int(row)}
 
 
 @dataclass
@@ -83,18 +95,21 @@ class _Row:
     version: int
     error: str
     line: str
+    embedding: dict[str, Any] | None = None
 
 
-def _parse_lines(text: str, fmt: str, name: str) -> list[_Row]:
-    """Each complete row."""
-    rows: list[_Row] = []
+def _records(text: str, fmt: str, name: str) -> list[tuple[int, str, dict[str, Any]]]:
+    """(line number, line, record) of each complete row; a CSV's embedding cell parsed."""
     lines = text.splitlines(keepends=True)
+    fields = CSV_FIELDS
     if fmt == "csv":
         if not lines:
-            return rows
-        if lines[0] != csv_header():
+            return []
+        if lines[0] not in (csv_header(), csv_header(embeddings=True)):
             raise ValueError(f"{name}: not a `cnnserve score` CSV file (header {lines[0].strip()!r})")
+        fields = lines[0].strip().split(",")
         lines = lines[1:]
+    records = []
     for number, line in enumerate(lines, 2 if fmt == "csv" else 1):
         if not line.strip():
             continue
@@ -103,13 +118,35 @@ def _parse_lines(text: str, fmt: str, name: str) -> list[_Row]:
                 record = json.loads(line)
             else:
                 (cells,) = list(csv.reader([line]))
-                record = dict(zip(CSV_FIELDS, cells, strict=True))
+                record = dict(zip(fields, cells, strict=True))
+                record[EMBEDDING_FIELD] = _embedding_cell(record.get(EMBEDDING_FIELD, ""))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}:{number}: unreadable row ({exc}); fix or move the file") from None
+        records.append((number, line, record))
+    return records
+
+
+def parsed_rows(output: str, fmt: str) -> list[dict[str, Any]]:
+    """The records of an output's complete rows (a partial last line left out)."""
+    with open(output, "rb") as f:
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1].decode("utf-8")
+    return [record for _, _, record in _records(complete, fmt, output)]
+
+
+def _parse_lines(text: str, fmt: str, name: str) -> list[_Row]:
+    """Each complete row."""
+    rows: list[_Row] = []
+    for number, line, record in _records(text, fmt, name):
+        try:
+            embedding = record.get(EMBEDDING_FIELD)
             row = _Row(
                 str(record["path"]),
                 str(record.get("model") or ""),
                 int(record.get("version") or 0),
                 str(record.get("error") or ""),
                 line,
+                dict(embedding) if embedding else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{name}:{number}: unreadable row ({exc}); fix or move the file") from None
@@ -132,13 +169,37 @@ def _mismatch(rows: Sequence[_Row], model: str, version: int) -> str | None:
     return None
 
 
+def _embeddings_mismatch(rows: Sequence[_Row], embeddings: str | None) -> str | None:
+    """Why the successful rows cannot be resumed with (or without) --embeddings, or None."""
+    ok = [r for r in rows if not r.error]
+    if embeddings is None and any(r.embedding for r in ok):
+        return "it was written with --embeddings; give the --embeddings directory to resume it"
+    if embeddings is not None:
+        if any(not r.embedding for r in ok):
+            return "it was written without --embeddings: its rows have no vectors"
+        from service.client.score.vectors import check_shards
+
+        try:
+            check_shards(((r.path, r.embedding or {}) for r in ok), embeddings)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def read_existing(
-    output: str, fmt: str, *, drop_failed: bool = False, model: str | None = None, version: int = 0
+    output: str,
+    fmt: str,
+    *,
+    drop_failed: bool = False,
+    model: str | None = None,
+    version: int = 0,
+    embeddings: str | None = None,
 ) -> Existing:
     """Read (and repair) an existing output: cut a partial last line; with `drop_failed`, rewrite
     the file without its error rows. A missing file is an empty result. With `model`, an output
     holding rows of another model (or of another version, when `version` is not 0) is refused
-    with ValueError before anything is changed."""
+    with ValueError before anything is changed, as is one whose rows have vectors when this run
+    has no `embeddings` directory, or lack them (or name shards missing from it) when it has."""
     existing = Existing()
     try:
         with open(output, "rb") as f:
@@ -149,6 +210,7 @@ def read_existing(
     existing.truncated_bytes = len(data) - len(complete)
     rows = _parse_lines(complete.decode("utf-8"), fmt, output)
     problem = None if model is None else _mismatch(rows, model, version)
+    problem = problem or _embeddings_mismatch(rows, embeddings)
     if problem is not None:
         raise ValueError(
             f"{output}: {problem}; one output holds one model's rows: give another --output "
@@ -170,7 +232,7 @@ def read_existing(
         tmp = f"{output}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             if fmt == "csv":
-                f.write(csv_header())
+                f.write(csv_header(embeddings=embeddings is not None))
             f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
@@ -188,9 +250,10 @@ class RowWriter:
     (created, a CSV's header written) with the first row, so a run that never got an answer leaves
     no empty output behind."""
 
-    def __init__(self, output: str, fmt: str) -> None:
+    def __init__(self, output: str, fmt: str, *, embeddings: bool = False) -> None:
         self.output = output
         self.fmt = fmt
+        self.embeddings = embeddings  # the CSV's embedding column
         self._stdout = output == "-"
         self._file: TextIO | None = None
         self._synced = self._flushed = time.monotonic()
@@ -205,7 +268,7 @@ class RowWriter:
             os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
             file = open(self.output, "a", encoding="utf-8", newline="")  # noqa: SIM115
         if new and self.fmt == "csv":
-            file.write(csv_header())
+            file.write(csv_header(embeddings=self.embeddings))
         return file
 
     def write(self, row: dict[str, Any]) -> None:
@@ -214,7 +277,7 @@ class RowWriter:
         scored again by the next run)."""
         if self._file is None:
             self._file = self._open()
-        self._file.write(format_row(row, self.fmt))
+        self._file.write(format_row(row, self.fmt, embeddings=self.embeddings))
         self._dirty = True
 
     def flush(self) -> float:

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import grpc
+import numpy as np
 
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service.client.results import status_code
 from service.client.score.progress import Progress, Summary
 from service.client.score.rows import RowWriter, make_row
+from service.client.score.vectors import EmbeddingWriter
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 BACKOFF_INITIAL_S = 0.1
@@ -56,14 +58,17 @@ def backoff_s(attempt: int, rng: random.Random) -> float:
 
 
 class _Stream:
-    """One ClassifyStream call: requests fed through a queue, responses read by a thread into the
-    scorer's event queue, tagged with this stream's generation."""
+    """One ClassifyStream (or EmbedStream: `method`) call: requests fed through a queue, responses
+    read by a thread into the scorer's event queue, tagged with this stream's generation."""
 
-    def __init__(self, stub: Any, generation: int, events: queue.SimpleQueue[tuple[Any, ...]]) -> None:
+    def __init__(
+        self, stub: Any, generation: int, events: queue.SimpleQueue[tuple[Any, ...]], method: str
+    ) -> None:
         # Lists of requests: the scorer hands over a refill of the window at once (one wake-up of
         # gRPC's sending thread per refill, not one per image).
         self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.call = stub.ClassifyStream(itertools.chain.from_iterable(iter(self.requests.get, None)))
+        call = getattr(stub, method)
+        self.call = call(itertools.chain.from_iterable(iter(self.requests.get, None)))
         self.generation = generation
         self._thread = threading.Thread(target=self._read, args=(events,), daemon=True, name="score-recv")
         self._thread.start()
@@ -129,8 +134,10 @@ _Next = Literal["tail", "skip", "stop"]
 
 
 class Scorer:
-    """Scores paths over ClassifyStream, writing one row per path with `writer`. One run at a time;
-    stop() may be called from a signal handler or another thread."""
+    """Scores paths over ClassifyStream, writing one row per path with `writer`. With an
+    EmbeddingWriter, over EmbedStream instead: each successful row comes with its vector (and its
+    classes, when `top_k` > 0, from the same forward pass). One run at a time; stop() may be
+    called from a signal handler or another thread."""
 
     def __init__(
         self,
@@ -142,9 +149,10 @@ class Scorer:
         window: int,
         max_attempts: int,
         deadline_s: float | None,
-        writer: RowWriter,
+        writer: RowWriter | EmbeddingWriter,
         progress: Progress,
         rng: random.Random | None = None,
+        normalize: bool = False,
     ) -> None:
         self.stub = stub
         self.model, self.version, self.top_k = model, version, top_k
@@ -153,6 +161,8 @@ class Scorer:
         self.max_attempts = max(1, max_attempts)
         self.deadline_s = deadline_s
         self.writer = writer
+        self.embed = isinstance(writer, EmbeddingWriter)
+        self.normalize = normalize  # Embed's L2 normalization
         self.progress = progress
         self.rng = rng or random.Random()
         self.summary = Summary()
@@ -174,8 +184,11 @@ class Scorer:
         self.stopped_by = signum
         self._events.put(("stop", None, None))
 
-    def _finish(self, item: Item, row: dict[str, Any]) -> None:
-        self.writer.write(row)
+    def _finish(self, item: Item, row: dict[str, Any], vector: np.ndarray | None = None) -> None:
+        if isinstance(self.writer, EmbeddingWriter):
+            self.writer.write(row, vector)
+        else:
+            self.writer.write(row)
         if row["error"]:
             self.summary.failed += 1
         else:
@@ -206,7 +219,8 @@ class Scorer:
                     time.sleep(min(self._reconnect_at - now, 0.5))
                     continue
                 self._generation += 1
-                self._stream = _Stream(self.stub, self._generation, self._events)
+                method = "EmbedStream" if self.embed else "ClassifyStream"
+                self._stream = _Stream(self.stub, self._generation, self._events, method)
             self._fill(self._stream, now)
             if not items.busy():
                 break
@@ -251,12 +265,22 @@ class Scorer:
                 self._fail(item, f"{code}: {exc.strerror or exc}")
                 continue
             key = items.send(item)
-            request = pb.ClassifyRequest(
-                model=self.model, version=self.version, top_k=self.top_k, image=pb.ImageInput(encoded=data)
-            )
-            batch.append(pb.ClassifyStreamRequest(id=key, request=request))
+            batch.append(self._request(key, pb.ImageInput(encoded=data)))
         if batch:
             stream.requests.put(batch)
+
+    def _request(self, key: str, image: pb.ImageInput) -> Any:
+        if self.embed:
+            embed = pb.EmbedRequest(
+                model=self.model,
+                version=self.version,
+                top_k=self.top_k,
+                image=image,
+                normalize=self.normalize,
+            )
+            return pb.EmbedStreamRequest(id=key, request=embed)
+        request = pb.ClassifyRequest(model=self.model, version=self.version, top_k=self.top_k, image=image)
+        return pb.ClassifyStreamRequest(id=key, request=request)
 
     def _next_event(self, now: float) -> tuple[Any, ...]:
         """The next event, waiting for at most an answer, the next due retry, a per-image deadline
@@ -277,7 +301,7 @@ class Scorer:
         except queue.Empty:
             return "tick", self._generation, None
 
-    def _on_response(self, payload: pb.ClassifyStreamResponse) -> _Next:
+    def _on_response(self, payload: pb.ClassifyStreamResponse | pb.EmbedStreamResponse) -> _Next:
         """An answer: a row, or a retry after a backoff (UNAVAILABLE, RESOURCE_EXHAUSTED)."""
         self._reconnect_failures = 0
         item = self._items.inflight.pop(payload.id, None)
@@ -285,7 +309,11 @@ class Scorer:
             return "skip"  # a late answer for an attempt already given up
         if payload.WhichOneof("outcome") == "result":
             r = payload.result
-            self._finish(item, make_row(item.path, model=r.model, version=r.version, classes=r.classes))
+            row = make_row(item.path, model=r.model, version=r.version, classes=r.classes)
+            vector = None
+            if isinstance(r, pb.EmbedResponse):
+                vector = np.frombuffer(r.embedding.data, dtype="<f4").reshape(list(r.embedding.shape))
+            self._finish(item, row, vector)
             return "skip"
         code = status_code(payload.error.code)
         if code in RETRYABLE and item.attempts < self.max_attempts:
