@@ -50,14 +50,29 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
         ArchSpec(
-            "lenet5", lenet5, (1, 32, 32), 10, DIGITS, "digits", None, "LeNet-5 (LeCun et al. 1998)",
+            "lenet5",
+            lenet5,
+            (1, 32, 32),
+            10,
+            DIGITS,
+            "digits",
+            None,
+            "LeNet-5 (LeCun et al. 1998)",
             "classifier.2",
         ),  # fmt: skip
-        _imagenet("alexnet", alexnet, None, "AlexNet as in the paper (Krizhevsky et al. 2012)", "classifier.6"),
         _imagenet(
-            "alexnet_torchvision", alexnet_torchvision, "alexnet", "AlexNet, torchvision's variant", "classifier.6"
+            "alexnet", alexnet, None, "AlexNet as in the paper (Krizhevsky et al. 2012)", "classifier.6"
         ),
-        _imagenet("googlenet", googlenet, "googlenet", "GoogLeNet / Inception v1 (Szegedy et al. 2014)", "fc"),
+        _imagenet(
+            "alexnet_torchvision",
+            alexnet_torchvision,
+            "alexnet",
+            "AlexNet, torchvision's variant",
+            "classifier.6",
+        ),
+        _imagenet(
+            "googlenet", googlenet, "googlenet", "GoogLeNet / Inception v1 (Szegedy et al. 2014)", "fc"
+        ),
         _imagenet("resnet18", resnet18, "resnet18", "ResNet-18 (He et al. 2015)", "fc"),
         _imagenet("resnet34", resnet34, "resnet34", "ResNet-34 (He et al. 2015)", "fc"),
         _imagenet("resnet50", resnet50, "resnet50", "ResNet-50 (He et al. 2015)", "fc"),

@@ -374,7 +374,8 @@ def _neuron_units(act: torch.Tensor, neuron: NeuronTarget) -> tuple[np.ndarray, 
     if act.dim() == 2:
         if neuron.y is not None:
             raise InvalidArgument(
-                f"neuron: layer {neuron.layer!r} has shape {shape}, no spatial position: give the channel alone",
+                f"neuron: layer {neuron.layer!r} has shape {shape}, no spatial position: "
+                "give the channel alone",
                 reason="channel_out_of_range",
             )
         return np.zeros((n, 2), dtype=np.int64), act[:, neuron.channel]

@@ -198,7 +198,8 @@ def _feature_maps(
     x = np.asarray(job.inputs, dtype=np.float32)
     if tuple(x.shape[1:]) != model.input_shape:
         raise InvalidArgument(
-            f"feature maps input has shape {tuple(x.shape[1:])}; model {model.name!r} takes {model.input_shape}",
+            f"feature maps input has shape {tuple(x.shape[1:])}; "
+            f"model {model.name!r} takes {model.input_shape}",
             reason="wrong_shape",
         )
     acts = activations(
