@@ -135,6 +135,12 @@ def loaded_model(
             f"the input shape {list(shape)}"
         )
     capabilities = {str(k): bool(v) for k, v in (meta.get("capabilities") or {"classify": True}).items()}
+    # FeatureMaps and Filters need nothing but the PyTorch weights (no ReLU, no particular
+    # architecture), so every version with weights.pt offers them, also one exported before they
+    # existed (its metadata.json's capabilities do not name them).
+    has_weights = repository.WEIGHTS_FILE in (meta.get("files") or {})
+    capabilities.setdefault("feature_maps", has_weights)
+    capabilities.setdefault("filters", has_weights)
     config = config or ModelConfig()
     if config.gradients is not None:
         offered = set(config.gradients)

@@ -12,7 +12,8 @@ model, the way Triton's config.pbtxt does (LeNet-5 wants batches of 256, VGG-19 
     device: cpu                       # auto | cpu | cuda
     precision: exported               # exported | fp32 | fp16 (fp32 exports converted at load)
     version_policy: {latest: 2}       # or {specific: [1, 3]} or {all: true}
-    gradients: [explain]              # the gradient RPCs offered: explain, dream, stylize
+    gradients: [explain]              # the gradient RPCs offered: explain, dream, stylize,
+                                      #   feature_maps, filters
 
 Why YAML: it is written by hand, next to Kubernetes manifests, by the people who write those, and
 it takes comments; JSON is valid YAML, so a generated file may be JSON. It is read with
@@ -40,7 +41,7 @@ from service.settings import Settings, warmup_sizes_of
 
 CONFIG_FILE = "config.yaml"
 MAX_CONFIG_BYTES = 64 * 1024
-GRADIENT_RPCS = ("explain", "dream", "stylize")
+GRADIENT_RPCS = ("explain", "dream", "stylize", "feature_maps", "filters")
 
 
 class ModelConfigError(ValueError):
@@ -104,7 +105,7 @@ class ModelConfig(BaseModel):
     # is, an fp32 export converted at load and checked (service/engine/precision.py).
     precision: Literal["exported", "fp32", "fp16"] | None = None
     version_policy: VersionPolicy | None = None
-    gradients: tuple[Literal["explain", "dream", "stylize"], ...] | None = None
+    gradients: tuple[Literal["explain", "dream", "stylize", "feature_maps", "filters"], ...] | None = None
 
     @field_validator("warmup_batch_sizes")
     @classmethod

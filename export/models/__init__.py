@@ -61,7 +61,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             None,
             "LeNet-5 (LeCun et al. 1998)",
             "classifier.2",
-        ),  # fmt: skip
+        ),
         _imagenet("alexnet", alexnet, None, "AlexNet as in the paper (Krizhevsky et al. 2012)", FC8),
         _imagenet(
             "alexnet_torchvision", alexnet_torchvision, "alexnet", "AlexNet, torchvision's variant", FC8

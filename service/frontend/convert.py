@@ -18,7 +18,7 @@ from service.catalog import features_dim, features_name, input_name, output_name
 from service.errors import InvalidArgument
 from service.frontend.classify import softmax, validated_tensor
 from service.worker import jobs
-from service.worker.params import EXPLAIN_METHODS, DreamParams, StyleParams
+from service.worker.params import EXPLAIN_METHODS, DreamParams, LayerTable, NeuronTarget, StyleParams
 from service.worker.rendering import pil_to_array
 
 from .._proto.cnnserve.v1 import inference_pb2 as pb
@@ -46,6 +46,8 @@ CAPABILITY_ENUM = {
     "explain": pb.CAPABILITY_EXPLAIN,
     "dream": pb.CAPABILITY_DREAM,
     "stylize": pb.CAPABILITY_STYLIZE,
+    "feature_maps": pb.CAPABILITY_FEATURE_MAPS,
+    "filters": pb.CAPABILITY_FILTERS,
 }
 # The engine's: embed only where the version has the features output (metadata.json says so).
 SERVED_CAPABILITIES = frozenset({"classify", "embed"})
@@ -144,6 +146,7 @@ def model_info(
     versions: Iterable[int],
     ready: bool,
     include_labels: bool = False,
+    include_layers: bool = False,
     served: frozenset[str] = SERVED_CAPABILITIES,
 ) -> pb.ModelInfo:
     meta = model.metadata or {}
@@ -197,7 +200,20 @@ def model_info(
         )
     if include_labels:
         info.labels.extend(model.labels)
+    table = model_layers(model)
+    if include_layers and table is not None:
+        info.layers.extend(
+            pb.LayerInfo(name=str(e["name"]), shape=[int(d) for d in e["shape"]], kind=str(e["kind"]))
+            for e in table
+        )
     return info
+
+
+def model_layers(model: LoadedModel) -> LayerTable | None:
+    """metadata.json's "layers" (export.layers.addressable_layers at export), or None for a version
+    exported before it (the gradient processes then check layer names from the module)."""
+    layers = (model.metadata or {}).get("layers")
+    return layers if isinstance(layers, list) and layers else None
 
 
 # --- gradient jobs -----------------------------------------------------------------------------
@@ -272,6 +288,21 @@ def explain_targets(request: pb.ExplainRequest, model: LoadedModel, n: int) -> t
                 reason="target_out_of_range",
             )
     return tuple(int(t) for t in targets)
+
+
+def explain_neuron(request: pb.ExplainRequest) -> NeuronTarget | None:
+    """ExplainRequest.neuron -> the job's NeuronTarget (None when unset); model-independent checks."""
+    if not request.HasField("neuron"):
+        return None
+    n = request.neuron
+    neuron = NeuronTarget(
+        layer=n.layer,
+        channel=int(n.channel),
+        y=int(n.y) if n.HasField("y") else None,
+        x=int(n.x) if n.HasField("x") else None,
+    )
+    neuron.check(None)
+    return neuron
 
 
 def dream_params(request: pb.DreamRequest) -> DreamParams:
@@ -357,9 +388,26 @@ def explain_response(result: jobs.ExplainResult, model: LoadedModel, method: str
         e = pb.Explanation(
             saliency=tensor_proto(result.saliency[i]),
             png=result.pngs[i] if i < len(result.pngs) else b"",
-            explained=_score(model, cls, float(result.probabilities[i])),
             predicted=_score(model, int(result.predicted[i]), float(result.predicted_probabilities[i])),
         )
+        if i < len(result.neurons):  # a neuron target: no class was explained
+            n = result.neurons[i]
+            top, left, bottom, right = n.field
+            e.neuron.CopyFrom(
+                pb.NeuronExplained(
+                    layer=n.layer,
+                    channel=n.channel,
+                    y=n.y,
+                    x=n.x,
+                    activation=n.activation,
+                    field_top=top,
+                    field_left=left,
+                    field_bottom=bottom,
+                    field_right=right,
+                )
+            )
+        else:
+            e.explained.CopyFrom(_score(model, cls, float(result.probabilities[i])))
         if result.plain is not None:
             e.plain_gradient.CopyFrom(tensor_proto(result.plain[i]))
         if result.cam is not None:
@@ -370,6 +418,32 @@ def explain_response(result: jobs.ExplainResult, model: LoadedModel, method: str
         version=result.version,
         method=EXPLAIN_METHOD_ENUM.get(method, pb.EXPLAIN_METHOD_UNSPECIFIED),
         explanations=explanations,
+        seconds=result.seconds,
+    )
+
+
+def feature_maps_response(result: jobs.FeatureMapsResult, model: LoadedModel) -> pb.FeatureMapsResponse:
+    return pb.FeatureMapsResponse(
+        model=result.model,
+        version=result.version,
+        maps=[
+            pb.FeatureMap(
+                layer=m.layer, activations=tensor_proto(m.activations), png=m.png, channels=list(m.channels)
+            )
+            for m in result.maps
+        ],
+        predicted=_score(model, result.predicted, result.predicted_probability),
+        seconds=result.seconds,
+    )
+
+
+def filters_response(result: jobs.FiltersResult) -> pb.FiltersResponse:
+    return pb.FiltersResponse(
+        model=result.model,
+        version=result.version,
+        layer=result.layer,
+        weights=tensor_proto(result.weights),
+        png=result.png,
         seconds=result.seconds,
     )
 

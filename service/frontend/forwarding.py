@@ -1,9 +1,10 @@
 """The serving tier's side of a separate gradient tier (`cnnserve worker`): `ForwardedGradients`.
 
 With `settings.worker_address` set, `cnnserve serve` starts no local gradient pool: Explain, Dream,
-DreamUnary, Stylize and StylizeUnary are forwarded, request as received, over one grpc.aio channel to
-the gradient tier (service/frontend/gradient_tier.py), which runs the same servicer with a
-`LocalGradients` backend (service/frontend/gradients.py) on its own pool. What crosses the hop:
+DreamUnary, Stylize, StylizeUnary, FeatureMaps and Filters are forwarded, request as received, over
+one grpc.aio channel to the gradient tier (service/frontend/gradient_tier.py), which runs the same
+servicer with a `LocalGradients` backend (service/frontend/gradients.py) on its own pool. What crosses
+the hop:
 
 - Deadlines: the forwarded call's timeout is the caller's remaining time (a call without a deadline
   gets max_deadline_s, like every call here; see `hop_timeout`), so the worker's pool stops the job
@@ -270,6 +271,16 @@ class ForwardedGradients:
     async def stylize_unary(self, request: pb.StylizeRequest, context: Any, rpc: Rpc) -> pb.StylizeResult:
         result: pb.StylizeResult = await self._unary("StylizeUnary", request, context, rpc)
         return result
+
+    async def feature_maps(
+        self, request: pb.FeatureMapsRequest, context: Any, rpc: Rpc
+    ) -> pb.FeatureMapsResponse:
+        response: pb.FeatureMapsResponse = await self._unary("FeatureMaps", request, context, rpc)
+        return response
+
+    async def filters(self, request: pb.FiltersRequest, context: Any, rpc: Rpc) -> pb.FiltersResponse:
+        response: pb.FiltersResponse = await self._unary("Filters", request, context, rpc)
+        return response
 
     def dream(self, request: pb.DreamRequest, context: Any, rpc: Rpc) -> AsyncIterator[pb.DreamResponse]:
         return self._stream("Dream", request, context, rpc)

@@ -55,7 +55,8 @@ from .._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 log = logging.getLogger("service.worker_server")
 
 NOT_HERE_MESSAGE = (
-    "this is a gradient worker (`cnnserve worker`): it serves only Explain, Dream and Stylize; "
+    "this is a gradient worker (`cnnserve worker`): it serves only Explain, Dream, Stylize, FeatureMaps "
+    "and Filters; "
     "classify on the serving tier (`cnnserve serve`)"
 )
 

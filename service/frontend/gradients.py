@@ -1,4 +1,5 @@
-"""The gradient RPCs' backends (Explain, Dream, DreamUnary, Stylize, StylizeUnary): the servicer
+"""The gradient RPCs' backends (Explain, Dream, DreamUnary, Stylize, StylizeUnary, FeatureMaps,
+Filters): the servicer
 (service/frontend/inference.py) takes one by composition.
 
 - `LocalGradients`: the gradient pool of this process (service.worker.pool.GradientPool,
@@ -10,7 +11,8 @@
 Order of a local call's checks: ready -> pool configured -> model resolved (NOT_FOUND, before
 anything reaches the pool, so client-chosen names never become metric labels) -> capability ->
 the version not refused by the parity self-test -> images decoded (pixel caps) -> `validate_job`
-(caps: INVALID_ARGUMENT naming the cap) -> `submit(cost=estimate_cost(job), deadline=...)`.
+(caps: INVALID_ARGUMENT naming the cap) -> layer names (`check_layers`, where metadata.json lists
+the layers; else the gradient process checks them) -> `submit(cost=estimate_cost(job), deadline=...)`.
 
 Cancellation: when the client cancels (or the deadline passes) grpc.aio cancels the handler's
 coroutine; the `submit` awaiting inside it is cancelled with it and the pool stops the job.
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from service.frontend.state import ServingState
 
 T = TypeVar("T")
-GRADIENT_CAPABILITIES = frozenset({"explain", "dream", "stylize"})
+GRADIENT_CAPABILITIES = frozenset({"explain", "dream", "stylize", "feature_maps", "filters"})
 DISABLED_MESSAGE = "gradient workers disabled (the server runs with workers=0)"
 
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -63,6 +65,12 @@ class GradientBackend(Protocol):
     def dream(
         self, request: pb.DreamRequest, context: Context, rpc: Rpc
     ) -> AsyncIterator[pb.DreamResponse]: ...
+
+    async def feature_maps(
+        self, request: pb.FeatureMapsRequest, context: Context, rpc: Rpc
+    ) -> pb.FeatureMapsResponse: ...
+
+    async def filters(self, request: pb.FiltersRequest, context: Context, rpc: Rpc) -> pb.FiltersResponse: ...
 
     def stylize(
         self, request: pb.StylizeRequest, context: Context, rpc: Rpc
@@ -117,6 +125,7 @@ class LocalGradients:
             raise InvalidArgument("images is empty: send at least one image", reason="empty_image")
         self._check_batch(len(request.images), "images in one Explain")
         targets = convert.explain_targets(request, model, len(request.images))
+        neuron = convert.explain_neuron(request)
         inputs = await asyncio.to_thread(
             convert.explain_inputs, list(request.images), model, self._state.settings.max_image_pixels
         )
@@ -127,16 +136,48 @@ class LocalGradients:
             targets=targets,
             method=method,
             plain_gradient=request.include_plain_gradient,
+            neuron=neuron,
         )
-        return convert.explain_response(await self._run(pool, job, context), model, method)
+        return convert.explain_response(await self._run(pool, job, context, model), model, method)
+
+    async def feature_maps(
+        self, request: pb.FeatureMapsRequest, context: Context, rpc: Rpc
+    ) -> pb.FeatureMapsResponse:
+        pool, model = self._prepare(request.model, request.version, "feature_maps", rpc)
+        if not request.HasField("image"):
+            raise InvalidArgument("image is required", reason="empty_image")
+        if not request.layers:
+            raise InvalidArgument("layers is empty: name 1..max_task_batch layers (GetModel layers)")
+        self._check_batch(len(request.layers), "layers in one FeatureMaps")
+        if not 0 <= request.max_channels <= jobs.MAX_CHANNELS:
+            raise InvalidArgument(
+                f"max_channels must be 0..{jobs.MAX_CHANNELS} (0: {jobs.DEFAULT_MAX_CHANNELS}), "
+                f"got {request.max_channels}"
+            )
+        inputs = await asyncio.to_thread(
+            convert.explain_inputs, [request.image], model, self._state.settings.max_image_pixels
+        )
+        job = jobs.FeatureMapsJob(
+            model=model.name,
+            version=model.version,
+            inputs=inputs,
+            layers=tuple(request.layers),
+            max_channels=request.max_channels or jobs.DEFAULT_MAX_CHANNELS,
+        )
+        return convert.feature_maps_response(await self._run(pool, job, context, model), model)
+
+    async def filters(self, request: pb.FiltersRequest, context: Context, rpc: Rpc) -> pb.FiltersResponse:
+        pool, model = self._prepare(request.model, request.version, "filters", rpc)
+        job = jobs.FiltersJob(model=model.name, version=model.version, layer=request.layer)
+        return convert.filters_response(await self._run(pool, job, context, model))
 
     async def dream_unary(self, request: pb.DreamRequest, context: Context, rpc: Rpc) -> pb.DreamResult:
-        pool, job = await self._dream_job(request, rpc)
-        return convert.dream_result(await self._run(pool, job, context))
+        pool, job, model = await self._dream_job(request, rpc)
+        return convert.dream_result(await self._run(pool, job, context, model))
 
     async def stylize_unary(self, request: pb.StylizeRequest, context: Context, rpc: Rpc) -> pb.StylizeResult:
-        pool, job = await self._stylize_job(request, rpc)
-        return convert.stylize_result(await self._run(pool, job, context))
+        pool, job, model = await self._stylize_job(request, rpc)
+        return convert.stylize_result(await self._run(pool, job, context, model))
 
     def dream(self, request: pb.DreamRequest, context: Context, rpc: Rpc) -> AsyncIterator[pb.DreamResponse]:
         return self._progress(
@@ -187,7 +228,7 @@ class LocalGradients:
                 f"{n} {what}; the limit is max_task_batch={limit}", reason="too_many_images"
             )
 
-    async def _dream_job(self, request: pb.DreamRequest, rpc: Rpc) -> tuple[Pool, jobs.DreamJob]:
+    async def _dream_job(self, request: pb.DreamRequest, rpc: Rpc) -> tuple[Pool, jobs.DreamJob, LoadedModel]:
         pool, model = self._prepare(request.model, request.version, "dream", rpc)
         params = convert.dream_params(request)
         if not request.HasField("image"):
@@ -195,9 +236,12 @@ class LocalGradients:
         image = await asyncio.to_thread(
             convert.decode_rgb, request.image, model, "image", self._state.settings.max_image_pixels
         )
-        return pool, jobs.DreamJob(model=model.name, version=model.version, image=image, params=params)
+        job = jobs.DreamJob(model=model.name, version=model.version, image=image, params=params)
+        return pool, job, model
 
-    async def _stylize_job(self, request: pb.StylizeRequest, rpc: Rpc) -> tuple[Pool, jobs.StylizeJob]:
+    async def _stylize_job(
+        self, request: pb.StylizeRequest, rpc: Rpc
+    ) -> tuple[Pool, jobs.StylizeJob, LoadedModel]:
         pool, model = self._prepare(request.model, request.version, "stylize", rpc)
         params = convert.style_params(request)
         if not request.HasField("content"):
@@ -226,14 +270,22 @@ class LocalGradients:
             style_blend=blend,
             params=params,
         )
-        return pool, job
+        return pool, job, model
 
     # --- running a job -----------------------------------------------------------------------------
 
     async def _run(
-        self, pool: Pool, job: jobs.Job, context: Context, on_progress: Callable[[Any], None] | None = None
+        self,
+        pool: Pool,
+        job: jobs.Job,
+        context: Context,
+        model: LoadedModel,
+        on_progress: Callable[[Any], None] | None = None,
     ) -> Any:
         await asyncio.to_thread(jobs.validate_job, job, Limits.from_settings(self._state.settings))
+        # Layer names against metadata.json's table, here without torch; an older export has none
+        # and its gradient process checks them against the module (handlers.layer_table).
+        jobs.check_layers(job, convert.model_layers(model))
         cost = jobs.estimate_cost(job)
         deadline = self._state.deadline(context)
         # max_task_duration_s bounds a job from admission to result, whatever deadline the client set.
@@ -251,16 +303,16 @@ class LocalGradients:
 
     async def _progress(
         self,
-        prepare: Callable[[], Awaitable[tuple[Pool, jobs.Job]]],
+        prepare: Callable[[], Awaitable[tuple[Pool, jobs.Job, LoadedModel]]],
         context: Context,
         progress_message: Callable[[pb.GradientProgress], T],
         result_message: Callable[[Any], T],
     ) -> AsyncIterator[T]:
         """A streaming job's messages: one per progress update the gradient process reports, then
         the result. The job is cancelled when the caller stops reading (cancelled call, failed send)."""
-        pool, job = await prepare()
+        pool, job, model = await prepare()
         updates: asyncio.Queue[jobs.ProgressUpdate] = asyncio.Queue()
-        running = asyncio.ensure_future(self._run(pool, job, context, on_progress=updates.put_nowait))
+        running = asyncio.ensure_future(self._run(pool, job, context, model, on_progress=updates.put_nowait))
         try:
             while True:
                 getter = asyncio.ensure_future(updates.get())

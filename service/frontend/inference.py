@@ -346,6 +346,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             "StylizeUnary", context, lambda rpc: self._gradients.stylize_unary(request, context, rpc)
         )
 
+    async def FeatureMaps(self, request: pb.FeatureMapsRequest, context: Context) -> pb.FeatureMapsResponse:
+        return await unary(
+            "FeatureMaps", context, lambda rpc: self._gradients.feature_maps(request, context, rpc)
+        )
+
+    async def Filters(self, request: pb.FiltersRequest, context: Context) -> pb.FiltersResponse:
+        return await unary("Filters", context, lambda rpc: self._gradients.filters(request, context, rpc))
+
     async def Dream(self, request: pb.DreamRequest, context: Context) -> AsyncIterator[pb.DreamResponse]:
         async for message in streamed(
             "Dream", context, lambda rpc: self._gradients.dream(request, context, rpc)
@@ -362,13 +370,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # --- models --------------------------------------------------------------------------------
 
-    def _info(self, model: LoadedModel, include_labels: bool = False) -> pb.ModelInfo:
+    def _info(
+        self, model: LoadedModel, include_labels: bool = False, include_layers: bool = False
+    ) -> pb.ModelInfo:
         versions = [m.version for m in self._state.models.models() if m.name == model.name]
         return convert.model_info(
             model,
             versions=versions,
             ready=self._state.model_ready(model),
             include_labels=include_labels,
+            include_layers=include_layers,
             served=self._served | self._gradients.capabilities(model),
         )
 
@@ -382,7 +393,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async def work(rpc: Rpc) -> pb.ModelInfo:
             model = self._state.resolve_model(request.name, request.version)
             rpc.model = model.name
-            return self._info(model, include_labels=request.include_labels)
+            # The layer table only here: hundreds of entries per model would bloat ListModels.
+            return self._info(model, include_labels=request.include_labels, include_layers=True)
 
         return await unary("GetModel", context, work)
 

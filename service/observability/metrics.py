@@ -21,7 +21,23 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 # Request latencies on CPU span ~0.5 ms (LeNet) to seconds (queued ResNet-50 batches).
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Gradient jobs run from ~10 ms (one explain) to minutes (a large stylization).
@@ -31,12 +47,15 @@ registry: CollectorRegistry = REGISTRY
 
 # --- requests (every RPC) ---------------------------------------------------------------------
 REQUESTS = Counter(
-    "cnnserve_requests_total", "RPCs answered, by method, model and gRPC status code.",
+    "cnnserve_requests_total",
+    "RPCs answered, by method, model and gRPC status code.",
     ["method", "model", "code"],
 )
 REQUEST_DURATION = Histogram(
-    "cnnserve_request_duration_seconds", "End-to-end RPC latency in the server.",
-    ["method", "model"], buckets=LATENCY_BUCKETS,
+    "cnnserve_request_duration_seconds",
+    "End-to-end RPC latency in the server.",
+    ["method", "model"],
+    buckets=LATENCY_BUCKETS,
 )
 INFLIGHT = Gauge(
     "cnnserve_inflight_requests", "RPCs being handled now.", ["method"], multiprocess_mode="livesum"
@@ -51,28 +70,41 @@ REJECTIONS = Counter(
 # --- classification path ----------------------------------------------------------------------
 IMAGES = Counter("cnnserve_images_total", "Images classified.", ["model"])
 DECODE_DURATION = Histogram(
-    "cnnserve_decode_duration_seconds", "Image decoding time per image.", ["model"], buckets=LATENCY_BUCKETS,
+    "cnnserve_decode_duration_seconds",
+    "Image decoding time per image.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
 )
 PREPROCESS_DURATION = Histogram(
-    "cnnserve_preprocess_duration_seconds", "Resize, crop and normalization time per image.",
-    ["model"], buckets=LATENCY_BUCKETS,
+    "cnnserve_preprocess_duration_seconds",
+    "Resize, crop and normalization time per image.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
 )
 QUEUE_WAIT = Histogram(
-    "cnnserve_queue_wait_seconds", "Time a request waited in the batching queue.",
-    ["model"], buckets=LATENCY_BUCKETS,
+    "cnnserve_queue_wait_seconds",
+    "Time a request waited in the batching queue.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
 )
 INFERENCE_DURATION = Histogram(
-    "cnnserve_inference_duration_seconds", "ONNX Runtime run time per batch.",
-    ["model", "provider"], buckets=LATENCY_BUCKETS,
+    "cnnserve_inference_duration_seconds",
+    "ONNX Runtime run time per batch.",
+    ["model", "provider"],
+    buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
-    "cnnserve_batch_size", "Images per ONNX Runtime call.", ["model"], buckets=BATCH_BUCKETS,
+    "cnnserve_batch_size",
+    "Images per ONNX Runtime call.",
+    ["model"],
+    buckets=BATCH_BUCKETS,
 )
 QUEUE_DEPTH = Gauge(
     "cnnserve_queue_depth", "Images waiting in the batching queue.", ["model"], multiprocess_mode="livesum"
 )
 MODEL_INFO = Gauge(
-    "cnnserve_model_info", "Loaded model versions (value 1), with the execution provider in use.",
+    "cnnserve_model_info",
+    "Loaded model versions (value 1), with the execution provider in use.",
     ["model", "version", "provider", "trained"],
     multiprocess_mode="livemax",
 )
@@ -83,28 +115,39 @@ MODEL_LOAD_FAILURES = Counter(
     ["model", "version"],
 )
 PROVIDER_INFO = Gauge(
-    "cnnserve_execution_provider_info", "The ONNX Runtime execution provider in use (value 1).", ["provider"],
+    "cnnserve_execution_provider_info",
+    "The ONNX Runtime execution provider in use (value 1).",
+    ["provider"],
     multiprocess_mode="livemax",
 )
 ENGINE_RESTARTS = Counter(
-    "cnnserve_engine_restarts_total", "Classification engine threads restarted after a crash.", ["model"],
+    "cnnserve_engine_restarts_total",
+    "Classification engine threads restarted after a crash.",
+    ["model"],
 )
 
 # --- gradient jobs (explain, dream, stylize) ---------------------------------------------------
 TASK_DURATION = Histogram(
-    "cnnserve_task_duration_seconds", "Gradient job run time in a worker.", ["task", "model"],
+    "cnnserve_task_duration_seconds",
+    "Gradient job run time in a worker.",
+    ["task", "model"],
     buckets=TASK_BUCKETS,
 )
 TASK_STEPS = Counter(
-    "cnnserve_task_steps_total", "Optimisation steps run by gradient jobs; rate() gives steps per second.",
+    "cnnserve_task_steps_total",
+    "Optimisation steps run by gradient jobs; rate() gives steps per second.",
     ["task", "model"],
 )
 TASK_STEP_RATE = Histogram(
-    "cnnserve_task_steps_per_second", "Steps per second of each finished gradient job.", ["task", "model"],
+    "cnnserve_task_steps_per_second",
+    "Steps per second of each finished gradient job.",
+    ["task", "model"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500),
 )
 TASK_QUEUE_WAIT = Histogram(
-    "cnnserve_task_queue_wait_seconds", "Time a gradient job waited for a worker.", ["task"],
+    "cnnserve_task_queue_wait_seconds",
+    "Time a gradient job waited for a worker.",
+    ["task"],
     buckets=TASK_BUCKETS,
 )
 TASKS_INFLIGHT = Gauge(
@@ -114,7 +157,8 @@ TASKS_INFLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 TASK_QUEUED_COST = Gauge(
-    "cnnserve_task_queued_cost", "Admitted gradient work not yet finished, in cost units (pixels x steps).",
+    "cnnserve_task_queued_cost",
+    "Admitted gradient work not yet finished, in cost units (pixels x steps).",
     multiprocess_mode="livesum",
 )
 TASK_COST_BUDGET = Gauge(
@@ -132,7 +176,9 @@ WORKERS_ALIVE = Gauge(
     "cnnserve_workers_alive", "Gradient worker processes alive and ready.", multiprocess_mode="livesum"
 )
 TASK_CANCELLATIONS = Counter(
-    "cnnserve_task_cancellations_total", "Gradient jobs stopped by cancellation or deadline.", ["task"],
+    "cnnserve_task_cancellations_total",
+    "Gradient jobs stopped by cancellation or deadline.",
+    ["task"],
 )
 # Workers build a version's PyTorch module on its first job and drop the least recently used ones
 # past settings.worker_model_memory_bytes (service/worker/loading.py). They report each build with
@@ -146,12 +192,12 @@ WORKER_MODEL_LOADS = Counter(
 WORKER_MODEL_LOAD_DURATION = Histogram(
     "cnnserve_worker_model_load_seconds",
     "Time a gradient job spent building its model in the worker (weights.pt checked and read).",
-    ["model"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    ["model"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 WORKER_MODEL_EVICTIONS = Counter(
     "cnnserve_worker_model_evictions_total",
-    "Model versions a gradient worker dropped (least recently used) to stay under "
-    "worker_model_memory_bytes.",
+    "Model versions a gradient worker dropped (least recently used) to stay under worker_model_memory_bytes.",
     ["model", "version"],
 )
 WORKER_MODEL_BYTES = Gauge(
@@ -170,7 +216,7 @@ WORKER_MODEL_BYTES = Gauge(
 # labels them) with code OK, and queue_full, the classification path's load shedding, which
 # CnnserveQueueFullRejections watches. Other codes and reasons depend on the client or, for
 # gradient RPCs, on the tier (cost_budget where jobs run, resource_exhausted or worker_unreachable
-# where they are forwarded): they appear when they happen. At most 22 series per model.
+# where they are forwarded): they appear when they happen. At most 27 series per model.
 # The RPCs the engine serves (classification and embeddings: one batcher, one admission).
 CLASSIFY_METHODS = ("Classify", "ClassifyBatch", "ClassifyStream", "ModelInfer", "Embed", "EmbedStream")
 # Gradient task kind (LoadedModel.capabilities, TASK_STEPS' `task`) -> the RPCs that run it.
@@ -178,6 +224,8 @@ TASK_METHODS: dict[str, tuple[str, ...]] = {
     "explain": ("Explain",),
     "dream": ("Dream", "DreamUnary"),
     "stylize": ("Stylize", "StylizeUnary"),
+    "feature_maps": ("FeatureMaps",),
+    "filters": ("Filters",),
 }
 
 

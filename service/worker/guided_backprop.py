@@ -34,6 +34,11 @@ last module in execution order that receives a 4-D tensor with more than one spa
 global average pool of GoogLeNet/ResNet/VGG, the last conv of LeNet-5); `cam_layer` names a module
 whose output to use instead.
 
+A neuron (Springenberg et al. 2014, section 3.3): instead of a class score, the activation of one
+unit, `channel` of a layer's output at (y, x) (or that channel's strongest position in each
+image), is differentiated, so the map shows what in the input excites that unit. The unit depends
+only on its receptive field (export/receptive_field.py), so its saliency is exactly zero outside.
+
 Plain and guided gradients share one forward pass: the tensor hooks read a switch that is off for the
 plain backward pass and on for the guided one.
 
@@ -62,6 +67,7 @@ from service.errors import Cancelled, InvalidArgument
 from service.worker.model_state import frozen_model, model_device, model_dtype
 from service.worker.params import EXPLAIN_METHODS as METHODS
 from service.worker.params import ExplainMethod as Method
+from service.worker.params import NeuronTarget
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,9 @@ class Explanation:
     plain: float32 (N, C, H, W), the plain input gradient, when asked for (or when it is the method).
     cam: float32 (N, H, W) in [0, 1], the upsampled Grad-CAM map (guided_gradcam and gradcam).
     cam_layer: the module whose output (or, for the automatic choice, whose input) Grad-CAM used.
+    neuron_positions: int64 (N, 2), the (y, x) of the neuron explained in each image ((0, 0) for a
+        layer without spatial axes); None without a neuron target.
+    neuron_activations: float32 (N,), that unit's activation in each image.
     """
 
     saliency: np.ndarray
@@ -88,6 +97,8 @@ class Explanation:
     plain: np.ndarray | None = None
     cam: np.ndarray | None = None
     cam_layer: str | None = None
+    neuron_positions: np.ndarray | None = None
+    neuron_activations: np.ndarray | None = None
 
 
 class _Switch:
@@ -216,6 +227,7 @@ def explain(
     plain_gradient: bool = False,
     cam_layer: str | None = None,
     should_stop: Callable[[], bool] | None = None,
+    neuron: NeuronTarget | None = None,
 ) -> Explanation:
     """Explain `model`'s class scores for a batch of preprocessed inputs.
 
@@ -229,11 +241,18 @@ def explain(
         passes (see `stop_checks`); when it returns true, service.errors.Cancelled is raised and the
         model is left as it came.
 
+    neuron: differentiate that unit's activation instead of a class score (method guided_backprop
+        or gradient, targets None); `classes` are then the predicted ones.
+
     The score differentiated is the target class's logit (pre-softmax), as in all three papers. Samples
     are independent (eval mode), so a batch gives the same maps as one call per sample.
     Raises InvalidArgument for a bad method, target or layer.
     """
     _check_arguments(x, targets, method)
+    if neuron is not None:
+        return _explain_neuron(
+            model, x, neuron, method=method, plain_gradient=plain_gradient, should_stop=should_stop
+        )
     need_guided = method in ("guided_backprop", "guided_gradcam")
     need_plain = method != "guided_backprop" or plain_gradient
     need_cam = method in ("guided_gradcam", "gradcam")
@@ -271,6 +290,111 @@ def explain(
         cam=_to_numpy(cam),
         cam_layer=cam_name,
     )
+
+
+def _explain_neuron(
+    model: nn.Module,
+    x: torch.Tensor,
+    neuron: NeuronTarget,
+    *,
+    method: Method,
+    plain_gradient: bool,
+    should_stop: Callable[[], bool] | None,
+) -> Explanation:
+    """explain() for a neuron target: the score is the sum over the batch of each image's unit."""
+    if method not in ("guided_backprop", "gradient"):
+        raise InvalidArgument(
+            f"a neuron target works with guided backprop and the plain gradient, not {method}"
+        )
+    module = _get_module(model, neuron.layer)
+    need_guided = method == "guided_backprop"
+    device = model_device(model)
+    inp = x.detach().to(device=device, dtype=model_dtype(model)).clone().requires_grad_(True)
+    switch = _Switch()
+    captured: list[torch.Tensor] = []
+
+    def capture(m: nn.Module, inputs: Any, output: Any) -> None:
+        if not captured and isinstance(output, torch.Tensor):
+            captured.append(output)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen_model(model))
+        if should_stop is not None:
+            stack.enter_context(stop_checks(model, should_stop))
+        if need_guided:
+            stack.enter_context(guided_relus(model, switch))
+        handle = module.register_forward_hook(capture)
+        stack.callback(handle.remove)
+        logits = model(inp)
+        if not captured:
+            raise InvalidArgument(f"neuron: layer {neuron.layer!r} does not run in a forward pass")
+        act = captured[0]
+        positions, units = _neuron_units(act, neuron)
+        predicted, _ = _classes(logits, x.shape[0], None, device)
+        score = units.sum()
+        switch.on = False
+        plain = None
+        if method == "gradient" or plain_gradient:
+            (plain,) = torch.autograd.grad(score, [inp], retain_graph=need_guided)
+            plain = plain.detach()
+        guided = _guided_pass(score, inp, switch) if need_guided else None
+        softmax = torch.softmax(logits.detach().float(), dim=1)
+        predicted_probabilities = softmax.gather(1, predicted[:, None])[:, 0]
+
+    saliency = _to_numpy(guided if need_guided else plain)
+    assert saliency is not None
+    return Explanation(
+        saliency=saliency,
+        classes=predicted.cpu().numpy().astype(np.int64),
+        probabilities=predicted_probabilities.cpu().numpy().astype(np.float32),
+        predicted=predicted.cpu().numpy().astype(np.int64),
+        predicted_probabilities=predicted_probabilities.cpu().numpy().astype(np.float32),
+        plain=_to_numpy(plain) if plain_gradient else None,
+        neuron_positions=positions,
+        neuron_activations=units.detach().float().cpu().numpy().astype(np.float32),
+    )
+
+
+def _neuron_units(act: torch.Tensor, neuron: NeuronTarget) -> tuple[np.ndarray, torch.Tensor]:
+    """(the (y, x) of each image's unit, int64 (N, 2); the units' activations, (N,), in the graph).
+    InvalidArgument naming the layer's shape for a channel or position out of range."""
+    shape = list(act.shape[1:])
+    n = act.shape[0]
+    if act.dim() not in (2, 4):
+        raise InvalidArgument(
+            f"neuron: layer {neuron.layer!r} has output shape {shape}; a neuron needs [C, H, W] or [C]",
+            reason="unknown_layer",
+        )
+    if not 0 <= neuron.channel < shape[0]:
+        raise InvalidArgument(
+            f"neuron: channel {neuron.channel} is out of range for layer {neuron.layer!r} of shape {shape}",
+            reason="channel_out_of_range",
+        )
+    rows = torch.arange(n, device=act.device)
+    if act.dim() == 2:
+        if neuron.y is not None:
+            raise InvalidArgument(
+                f"neuron: layer {neuron.layer!r} has shape {shape}, no spatial position: "
+                "give the channel alone",
+                reason="channel_out_of_range",
+            )
+        return np.zeros((n, 2), dtype=np.int64), act[:, neuron.channel]
+    h, w = shape[1], shape[2]
+    plane = act[:, neuron.channel]
+    if neuron.y is None or neuron.x is None:
+        flat = plane.detach().flatten(1).argmax(dim=1)  # the strongest position (first on ties)
+        ys, xs = flat // w, flat % w
+    else:
+        if not (0 <= neuron.y < h and 0 <= neuron.x < w):
+            raise InvalidArgument(
+                f"neuron: position (y={neuron.y}, x={neuron.x}) is out of range for layer "
+                f"{neuron.layer!r} of shape {shape}",
+                reason="channel_out_of_range",
+            )
+        ys = torch.full((n,), neuron.y, device=act.device, dtype=torch.long)
+        xs = torch.full((n,), neuron.x, device=act.device, dtype=torch.long)
+    positions = torch.stack([ys, xs], dim=1).cpu().numpy().astype(np.int64)
+    return positions, plane[rows, ys, xs]
 
 
 def _check_arguments(x: torch.Tensor, targets: Sequence[int] | None, method: str) -> None:

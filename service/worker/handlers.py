@@ -10,8 +10,9 @@ module imports without torch, as jobs.py does.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,18 +22,34 @@ from service.worker.jobs import (
     DreamResult,
     ExplainJob,
     ExplainResult,
+    FeatureMap,
+    FeatureMapsJob,
+    FeatureMapsResult,
+    FiltersJob,
+    FiltersResult,
     Job,
     JobContext,
     JobKind,
+    NeuronExplained,
     ProgressUpdate,
     Result,
     StylizeJob,
     StylizeResult,
+    check_layers,
+    first_convolution,
     validate_job,
 )
 from service.worker.loading import LoadedModels, TorchModel
-from service.worker.params import DEFAULT_DREAM_LAYERS, STYLE_ARCHITECTURES
-from service.worker.rendering import encode_png, saliency_png, to_float_image
+from service.worker.params import DEFAULT_DREAM_LAYERS, STYLE_ARCHITECTURES, LayerTable
+from service.worker.rendering import encode_png, feature_map_png, filters_png, saliency_png, to_float_image
+
+if TYPE_CHECKING:
+    from export.receptive_field import Field
+
+# Per module (dropped with it): the layer table computed for exports without metadata "layers", and
+# the receptive fields computed so far. Each costs one meta-device pass, so once per module.
+_TABLES: weakref.WeakKeyDictionary[Any, LayerTable] = weakref.WeakKeyDictionary()
+_FIELDS: weakref.WeakKeyDictionary[Any, dict[str, Field]] = weakref.WeakKeyDictionary()
 
 
 def _check_capability(model: TorchModel, kind: JobKind) -> None:
@@ -63,11 +80,51 @@ def handle(models: LoadedModels, job: Job, ctx: JobContext) -> Result:
     model = models.get(job.model, job.version, report=ctx.report)
     _check_capability(model, job.kind)
     started = time.perf_counter()
+    if _names_layers(job):
+        # The serving process checked the names already where metadata.json has the table; this is
+        # the check for older exports, and the same function (jobs.check_layers) with the same
+        # message either way.
+        check_layers(job, layer_table(model))
     if isinstance(job, ExplainJob):
         return _explain(model, job, ctx, started)
     if isinstance(job, DreamJob):
         return _dream(model, job, ctx, started)
+    if isinstance(job, FeatureMapsJob):
+        return _feature_maps(model, job, ctx, started)
+    if isinstance(job, FiltersJob):
+        return _filters(model, job, started)
     return _stylize(model, job, ctx, started)
+
+
+def _names_layers(job: Job) -> bool:
+    return (
+        (isinstance(job, ExplainJob) and job.neuron is not None)
+        or (isinstance(job, DreamJob) and job.params.layers is not None)
+        or isinstance(job, (FeatureMapsJob, FiltersJob))
+    )
+
+
+def layer_table(model: TorchModel) -> LayerTable:
+    """The layers a job may name: metadata.json's "layers", else computed from the module
+    (export.layers.addressable_layers, on the meta device) once per module."""
+    if model.layers is not None:
+        return model.layers
+    table = _TABLES.get(model.module)
+    if table is None:
+        from export.layers import addressable_layers
+
+        table = _TABLES[model.module] = addressable_layers(model.module, model.input_shape)
+    return table
+
+
+def receptive_field(model: TorchModel, layer: str) -> Field:
+    """The receptive field of `layer`'s units at the model's input size (export.receptive_field)."""
+    from export.receptive_field import receptive_field as compute
+
+    fields = _FIELDS.setdefault(model.module, {})
+    if layer not in fields:
+        fields[layer] = compute(model.module, model.input_shape, layer)
+    return fields[layer]
 
 
 def _explain(model: TorchModel, job: ExplainJob, ctx: JobContext, started: float) -> ExplainResult:
@@ -89,6 +146,7 @@ def _explain(model: TorchModel, job: ExplainJob, ctx: JobContext, started: float
         plain_gradient=job.plain_gradient,
         cam_layer=job.cam_layer,
         should_stop=ctx.should_stop,  # checked at every layer: a batch stops within one layer
+        neuron=job.neuron,
     )
     # one batched pass: every image is done at once (counts the images as the job's steps)
     ctx.progress(ProgressUpdate(kind="explain", step=len(x), total_steps=len(x), losses={}))
@@ -98,6 +156,21 @@ def _explain(model: TorchModel, job: ExplainJob, ctx: JobContext, started: float
         pngs = tuple(encode_png(s[0]) for s in e.saliency)
     else:
         pngs = tuple(saliency_png(s, job.render) for s in e.saliency)
+    neurons: tuple[NeuronExplained, ...] = ()
+    if job.neuron is not None and e.neuron_positions is not None and e.neuron_activations is not None:
+        field = receptive_field(model, job.neuron.layer)
+        _, height, width = model.input_shape
+        neurons = tuple(
+            NeuronExplained(
+                layer=job.neuron.layer,
+                channel=job.neuron.channel,
+                y=int(y),
+                x=int(x),
+                activation=float(a),
+                field=field.at(int(y), int(x), height, width),
+            )
+            for (y, x), a in zip(e.neuron_positions, e.neuron_activations, strict=True)
+        )
     return ExplainResult(
         model=model.name,
         version=model.version,
@@ -110,6 +183,59 @@ def _explain(model: TorchModel, job: ExplainJob, ctx: JobContext, started: float
         cam=e.cam,
         cam_layer=e.cam_layer,
         pngs=pngs,
+        seconds=time.perf_counter() - started,
+        neurons=neurons,
+    )
+
+
+def _feature_maps(
+    model: TorchModel, job: FeatureMapsJob, ctx: JobContext, started: float
+) -> FeatureMapsResult:
+    import torch
+
+    from service.worker.feature_maps import activations, strongest_channels
+
+    x = np.asarray(job.inputs, dtype=np.float32)
+    if tuple(x.shape[1:]) != model.input_shape:
+        raise InvalidArgument(
+            f"feature maps input has shape {tuple(x.shape[1:])}; "
+            f"model {model.name!r} takes {model.input_shape}",
+            reason="wrong_shape",
+        )
+    acts = activations(
+        model.module, torch.from_numpy(np.ascontiguousarray(x)), job.layers, should_stop=ctx.should_stop
+    )
+    ctx.progress(ProgressUpdate(kind="feature_maps", step=1, total_steps=1, losses={}))
+    maps = []
+    for name in job.layers:
+        a = acts.layers[name]
+        if a.ndim == 0:
+            a = a.reshape(1)
+        channels = strongest_channels(a, job.max_channels)
+        maps.append(
+            FeatureMap(layer=name, activations=a, png=feature_map_png(a, channels), channels=channels)
+        )
+    return FeatureMapsResult(
+        model=model.name,
+        version=model.version,
+        maps=tuple(maps),
+        predicted=acts.predicted,
+        predicted_probability=acts.predicted_probability,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _filters(model: TorchModel, job: FiltersJob, started: float) -> FiltersResult:
+    from service.worker.feature_maps import conv_weights
+
+    layer = job.layer or first_convolution(layer_table(model))
+    weights = conv_weights(model.module, layer)
+    return FiltersResult(
+        model=model.name,
+        version=model.version,
+        layer=layer,
+        weights=weights,
+        png=filters_png(weights),
         seconds=time.perf_counter() - started,
     )
 
@@ -199,4 +325,4 @@ def _stylize(model: TorchModel, job: StylizeJob, ctx: JobContext, started: float
     )
 
 
-__all__ = ["handle"]
+__all__ = ["handle", "layer_table", "receptive_field"]

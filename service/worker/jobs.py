@@ -25,7 +25,11 @@ A forward+backward step over an H x W image costs 2*H*W. So:
 - dream: sum over the octaves actually run of h_o*w_o * steps * 2, plus two forwards at the working
   size (the objective reported before and after);
 - stylize: content pixels * iterations * 2 (each L-BFGS evaluation or Adam step is a forward and a
-  backward), plus one forward of the content image and one of each style image (the targets).
+  backward), plus one forward of the content image and one of each style image (the targets);
+- feature_maps: H*W (one forward, no backward); an explain with a neuron target costs what a class
+  target costs (the forward runs to the logits: the response has the top-1 class);
+- filters: FILTERS_COST, nearly free (the weights are read, no pass), yet not 0, so a flood of
+  them still meets the budget.
 The units ignore the architecture (a VGG-19 pixel costs more than a LeNet-5 pixel); the pool's
 `cost_budget` (settings.max_task_cost) is in the same units.
 """
@@ -43,17 +47,28 @@ from service.worker.params import (
     EXPLAIN_METHODS,
     MIN_IMAGE_SIDE,
     DreamParams,
+    LayerTable,
     Limits,
+    NeuronTarget,
     StyleParams,
     fit_side,
     is_finite_number,
+    layer_entry,
     octave_sizes,
     require,
     style_size,
 )
 from service.worker.rendering import SaliencyStyle
 
-JobKind = Literal["explain", "dream", "stylize"]
+JobKind = Literal["explain", "dream", "stylize", "feature_maps", "filters"]
+
+# FeatureMaps: the channels the PNG tiles by default, and at most.
+DEFAULT_MAX_CHANNELS = 16
+MAX_CHANNELS = 256
+# Filters reads weights and draws a grid: priced as one pass-pixel (estimate_cost).
+FILTERS_COST = 1.0
+# Explain methods a neuron target applies to (Grad-CAM is class-specific).
+NEURON_METHODS = ("guided_backprop", "gradient")
 
 # ---------------------------------------------------------------------------------------------------
 # Jobs, results, progress
@@ -67,6 +82,8 @@ class ExplainJob:
     targets: one class per input, or None for each input's predicted class.
     method: "guided_backprop", "guided_gradcam", "gradcam" (the heatmap alone) or "gradient".
     render: also return one PNG per input ("signed" or "magnitude" rendering), or None.
+    neuron: explain that unit's activation instead of a class (targets None; guided_backprop or
+        gradient only).
     """
 
     kind: ClassVar[JobKind] = "explain"
@@ -78,6 +95,21 @@ class ExplainJob:
     plain_gradient: bool = False
     cam_layer: str | None = None
     render: SaliencyStyle | None = "signed"
+    neuron: NeuronTarget | None = None
+
+
+@dataclass(frozen=True)
+class NeuronExplained:
+    """The neuron an explanation targeted, resolved for one image: its position (the strongest one
+    when the job gave none), its activation, and its receptive field clipped to the input,
+    (top, left, bottom, right), half-open."""
+
+    layer: str
+    channel: int
+    y: int
+    x: int
+    activation: float
+    field: tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -93,6 +125,58 @@ class ExplainResult:
     cam: np.ndarray | None  # float32 (N, H, W) in [0, 1] for guided_gradcam and gradcam
     cam_layer: str | None
     pngs: tuple[bytes, ...]  # one rendering per input when the job asked for it
+    seconds: float
+    neurons: tuple[NeuronExplained, ...] = ()  # one per input for a neuron target
+
+
+@dataclass(frozen=True)
+class FeatureMapsJob:
+    """The activations of `layers` (names from the model's layer table) for one preprocessed input,
+    float32 (1, C, H, W); each layer's `max_channels` strongest channels tiled into a PNG."""
+
+    kind: ClassVar[JobKind] = "feature_maps"
+    model: str
+    version: int
+    inputs: np.ndarray
+    layers: tuple[str, ...]
+    max_channels: int = DEFAULT_MAX_CHANNELS
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    layer: str
+    activations: np.ndarray  # float32, the layer's whole output for the image (no batch axis)
+    png: bytes  # `channels` tiled in a near-square grid, each min-max scaled, grey
+    channels: tuple[int, ...]  # the channels the PNG shows, strongest (mean activation) first
+
+
+@dataclass(frozen=True)
+class FeatureMapsResult:
+    model: str
+    version: int
+    maps: tuple[FeatureMap, ...]  # in the job's order
+    predicted: int  # top-1 class of the same forward pass
+    predicted_probability: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FiltersJob:
+    """A Conv2d's kernels; layer "" is the first convolution in forward order."""
+
+    kind: ClassVar[JobKind] = "filters"
+    model: str
+    version: int
+    layer: str = ""
+
+
+@dataclass(frozen=True)
+class FiltersResult:
+    model: str
+    version: int
+    layer: str  # the convolution drawn (resolved when the job named none)
+    weights: np.ndarray  # float32 (out, in / groups, kH, kW)
+    png: bytes  # one cell per output channel, near-square grid, 1 px apart
     seconds: float
 
 
@@ -168,8 +252,8 @@ class ProgressUpdate:
     preview_png: bytes | None = None
 
 
-Job = ExplainJob | DreamJob | StylizeJob
-Result = ExplainResult | DreamResult | StylizeResult
+Job = ExplainJob | DreamJob | StylizeJob | FeatureMapsJob | FiltersJob
+Result = ExplainResult | DreamResult | StylizeResult | FeatureMapsResult | FiltersResult
 
 
 class JobContext(Protocol):
@@ -217,6 +301,10 @@ def validate_job(job: Job, limits: Limits) -> None:
         _validate_dream(job, limits)
     elif isinstance(job, StylizeJob):
         _validate_stylize(job, limits)
+    elif isinstance(job, FeatureMapsJob):
+        _validate_feature_maps(job, limits)
+    elif isinstance(job, FiltersJob):
+        require(isinstance(job.layer, str), "filters: layer must be a string")
     else:
         raise InvalidArgument(f"unknown task type {type(job).__name__}")
 
@@ -253,6 +341,86 @@ def _validate_explain(job: ExplainJob, limits: Limits) -> None:
         job.render in (None, "signed", "magnitude"),
         f"unknown saliency rendering {job.render!r}; use 'signed', 'magnitude' or none",
     )
+    if job.neuron is not None:
+        require(job.targets is None, "explain: give a neuron or target classes, not both")
+        require(
+            job.method in NEURON_METHODS,
+            f"explain: a neuron target works with guided backprop and the plain gradient, not {job.method} "
+            "(Grad-CAM explains a class)",
+        )
+        job.neuron.check(None)
+
+
+def _validate_feature_maps(job: FeatureMapsJob, limits: Limits) -> None:
+    x = np.asarray(job.inputs)
+    require(
+        x.ndim == 4 and x.shape[0] == 1 and x.dtype.kind == "f",
+        f"feature maps take one float (1, C, H, W) input, got {x.dtype} {x.shape}",
+        "not_an_image",
+    )
+    require(
+        max(x.shape[2], x.shape[3]) <= limits.max_image_side,
+        f"feature maps input is {x.shape[3]}x{x.shape[2]}; its longer side exceeds "
+        f"max_task_image_side={limits.max_image_side}",
+        "image_too_large",
+    )
+    require(bool(np.isfinite(x).all()), "feature maps input contains NaN or Inf", "not_an_image")
+    require(len(job.layers) >= 1, "feature maps: name at least one layer (ModelInfo.layers)", "unknown_layer")
+    require(
+        len(job.layers) <= limits.max_batch,
+        f"feature maps: {len(job.layers)} layers; the limit is max_task_batch={limits.max_batch}",
+    )
+    require(len(set(job.layers)) == len(job.layers), "feature maps: a layer is named twice", "unknown_layer")
+    require(
+        isinstance(job.max_channels, int) and 1 <= job.max_channels <= MAX_CHANNELS,
+        f"feature maps: max_channels must be 1..{MAX_CHANNELS} (0: {DEFAULT_MAX_CHANNELS})",
+    )
+
+
+def check_layers(job: Job, table: LayerTable | None) -> None:
+    """The layer names a job gives (Explain's neuron, Dream's layers, FeatureMaps, Filters) against
+    the model's layer table (metadata.json's "layers", or in the gradient process the module's own,
+    export.layers.addressable_layers): InvalidArgument listing valid names. The one check of layer
+    names: the serving process runs it where the metadata has the table (no torch needed), the
+    gradient process always. None: no table here (an older export): the gradient process checks."""
+    if table is None:
+        return
+    if isinstance(job, ExplainJob) and job.neuron is not None:
+        job.neuron.check(table)
+    elif isinstance(job, DreamJob) and job.params.layers is not None:
+        for name in job.params.layers:
+            entry = layer_entry(name, table, "dream")
+            shape = [int(d) for d in entry["shape"]]
+            chans = job.params.channels.get(name, ())
+            bad = [c for c in chans if not 0 <= c < shape[0]] if shape else []
+            require(
+                not bad,
+                f"dream: channel {bad[0] if bad else 0} is out of range for layer {name!r} of shape {shape}",
+                "channel_out_of_range",
+            )
+    elif isinstance(job, FeatureMapsJob):
+        for name in job.layers:
+            layer_entry(name, table, "feature maps")
+    elif isinstance(job, FiltersJob):
+        convs = [str(e["name"]) for e in table if e["kind"] == "Conv2d"]
+        require(bool(convs), "filters: the model has no Conv2d layer", "unknown_layer")
+        if job.layer:
+            entry = layer_entry(job.layer, table, "filters")
+            require(
+                entry["kind"] == "Conv2d",
+                f"filters: layer {job.layer!r} is a {entry['kind']}, not a Conv2d; convolutions: "
+                + ", ".join(convs[:12])
+                + (f" ({len(convs)} in all)" if len(convs) > 12 else ""),
+                "unknown_layer",
+            )
+
+
+def first_convolution(table: LayerTable) -> str:
+    """The first Conv2d of the table (forward order): Filters' default layer."""
+    for entry in table:
+        if entry["kind"] == "Conv2d":
+            return str(entry["name"])
+    raise InvalidArgument("filters: the model has no Conv2d layer", reason="unknown_layer")
 
 
 def _validate_dream(job: DreamJob, limits: Limits) -> None:
@@ -316,6 +484,11 @@ def estimate_cost(job: Job) -> float:
             else 1 + int(job.method == "guided_gradcam" or job.plain_gradient)
         )
         return float(n * h * w * (1 + backward))
+    if isinstance(job, FeatureMapsJob):
+        _, _, h, w = np.shape(job.inputs)
+        return float(h * w)
+    if isinstance(job, FiltersJob):
+        return FILTERS_COST
     if isinstance(job, DreamJob):
         h, w, _ = _image_hw(job.image, "dream image")
         dp = job.params
@@ -336,17 +509,30 @@ def estimate_cost(job: Job) -> float:
 
 
 __all__ = [
+    "DEFAULT_MAX_CHANNELS",
+    "FILTERS_COST",
+    "MAX_CHANNELS",
+    "NEURON_METHODS",
     "DreamJob",
     "DreamResult",
     "ExplainJob",
     "ExplainResult",
+    "FeatureMap",
+    "FeatureMapsJob",
+    "FeatureMapsResult",
+    "FiltersJob",
+    "FiltersResult",
     "Job",
     "JobContext",
     "JobKind",
+    "NeuronExplained",
+    "NeuronTarget",
     "ProgressUpdate",
     "Result",
     "StylizeJob",
     "StylizeResult",
+    "check_layers",
     "estimate_cost",
+    "first_convolution",
     "validate_job",
 ]

@@ -61,6 +61,9 @@ class TorchModel:
     input_shape: tuple[int, int, int]
     preprocessing: Preprocessing
     capabilities: Mapping[str, bool]
+    # metadata.json's "layers" (export.layers.addressable_layers at export); None for an export
+    # made before it: handlers.layer_table then computes them from the module.
+    layers: tuple[Mapping[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,7 @@ def _build_model(version: ModelVersion, device: Any) -> TorchModel:
         input_shape=version.input_shape,
         preprocessing=version.preprocessing,
         capabilities=version.capabilities,
+        layers=tuple(version.metadata["layers"]) if version.metadata.get("layers") else None,
     )
 
 

@@ -8,11 +8,12 @@ parameters and sizes from it, so the price `jobs.estimate_cost` puts on a job is
 
 from __future__ import annotations
 
+import difflib
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -258,6 +259,93 @@ class StyleParams:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Layer names: what Explain's neuron, Dream and FeatureMaps may name
+
+
+# A model's addressable layers, as metadata.json's "layers" and export.layers.addressable_layers
+# write them: [{"name": "layer2", "shape": [128, 28, 28], "kind": "Sequential"}, ...] in forward order.
+LayerTable = Sequence[Mapping[str, Any]]
+
+# An unknown name is answered with every valid one up to this many (LeNet-5, AlexNet); beyond, with
+# the closest names and the top-level ones, and a pointer to GetModel (ResNet-152 has hundreds).
+MAX_LISTED_LAYERS = 40
+
+
+def unknown_layer_message(name: str, table: LayerTable, what: str) -> str:
+    """InvalidArgument's message for a layer name not in `table`: the valid names, or an excerpt."""
+    names = [str(entry["name"]) for entry in table]
+    if len(names) <= MAX_LISTED_LAYERS:
+        return f"{what}: the model has no layer {name!r}; its layers are " + ", ".join(names)
+    close = difflib.get_close_matches(name, names, n=6, cutoff=0.6)
+    top = [n for n in names if "." not in n][:12]
+    examples = list(dict.fromkeys([*close, *top]))
+    return (
+        f"{what}: the model has no layer {name!r}; e.g. "
+        + ", ".join(examples)
+        + f" ({len(names)} layers in all: see GetModel layers)"
+    )
+
+
+def layer_entry(name: str, table: LayerTable, what: str) -> Mapping[str, Any]:
+    """The table's entry for `name`; InvalidArgument (reason unknown_layer) listing valid names."""
+    for entry in table:
+        if entry["name"] == name:
+            return entry
+    raise InvalidArgument(unknown_layer_message(name, table, what), reason="unknown_layer")
+
+
+@dataclass(frozen=True)
+class NeuronTarget:
+    """Explain one unit instead of a class: `channel` of layer `layer` at (y, x) of its output, or,
+    with y and x None, that channel's strongest position in each image. A layer whose output is
+    [C] (no spatial axes) takes the channel alone."""
+
+    layer: str
+    channel: int
+    y: int | None = None
+    x: int | None = None
+
+    def check(self, table: LayerTable | None) -> None:
+        """The model-independent checks, and with the model's layer table the layer, channel and
+        position; InvalidArgument naming the layer's shape."""
+        require(isinstance(self.layer, str) and bool(self.layer), "neuron: name a layer (ModelInfo.layers)")
+        require((self.y is None) == (self.x is None), "neuron: give both y and x, or neither")
+        require(
+            self.channel >= 0 and (self.y is None or (self.y >= 0 and self.x is not None and self.x >= 0)),
+            "neuron: channel, y and x must be >= 0",
+            "channel_out_of_range",
+        )
+        if table is None:
+            return
+        entry = layer_entry(self.layer, table, "neuron")
+        shape = [int(d) for d in entry["shape"]]
+        require(
+            len(shape) in (1, 3),
+            f"neuron: layer {self.layer!r} has output shape {shape}; a neuron needs [C, H, W] or [C]",
+            "unknown_layer",
+        )
+        require(
+            self.channel < shape[0],
+            f"neuron: channel {self.channel} is out of range for layer {self.layer!r} of shape {shape} "
+            f"(channels 0..{shape[0] - 1})",
+            "channel_out_of_range",
+        )
+        if self.y is None or self.x is None:
+            return
+        require(
+            len(shape) == 3,
+            f"neuron: layer {self.layer!r} has shape {shape}, no spatial position: give the channel alone",
+            "channel_out_of_range",
+        )
+        require(
+            self.y < shape[1] and self.x < shape[2],
+            f"neuron: position (y={self.y}, x={self.x}) is out of range for layer {self.layer!r} of shape "
+            f"{shape} (y 0..{shape[1] - 1}, x 0..{shape[2] - 1})",
+            "channel_out_of_range",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
 # Geometry shared by the algorithms and estimate_cost (one definition, so the price is the work done)
 
 
@@ -293,16 +381,21 @@ def style_size(content_hw: tuple[int, int], style_hw: tuple[int, int], style_sca
 __all__ = [
     "DEFAULT_DREAM_LAYERS",
     "EXPLAIN_METHODS",
+    "MAX_LISTED_LAYERS",
     "MIN_IMAGE_SIDE",
     "STYLE_ARCHITECTURES",
     "VGG19_STYLE_LAYERS",
     "DreamParams",
     "ExplainMethod",
+    "LayerTable",
     "Limits",
+    "NeuronTarget",
     "StyleParams",
     "fit_side",
     "is_finite_number",
+    "layer_entry",
     "octave_sizes",
     "require",
     "style_size",
+    "unknown_layer_message",
 ]

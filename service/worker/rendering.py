@@ -15,6 +15,8 @@ our own PNGs (tests, clients reading results back).
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -137,12 +139,80 @@ def saliency_png(saliency: np.ndarray, style: SaliencyStyle = "signed") -> bytes
     return encode_png(saliency_to_image(saliency, style))
 
 
+# --- grids: FeatureMaps' channels and Filters' kernels ------------------------------------------------
+
+# Cells of a grid are this many pixels apart (the background between them is black).
+GRID_GAP = 1
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """(rows, columns) of a near-square grid holding `count` cells: columns = ceil(sqrt(count)),
+    as few rows as fit (96 AlexNet kernels: 10 x 10; 16 channels: 4 x 4)."""
+    cols = max(1, math.ceil(math.sqrt(count)))
+    return max(1, math.ceil(count / cols)), cols
+
+
+def min_max(cell: np.ndarray) -> np.ndarray:
+    """One cell scaled to [0, 1] on its own (a constant cell is 0)."""
+    cell = cell.astype(np.float32)
+    lo, hi = float(cell.min()), float(cell.max())
+    if not hi > lo:
+        return np.zeros_like(cell)
+    return (cell - lo) / (hi - lo)
+
+
+def tile(cells: Sequence[np.ndarray], *, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+    """Equal-sized (h, w) or (h, w, 3) cells in [0, 1], row-major in a grid GRID_GAP px apart (a
+    near-square grid unless rows/cols say otherwise) -> float32 (H, W[, 3]) in [0, 1]."""
+    if not cells:
+        raise ValueError("tile needs at least one cell")
+    if rows is None or cols is None:
+        rows, cols = grid_shape(len(cells))
+    h, w = cells[0].shape[:2]
+    extra = cells[0].shape[2:]
+    out = np.zeros((rows * h + (rows - 1) * GRID_GAP, cols * w + (cols - 1) * GRID_GAP, *extra), np.float32)
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, cols)
+        top, left = r * (h + GRID_GAP), c * (w + GRID_GAP)
+        out[top : top + h, left : left + w] = cell
+    return out
+
+
+def feature_map_png(activations: np.ndarray, channels: Sequence[int]) -> bytes:
+    """A layer's activations (C, H, W) or (C,) for one image -> PNG of `channels` (in that order),
+    each min-max scaled, grey; a layer without spatial size is one row of 1x1 cells."""
+    if activations.ndim == 1:
+        values = activations[list(channels)].astype(np.float32)
+        return encode_png(tile([np.full((1, 1), v) for v in min_max(values)], rows=1, cols=len(values)))
+    if activations.ndim == 2:  # (C, L): one row of pixels per channel
+        activations = activations[:, None, :]
+    return encode_png(tile([min_max(activations[c]) for c in channels]))
+
+
+def filters_png(weights: np.ndarray) -> bytes:
+    """Conv2d weights (out, in, kH, kW) -> PNG, one cell per output channel, each kernel min-max
+    scaled on its own: RGB for 3 input channels, else the mean over the input channels in grey."""
+    cells = []
+    for kernel in weights.astype(np.float32):
+        if kernel.shape[0] == 3:
+            cells.append(min_max(np.transpose(kernel, (1, 2, 0))))
+        else:
+            cells.append(min_max(kernel.mean(axis=0)))
+    return encode_png(tile(cells))
+
+
 __all__ = [
     "SaliencyStyle",
     "decode_png",
     "encode_png",
     "pil_to_array",
+    "GRID_GAP",
+    "feature_map_png",
+    "filters_png",
+    "grid_shape",
+    "min_max",
     "saliency_png",
+    "tile",
     "saliency_to_image",
     "to_float_image",
     "to_uint8",

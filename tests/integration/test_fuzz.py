@@ -430,6 +430,11 @@ BY_FIELD_NAME: dict[tuple[int, str], st.SearchStrategy[Any]] = {
     (FD.TYPE_STRING, "dtype"): TENSOR_DTYPES,
     (FD.TYPE_STRING, "datatype"): OIP_DATATYPES,
     (FD.TYPE_STRING, "layer"): DREAM_LAYERS,
+    (FD.TYPE_STRING, "layers"): DREAM_LAYERS,  # FeatureMapsRequest's names
+    (FD.TYPE_INT32, "channel"): mostly(st.integers(0, 600), ints(-(2**31), 2**31 - 1)),  # a neuron's
+    (FD.TYPE_INT32, "y"): mostly(st.integers(0, 60), ints(-(2**31), 2**31 - 1)),
+    (FD.TYPE_INT32, "x"): mostly(st.integers(0, 60), ints(-(2**31), 2**31 - 1)),
+    (FD.TYPE_INT32, "max_channels"): mostly(st.sampled_from([0, 1, 16, 256, 257]), ints(-(2**31), 2**31 - 1)),
     (FD.TYPE_INT64, "version"): VERSIONS,
     (FD.TYPE_INT32, "top_k"): mostly(st.sampled_from([0, 1, 3, 5, 10]), ints(-(2**31), 2**31 - 1)),
     (FD.TYPE_INT32, "octaves"): SMALL_COUNTS,
@@ -443,6 +448,8 @@ GRADIENT_MODEL = mostly(st.just("resnet18"), MODEL_NAMES)
 BY_FIELD: dict[str, st.SearchStrategy[Any]] = {
     "cnnserve.v1.ExplainRequest.model": GRADIENT_MODEL,
     "cnnserve.v1.DreamRequest.model": GRADIENT_MODEL,
+    "cnnserve.v1.FeatureMapsRequest.model": GRADIENT_MODEL,
+    "cnnserve.v1.FiltersRequest.model": GRADIENT_MODEL,
 }
 # Always present (their empty values are among their strategies' values): an absent model name
 # stops a request at the first check.
@@ -618,6 +625,20 @@ def valid_calls() -> list[tuple[descriptor.MethodDescriptor, Any]]:
         (
             _method("cnnserve.v1.Inference/Explain"),
             pb.ExplainRequest(model="resnet18", images=[rgb], include_plain_gradient=True),
+        ),
+        (
+            _method("cnnserve.v1.Inference/Explain"),
+            pb.ExplainRequest(
+                model="resnet18", images=[rgb], neuron=pb.NeuronTarget(layer="layer2", channel=3, y=1, x=2)
+            ),
+        ),
+        (
+            _method("cnnserve.v1.Inference/FeatureMaps"),
+            pb.FeatureMapsRequest(model="resnet18", image=rgb, layers=["layer3", "fc"], max_channels=4),
+        ),
+        (
+            _method("cnnserve.v1.Inference/Filters"),
+            pb.FiltersRequest(model="resnet18", layer="layer1.0.conv1"),
         ),
         (_method("cnnserve.v1.Inference/Dream"), dream),
         (_method("cnnserve.v1.Inference/DreamUnary"), dream),

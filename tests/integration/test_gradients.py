@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -205,3 +206,108 @@ def test_stylize_refusals(stub: pb_grpc.InferenceStub, gradient_server: ServerPr
     not_vgg = _error(stub.StylizeUnary, pb.StylizeRequest(model="resnet18", content=image, styles=styles))
     assert not_vgg.code() == grpc.StatusCode.INVALID_ARGUMENT and "stylize" in not_vgg.details()
     _still_serving(gradient_server)
+
+
+# --- what a CNN has learned: FeatureMaps, Filters, Explain's neuron target ---------------------------
+# The demo repository's metadata.json may predate "layers": then the gradient process checks the
+# names from the module (tests/unit/service/frontend covers the serving process's check).
+
+
+def _resnet18(demo_repository: Path) -> torch.nn.Module:
+    from export.models import build
+
+    module = build("resnet18")
+    module.load_state_dict(torch.load(demo_repository / "resnet18" / "1" / "weights.pt", weights_only=True))
+    return module.eval()
+
+
+def _tensor(seed: int = 3) -> tuple[np.ndarray, pb.ImageInput]:
+    x = np.random.default_rng(seed).standard_normal((3, 224, 224)).astype(np.float32)
+    return x, pb.ImageInput(tensor=pb.Tensor(shape=[3, 224, 224], dtype="float32", data=x.tobytes()))
+
+
+def _array(t: pb.Tensor) -> np.ndarray:
+    assert t.dtype == "float32"
+    return np.frombuffer(t.data, dtype="<f4").reshape(list(t.shape))
+
+
+def test_feature_maps_are_the_pytorch_models_activations(
+    stub: pb_grpc.InferenceStub, gradient_server: ServerProcess, demo_repository: Path
+) -> None:
+    x, image = _tensor()
+    # (conv1's 64 x 112 x 112 alone is 3.2 MB: with more it would pass the client's 4 MiB default)
+    layers = ["layer3", "maxpool", "layer1.1.bn2", "fc"]
+    response = stub.FeatureMaps(
+        pb.FeatureMapsRequest(model="resnet18", image=image, layers=layers), timeout=60
+    )
+    module = _resnet18(demo_repository)
+    seen: dict[str, torch.Tensor] = {}
+    for name in layers:
+        module.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: seen.setdefault(n, o))
+    with torch.no_grad():
+        logits = module(torch.from_numpy(x)[None])
+    assert [m.layer for m in response.maps] == layers
+    for m in response.maps:
+        np.testing.assert_allclose(_array(m.activations), seen[m.layer][0].numpy(), rtol=0, atol=1e-6)
+        assert len(m.channels) == min(16, seen[m.layer].shape[1])  # the default max_channels
+    maxpool = response.maps[1]
+    assert _open(maxpool.png).size == (4 * 56 + 3, 4 * 56 + 3)  # 16 channels, 4 x 4, 1 px apart
+    assert response.predicted.index == int(logits.argmax())
+    unknown = _error(
+        stub.FeatureMaps, pb.FeatureMapsRequest(model="resnet18", image=image, layers=["layer9"])
+    )
+    assert unknown.code() == grpc.StatusCode.INVALID_ARGUMENT and "see GetModel layers" in unknown.details()
+    _still_serving(gradient_server)
+
+
+def test_filters(stub: pb_grpc.InferenceStub, gradient_server: ServerProcess, demo_repository: Path) -> None:
+    response = stub.Filters(pb.FiltersRequest(model="resnet18"), timeout=60)
+    assert response.layer == "conv1" and list(response.weights.shape) == [64, 3, 7, 7]
+    np.testing.assert_array_equal(
+        _array(response.weights), _resnet18(demo_repository).conv1.weight.detach().numpy()
+    )
+    picture = _open(response.png)
+    assert picture.mode == "RGB" and picture.size == (8 * 7 + 7, 8 * 7 + 7)
+    not_conv = _error(stub.Filters, pb.FiltersRequest(model="resnet18", layer="layer1"))
+    assert not_conv.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a Conv2d" in not_conv.details()
+    _still_serving(gradient_server)
+
+
+def test_explain_a_neuron(stub: pb_grpc.InferenceStub, gradient_server: ServerProcess) -> None:
+    _, image = _tensor()
+    request = pb.ExplainRequest(
+        model="resnet18",
+        images=[image, pb.ImageInput(encoded=_png(64))],
+        neuron=pb.NeuronTarget(layer="layer2", channel=5),
+        include_plain_gradient=True,
+    )
+    response = stub.Explain(request, timeout=60)
+    for e in response.explanations:
+        assert not e.HasField("explained") and e.HasField("predicted")
+        n = e.neuron
+        assert (n.layer, n.channel) == ("layer2", 5) and 0 <= n.y < 28 and 0 <= n.x < 28
+        # layer2's units see 99 px (ResNet-18: jump 8, start -49), clipped to the image
+        assert (n.field_top, n.field_left) == (max(0, 8 * n.y - 49), max(0, 8 * n.x - 49))
+        assert (n.field_bottom, n.field_right) == (min(224, 8 * n.y + 50), min(224, 8 * n.x + 50))
+        for tensor in (e.saliency, e.plain_gradient):
+            nonzero = (_array(tensor) != 0).any(axis=0)
+            inside = np.zeros_like(nonzero)
+            inside[n.field_top : n.field_bottom, n.field_left : n.field_right] = True
+            assert not (nonzero & ~inside).any() and (nonzero & inside).any()
+    for bad, why in [
+        (pb.ExplainRequest(method=pb.EXPLAIN_METHOD_GRADCAM), "Grad-CAM explains a class"),
+        (pb.ExplainRequest(target_classes=[1]), "not both"),
+        (pb.ExplainRequest(neuron=pb.NeuronTarget(layer="layer2", channel=0, y=28, x=0)), "[128, 28, 28]"),
+        (pb.ExplainRequest(neuron=pb.NeuronTarget(layer="layer2", channel=0, y=3)), "both y and x"),
+    ]:
+        full = pb.ExplainRequest(model="resnet18", images=[image], neuron=pb.NeuronTarget(layer="layer2"))
+        full.MergeFrom(bad)
+        error = _error(stub.Explain, full)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and why in error.details(), error.details()
+    _still_serving(gradient_server)
+
+
+def test_capabilities_include_feature_maps_and_filters(stub: pb_grpc.InferenceStub) -> None:
+    for name in ("lenet5", "resnet18"):  # any model with weights.pt, LeNet-5's tanh included
+        info = stub.GetModel(pb.GetModelRequest(name=name), timeout=10)
+        assert {pb.CAPABILITY_FEATURE_MAPS, pb.CAPABILITY_FILTERS} <= set(info.capabilities)

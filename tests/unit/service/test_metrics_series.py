@@ -20,7 +20,16 @@ from service.observability import metrics
 from service.settings import Settings
 from service.worker.jobs import JobKind
 
-GRADIENTS = {"classify": True, "explain": True, "dream": True, "stylize": True}
+# Every gradient capability (service.catalog.loaded_model adds feature_maps and filters to any
+# version with weights.pt).
+GRADIENTS = {
+    "classify": True,
+    "explain": True,
+    "dream": True,
+    "stylize": True,
+    "feature_maps": True,
+    "filters": True,
+}
 CLASSIFY_ONLY = {"classify": True, "explain": False, "dream": False, "stylize": False}
 GRADIENT_METHODS = [m for methods in metrics.TASK_METHODS.values() for m in methods]
 

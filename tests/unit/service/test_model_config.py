@@ -62,7 +62,7 @@ gradients: [explain]
         ("precision: int8", "precision", "'exported', 'fp32' or 'fp16'"),
         ("fp16: true", "fp16", "Extra inputs are not permitted"),
         ("device: tpu", "device", "'auto', 'cpu' or 'cuda'"),
-        ("gradients: [explain, paint]", "gradients.1", "'explain', 'dream' or 'stylize'"),
+        ("gradients: [explain, paint]", "gradients.1", "'stylize', 'feature_maps' or 'filters'"),
         ("warmup_batch_sizes: [0]", "warmup_batch_sizes", "1..256"),
         ("version_policy: {latest: 1, all: true}", "version_policy", "exactly one of"),
         ("version_policy: {}", "version_policy", "exactly one of"),
@@ -150,5 +150,20 @@ def test_the_gradients_list_narrows_the_capabilities(repo: dict[str, Any]) -> No
         "capabilities": {"classify": True, "explain": True, "dream": True, "stylize": False},
     }
     model = loaded_model(meta, provider="", config=ModelConfig(gradients=("explain", "stylize")))
-    assert model.capabilities == {"classify": True, "explain": True, "dream": False, "stylize": False}
+    assert model.capabilities == {
+        "classify": True,
+        "explain": True,
+        "dream": False,
+        "stylize": False,
+        "feature_maps": False,
+        "filters": False,
+    }
     assert loaded_model(meta, provider="").capabilities["dream"] is True
+    # feature maps and filters: every version with weights.pt (its metadata.json need not name
+    # them), narrowed by the list like the other gradient RPCs
+    everything = loaded_model(meta, provider="").capabilities
+    assert everything["feature_maps"] is everything["filters"] is True
+    narrowed = loaded_model(meta, provider="", config=ModelConfig(gradients=("filters",))).capabilities
+    assert (narrowed["feature_maps"], narrowed["filters"], narrowed["explain"]) == (False, True, False)
+    no_weights = {**meta, "files": {"model.onnx": meta["files"]["model.onnx"]}}
+    assert loaded_model(no_weights, provider="").capabilities["feature_maps"] is False

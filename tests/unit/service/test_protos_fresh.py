@@ -27,7 +27,9 @@ def _load_gen_protos():  # tools/ is not a package: load the script by path
 _VERSION_STAMPS = (
     re.compile(rb"^GRPC_GENERATED_VERSION = '[0-9.]+'$", re.MULTILINE),
     re.compile(rb"^# Protobuf Python Version: [0-9.]+$", re.MULTILINE),
-    re.compile(rb"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,"),
+    re.compile(
+        rb"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,"
+    ),
 )
 
 

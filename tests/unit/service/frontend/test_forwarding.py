@@ -578,3 +578,16 @@ def test_worker_needs_a_worker_process() -> None:
 
     with pytest.raises(StartupError, match="workers >= 1"):
         asyncio.run(start())
+
+
+def test_feature_maps_and_filters_are_forwarded(stub: pb_grpc.InferenceStub, worker: WorkerHarness) -> None:
+    # the worker's own answers come back unchanged (here its refusals: no job result is faked)
+    cases = [
+        ("FeatureMaps", pb.FeatureMapsRequest(model="vgg19", image=pb.ImageInput(encoded=png()))),
+        ("Filters", pb.FiltersRequest(model="vgg19", layer="features.1")),
+    ]
+    for method, request in cases:
+        forwarded = rpc_error(getattr(stub, method), request)
+        direct = rpc_error(getattr(worker.stub, method), request)
+        assert forwarded.code() == direct.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert forwarded.details() == direct.details()
