@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -72,9 +73,13 @@ def test_corrupt_files_are_refused_with_one_line(tmp_path: Path) -> None:
     good = tmp_path / "good.pt"
     torch.save(_lenet_state(), good)
     data = good.read_bytes()
+    rng = random.Random(0)
     cases = {
         "truncated.pt": data[: len(data) // 2],
         "garbage.pt": os.urandom(4096),
+        # Seeded garbage as a legacy pickle: many reach torch's weights-only unpickler with an
+        # opcode on an empty stack (IndexError), which once escaped as a bare traceback.
+        **{f"garbage-{i}.pt": b"\x80\x02" + rng.randbytes(256) for i in range(200)},
         "text.pt": b"hello, I am not a checkpoint\n",
         "flipped.pt": data[:100] + bytes([data[100] ^ 0xFF]) + data[101:200],
     }
