@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import pickle
+import random
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
