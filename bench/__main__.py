@@ -45,6 +45,8 @@ LISTENING = re.compile(r"listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)")
 # Targets (ratios are served / raw unless noted).
 LATENCY_OVERHEAD_TARGET_S = 0.003  # served c=1 p50 <= raw batch-1 p50 + 3 ms
 THROUGHPUT_TARGET = 0.95  # served c=16 images/s >= 0.95 x raw best batch images/s
+EMBED_CONCURRENCY = 16  # Embed is measured right after Classify at this concurrency (issue 14)
+EMBED_COST_TARGET = 1.05  # Embed's time per image <= 1.05 x Classify's
 ECHO_TARGET = 0.7  # lenet Classify req/s >= 0.7 x bare echo server req/s
 
 
@@ -470,11 +472,34 @@ def _resnet_served(args: argparse.Namespace, paths: dict[str, Path], report: Rep
             if result.error_samples:
                 report.notes.append(f"resnet50 errors: {result.error_samples[:3]}")
             served[f"c{concurrency}"] = {"images_per_s": rate, "n": result.completed, "cpu": split.__dict__}
+            if frontends == 1 and concurrency == EMBED_CONCURRENCY:
+                served[f"embed_c{concurrency}"] = _embed_row(args, server, report, rate, concurrency)
         if c1.error_samples:
             report.notes.append(f"resnet50 errors: {c1.error_samples[:3]}")
         report.raw[f"resnet50_served{key}"] = served
     finally:
         server.stop()
+
+
+def _embed_row(
+    args: argparse.Namespace, server: Server, report: Report, classify_rate: float, concurrency: int
+) -> dict[str, Any]:
+    """Embed at `concurrency` right after Classify at the same concurrency, on the same server:
+    the embedding costs a copy of 2048 floats per image and a bigger answer, not another pass."""
+    from bench.load import run_load
+    from service._proto.cnnserve.v1 import inference_pb2 as pb
+
+    request = pb.EmbedRequest(model="resnet50", image=pb.ImageInput(encoded=jpeg_224()))
+    result = run_load(server.address, request, concurrency=concurrency, processes=args.client_procs,
+                      duration_s=args.seconds, kind="embed")  # fmt: skip
+    rate = result.completed / result.seconds
+    cost = classify_rate / rate if rate > 0 else float("inf")
+    report.add(f"resnet50 Embed c={concurrency}", "throughput (JPEG 224, 2048 floats back)",
+               f"{rate:.1f} img/s", f"Classify c={concurrency} {classify_rate:.1f} img/s",
+               f"{cost:.2f}x the cost", f"<= {EMBED_COST_TARGET}x", cost <= EMBED_COST_TARGET)  # fmt: skip
+    if result.error_samples:
+        report.notes.append(f"resnet50 Embed errors: {result.error_samples[:3]}")
+    return {"images_per_s": rate, "n": result.completed, "cost_vs_classify": cost, "errors": result.errors}
 
 
 def floor_latency(model_dir: Path, request: Any, seconds: float) -> float:

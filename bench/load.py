@@ -54,7 +54,7 @@ class LoadResult:
 
 async def _unary_load(
     address: str,
-    request: pb.ClassifyRequest,
+    request: pb.ClassifyRequest | pb.EmbedRequest,
     concurrency: int,
     start_at: float,
     duration_s: float,
@@ -65,15 +65,18 @@ async def _unary_load(
     channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(connections)]
     try:
         stubs = [pb_grpc.InferenceStub(channel) for channel in channels]  # type: ignore[no-untyped-call]
-        await asyncio.gather(*(stub.Classify(request, timeout=60) for stub in stubs))  # connect + warm
+        method = "Embed" if isinstance(request, pb.EmbedRequest) else "Classify"
+        # connect + warm
+        await asyncio.gather(*(getattr(stub, method)(request, timeout=60) for stub in stubs))
 
         async def one_task(stub: pb_grpc.InferenceStub) -> None:
+            call = getattr(stub, method)
             while True:
                 t0 = time.time()
                 if t0 >= end_at:
                     return
                 try:
-                    await stub.Classify(request, timeout=60)
+                    await call(request, timeout=60)
                     ok = True
                 except grpc.aio.AioRpcError as exc:
                     ok = False
@@ -161,7 +164,7 @@ def _worker(
     duration_s: float,
     connections: int = 1,
 ) -> LoadResult:
-    request = pb.ClassifyRequest.FromString(request_bytes)
+    request = (pb.EmbedRequest if kind == "embed" else pb.ClassifyRequest).FromString(request_bytes)
     connections = max(1, min(connections, concurrency))
     if kind == "stream":
         return asyncio.run(_stream_load(address, request, concurrency, start_at, duration_s, connections))
@@ -170,7 +173,7 @@ def _worker(
 
 def run_load(
     address: str,
-    request: pb.ClassifyRequest,
+    request: pb.ClassifyRequest | pb.EmbedRequest,
     *,
     concurrency: int,
     processes: int,
@@ -180,7 +183,8 @@ def run_load(
     connections: int = 1,
 ) -> LoadResult:
     """`concurrency` requests in flight in total, spread over `processes` client processes
-    (spawned, so no grpc state is forked), each with `connections` connections (streams)."""
+    (spawned, so no grpc state is forked), each with `connections` connections (streams). `kind`:
+    "unary" (Classify), "stream" (ClassifyStream) or "embed" (Embed, an EmbedRequest)."""
     processes = max(1, min(processes, concurrency))
     per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     # Spawned interpreters need ~1-2 s to import grpc on a busy 2-core box before they can start.

@@ -8,7 +8,9 @@ over them with `python -m export onnx ARCH --weights FILE`.
 
 Idempotent: a model whose latest version exists and passes `verify_files` is left alone, so a rerun
 (a restarted Kubernetes Job, say) rebuilds nothing. A latest version that fails verification is kept
-for inspection and a new version is exported above it.
+for inspection and a new version is exported above it; so is one exported before this release's
+outputs (no `features`: the embedding, issue 14), so `make demo` brings an old demo repository up
+to date without touching what it served.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ def _verified_latest(versions: list[ModelVersion], name: str, log: TextIO | None
         if log is not None:
             print(
                 f"warning: {name} v{current.version} fails verification ({e}); exporting a new version",
+                file=log,
+            )
+        return None
+    if "features" not in current.metadata:
+        if log is not None:
+            print(
+                f"{name} v{current.version} was exported before embeddings (no features output); "
+                "exporting a new version",
                 file=log,
             )
         return None

@@ -410,6 +410,7 @@ def capabilities(arch: str, model: nn.Module) -> dict[str, bool]:
     """What the service may do with this model.
 
     embed: every export has the features output (export_onnx with the architecture's head).
+    feature_maps and filters need only the PyTorch weights (filters: a convolution to show).
     explain (guided backprop) needs ReLU modules to hook: with none (LeNet-5 is tanh throughout) it
     would silently be a plain gradient, so it is offered only where the model has nn.ReLU modules.
     dream (DeepDream) and stylize (neural style, VGG-19's feature layers) are per architecture.
@@ -420,4 +421,6 @@ def capabilities(arch: str, model: nn.Module) -> dict[str, bool]:
         "explain": any(isinstance(m, nn.ReLU) for m in model.modules()),
         "dream": arch in DREAM_ARCHITECTURES,
         "stylize": arch in STYLIZE_ARCHITECTURES,
+        "feature_maps": True,
+        "filters": any(isinstance(m, nn.Conv2d) for m in model.modules()),
     }

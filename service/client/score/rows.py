@@ -10,9 +10,12 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
 
 from service.client.score.paths import normalise
 
@@ -177,13 +180,31 @@ def _embeddings_mismatch(rows: Sequence[_Row], embeddings: str | None) -> str | 
     if embeddings is not None:
         if any(not r.embedding for r in ok):
             return "it was written without --embeddings: its rows have no vectors"
-        from service.client.score.vectors import check_shards
-
         try:
             check_shards(((r.path, r.embedding or {}) for r in ok), embeddings)
         except ValueError as exc:
             return str(exc)
     return None
+
+
+def check_shards(references: Iterable[tuple[str, dict[str, Any]]], directory: str) -> None:
+    """ValueError unless every (path, {"file", "row"}) names a row of an existing shard in
+    `directory`: a resumed run trusts the rows as done only when their vectors are there."""
+    rows_of: dict[str, int] = {}
+    for path, ref in references:
+        name = str(ref.get("file", ""))
+        if name not in rows_of:
+            shard = Path(directory) / name
+            if "/" in name or not name.endswith(".npy") or not shard.is_file():
+                raise ValueError(
+                    f"the row of {path} names the vector file {name!r}, which is not in {directory}; "
+                    "give the --embeddings directory of the earlier run (or another --output)"
+                )
+            rows_of[name] = int(np.load(shard, mmap_mode="r").shape[0])
+        if not 0 <= int(ref.get("row", -1)) < rows_of[name]:
+            raise ValueError(
+                f"the row of {path} names row {ref.get('row')} of {name}, which has {rows_of[name]}"
+            )
 
 
 def read_existing(

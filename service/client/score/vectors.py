@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.client.score.rows import RowWriter
+from service.client.score.rows import RowWriter, output_format, parsed_rows
 
 DEFAULT_SHARD_ROWS = 4096
 
@@ -110,31 +109,9 @@ def _next_shard_index(directory: Path, prefix: str) -> int:
     return max(indices, default=-1) + 1
 
 
-def check_shards(references: Iterable[tuple[str, dict[str, Any]]], directory: str) -> None:
-    """ValueError unless every (path, {"file", "row"}) names a row of an existing shard in
-    `directory`: a resumed run trusts the rows as done only when their vectors are there."""
-    rows_of: dict[str, int] = {}
-    for path, ref in references:
-        name = str(ref.get("file", ""))
-        if name not in rows_of:
-            shard = Path(directory) / name
-            if "/" in name or not name.endswith(".npy") or not shard.is_file():
-                raise ValueError(
-                    f"the row of {path} names the vector file {name!r}, which is not in {directory}; "
-                    "give the --embeddings directory of the earlier run (or another --output)"
-                )
-            rows_of[name] = int(np.load(shard, mmap_mode="r").shape[0])
-        if not 0 <= int(ref.get("row", -1)) < rows_of[name]:
-            raise ValueError(
-                f"the row of {path} names row {ref.get('row')} of {name}, which has {rows_of[name]}"
-            )
-
-
 def read_embeddings(output: str, directory: str) -> tuple[list[str], np.ndarray]:
     """The paths of a `cnnserve score --embeddings` run's successful rows, in file order, and their
     vectors as one float32 matrix [n, D] (rows without a vector, the error rows, are left out)."""
-    from service.client.score.rows import output_format, parsed_rows
-
     paths: list[str] = []
     vectors: list[np.ndarray] = []
     shards: dict[str, np.ndarray] = {}
@@ -152,4 +129,4 @@ def read_embeddings(output: str, directory: str) -> tuple[list[str], np.ndarray]
     return paths, np.stack(vectors).astype(np.float32, copy=False)
 
 
-__all__ = ["DEFAULT_SHARD_ROWS", "EmbeddingWriter", "check_shards", "read_embeddings", "shard_prefix"]
+__all__ = ["DEFAULT_SHARD_ROWS", "EmbeddingWriter", "read_embeddings", "shard_prefix"]

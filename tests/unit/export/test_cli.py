@@ -243,6 +243,25 @@ def test_demo_is_idempotent_and_replaces_only_a_corrupt_model(
     assert load_metadata(root / "resnet18" / "2")["files"] == load_metadata(root / "resnet18" / "1")["files"]
 
 
+def test_demo_brings_a_version_from_before_embeddings_up_to_date(
+    model_repository_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = model_repository_copy
+    meta_path = root / "lenet5" / "1" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["features"], meta["layers"]  # as exported before issue 14 (the model.onnx is kept)
+    meta_path.write_text(json.dumps(meta))
+    outcomes = demo(root, ["lenet5", "resnet18"], out=None, progress=sys.stderr)
+    assert [(o.name, o.version, o.exported) for o in outcomes] == [
+        ("lenet5", 2, True),
+        ("resnet18", 1, False),
+    ]
+    assert "lenet5 v1 was exported before embeddings" in capsys.readouterr().err
+    new = load_metadata(root / "lenet5" / "2")
+    assert new["features"]["shape"] == [84] and new["trained"] is True
+    assert load_metadata(root / "lenet5" / "1") == meta  # the old version is left as it was
+
+
 def test_demo_exports_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["demo", "--repository", str(tmp_path / "r"), "--models", "googlenet"], capsys)
     assert code == 0, err

@@ -105,7 +105,8 @@ def test_random_weights_are_seeded_and_recorded_as_untrained(
 def test_capabilities_follow_the_architecture(exported: dict[str, ExportResult]) -> None:
     caps = {arch: exported[arch].version.capabilities for arch in FAST}
     assert caps["lenet5"] == {
-        "classify": True, "embed": True, "explain": False, "dream": False, "stylize": False
+        "classify": True, "embed": True, "explain": False, "dream": False, "stylize": False,
+        "feature_maps": True, "filters": True,
     }  # fmt: skip
     for arch in ("alexnet", "googlenet", "resnet18"):
         assert caps[arch] == {
@@ -114,6 +115,8 @@ def test_capabilities_follow_the_architecture(exported: dict[str, ExportResult])
             "explain": True,
             "dream": True,
             "stylize": False,
+            "feature_maps": True,
+            "filters": True,
         }
     assert onnx_export.STYLIZE_ARCHITECTURES == {"vgg19"}
 

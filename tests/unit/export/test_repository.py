@@ -27,7 +27,7 @@ DOCUMENTED_KEYS = {
     "schema_version", "name", "version", "architecture", "input", "output", "num_classes",
     "preprocessing", "labels", "trained", "trained_on", "parameters", "flops", "fp16",
     "source_checkpoint_sha256", "files", "opset", "exporters", "exported_at", "verification",
-    "capabilities",
+    "capabilities", "features", "layers",
 }  # fmt: skip
 OPTIONAL_KEYS = {"training", "evaluation", "build_kwargs"}
 
@@ -51,6 +51,15 @@ def test_the_repository_layout_and_metadata_follow_the_contract(model_repository
             assert meta["files"][fname] == {"sha256": _sha256(path), "bytes": path.stat().st_size}
         assert set(meta["files"]) == {"model.onnx", "weights.pt"}
         assert meta["input"]["name"] == "input" and meta["output"]["name"] == "logits"
+        assert meta["features"] == {
+            "name": "features", "shape": [{"lenet5": 84, "resnet18": 512}[name]], "dtype": "float32",
+            "layer": {"lenet5": "classifier.2", "resnet18": "fc"}[name],
+        }  # fmt: skip
+        layers = {entry["name"]: entry for entry in meta["layers"]}
+        assert len(layers) == len(meta["layers"])
+        if name == "resnet18":  # containers, blocks and leaves, with their output shapes
+            assert layers["layer2"] == {"name": "layer2", "shape": [128, 28, 28], "kind": "Sequential"}
+            assert layers["layer2.0.conv1"]["kind"] == "Conv2d" and layers["fc"]["shape"] == [1000]
         assert meta["input"]["dtype"] == meta["output"]["dtype"] == "float32" and meta["fp16"] is False
         described = describe(name)
         assert (
@@ -75,7 +84,10 @@ def test_the_repository_layout_and_metadata_follow_the_contract(model_repository
     assert lenet["training"]["held_out_samples"] == 360 and lenet["training"]["held_out_accuracy"] >= 0.97
     assert lenet["evaluation"]["samples"] == 360 and lenet["evaluation"]["accuracy"] >= 0.97
     # tanh only: guided backprop would silently be a plain gradient, so explain is not offered
-    assert lenet["capabilities"] == {"classify": True, "explain": False, "dream": False, "stylize": False}
+    assert lenet["capabilities"] == {
+        "classify": True, "embed": True, "explain": False, "dream": False, "stylize": False,
+        "feature_maps": True, "filters": True,
+    }  # fmt: skip
 
     resnet = load_metadata(model_repository / "resnet18" / "1")
     assert resnet["input"]["shape"] == [3, 224, 224] and resnet["output"]["shape"] == [1000]
@@ -85,7 +97,10 @@ def test_the_repository_layout_and_metadata_follow_the_contract(model_repository
     assert resnet["preprocessing"] == IMAGENET.to_dict()
     assert resnet["trained"] is False and resnet["trained_on"] is None
     assert resnet["training"] is None and resnet["evaluation"] is None
-    assert resnet["capabilities"] == {"classify": True, "explain": True, "dream": True, "stylize": False}
+    assert resnet["capabilities"] == {
+        "classify": True, "embed": True, "explain": True, "dream": True, "stylize": False,
+        "feature_maps": True, "filters": True,
+    }  # fmt: skip
 
 
 def test_bundled_imagenet_classes_equal_the_reference_and_are_package_data() -> None:

@@ -95,7 +95,11 @@ def add_version(
         "exporters": {"torch": "test", "onnx": onnx.__version__, "onnxscript": "test", "onnxruntime": "test"},
         "exported_at": "2026-11-25T22:00:00Z",
         "verification": {"batch": 2, "max_abs_diff": 0.0, "relative_diff": 0.0, "top1_equal": True},
-        "capabilities": {"classify": True, "explain": False, "dream": False, "stylize": False},
+        # No PyTorch module behind these: no gradient RPC of any kind.
+        "capabilities": {
+            "classify": True, "explain": False, "dream": False, "stylize": False, "feature_maps": False,
+            "filters": False,
+        },  # fmt: skip
     }
     if features:
         meta["features"] = {"name": "features", "shape": [dim], "dtype": dt, "layer": "flatten"}

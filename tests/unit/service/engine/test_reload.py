@@ -144,6 +144,8 @@ def test_the_repository_is_polled(gray_repo: Path) -> None:
             "explain": False,
             "dream": False,
             "stylize": False,
+            "feature_maps": False,
+            "filters": False,
         }
         assert not engine.awaiting_gradients and engine.offer_gradients() == []
     finally:

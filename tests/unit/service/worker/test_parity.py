@@ -5,6 +5,10 @@ from a checkpoint file, as a user does with `python -m export onnx ARCH --weight
 the way each gradient process loads it (`load_models`). On the same input the process's logits must
 equal ONNX Runtime's on model.onnx within 1e-4 relative (max |diff| / max |logit|).
 
+The embedding is held to the same bound here, for every architecture with trained-like weights:
+model.onnx's `features` output against the process's module's penultimate activations (a forward
+hook on the head, ArchSpec.head), the input of the layer that makes the logits.
+
 The load-time parity self-test is tested too: a version whose metadata.json lost the exporter's
 build arguments is refused for gradient jobs (FAILED_PRECONDITION, with the reason in the pool's
 ready summary) while the other versions load.
@@ -43,10 +47,10 @@ def fixed_input(shape: tuple[int, ...], batch: int = 2) -> np.ndarray:
     return np.random.default_rng(1234).standard_normal((batch, *shape)).astype(np.float32)
 
 
-def ort_logits(onnx_path: Path, x: np.ndarray) -> np.ndarray:
+def ort_outputs(onnx_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"input": x})
-    return np.asarray(logits, dtype=np.float64)
+    logits, features = session.run(["logits", "features"], {"input": x})
+    return np.asarray(logits, dtype=np.float64), np.asarray(features, dtype=np.float64)
 
 
 def relative(a: np.ndarray, reference: np.ndarray) -> float:
@@ -75,11 +79,17 @@ def test_process_logits_equal_onnx_runtime_for_a_version_exported_from_a_checkpo
     assert state.refused == {}
     model = state.get(version.name, version.version)
     x = fixed_input(version.input_shape)
+    penultimate: list[torch.Tensor] = []
+    head = model.module.get_submodule(ARCHITECTURES[arch].head)
+    handle = head.register_forward_hook(lambda _m, inputs, _o: penultimate.append(inputs[0]))
     with torch.no_grad():
         worker = model.module(torch.from_numpy(x)).double().numpy()
-    served = ort_logits(version.onnx_path, x)
+    handle.remove()
+    served, features = ort_outputs(version.onnx_path, x)
     assert relative(worker, served) <= RELATIVE_BOUND
     assert (worker.argmax(1) == served.argmax(1)).all()
+    assert features.shape == (2, version.metadata["features"]["shape"][0])
+    assert relative(penultimate[0].double().numpy(), features) <= RELATIVE_BOUND
 
     if arch == "googlenet":
         # Control: the checkpoint is alive enough that the other transform_input setting (what the
