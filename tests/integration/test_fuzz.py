@@ -9,7 +9,8 @@ spliced, decompression bombs, huge declared dimensions), tensors of odd shapes, 
 with NaN/Inf, ModelInfer with mismatched raw_input_contents / contents / shape / datatype,
 out-of-range enums and versions, unknown models, oversized top_k, negative numbers.
 
-Pass criteria: no call is answered UNKNOWN or INTERNAL (nor per item in ClassifyStream), none
+Pass criteria: no call is answered UNKNOWN or INTERNAL (nor per item in ClassifyStream or
+EmbedStream), none
 hangs, the server and its worker never crash, the server is SERVING afterwards, and its RSS grows
 by less than RSS_GROWTH_BOUND_BYTES. The gradient caps are small, so a gradient request that passes
 validation is a fraction of a second of work (one resnet18 explain, or 4 dream steps on <= 64 px).
@@ -588,6 +589,10 @@ def valid_calls() -> list[tuple[descriptor.MethodDescriptor, Any]]:
             )
         ],
     )
+    infer_features = oip.ModelInferRequest()
+    infer_features.CopyFrom(infer_raw)
+    infer_features.outputs.add(name="features")
+    infer_features.outputs.add(name="logits")
     dream = pb.DreamRequest(
         model="resnet18",
         image=rgb,
@@ -613,6 +618,20 @@ def valid_calls() -> list[tuple[descriptor.MethodDescriptor, Any]]:
                     id="b", request=pb.ClassifyRequest(model="lenet5", image=lenet_tensor)
                 ),
                 pb.ClassifyStreamRequest(id="c"),
+            ],
+        ),
+        (
+            _method("cnnserve.v1.Inference/Embed"),
+            pb.EmbedRequest(model="resnet18", image=rgb, normalize=True, top_k=3),
+        ),
+        (
+            _method("cnnserve.v1.Inference/EmbedStream"),
+            [
+                pb.EmbedStreamRequest(id="a", request=pb.EmbedRequest(model="resnet18", image=rgb)),
+                pb.EmbedStreamRequest(
+                    id="b", request=pb.EmbedRequest(model="lenet5", image=lenet_tensor, top_k=2)
+                ),
+                pb.EmbedStreamRequest(id="c"),
             ],
         ),
         (_method("cnnserve.v1.Inference/GetModel"), pb.GetModelRequest(name="resnet18", include_labels=True)),
@@ -646,6 +665,7 @@ def valid_calls() -> list[tuple[descriptor.MethodDescriptor, Any]]:
         (_method("cnnserve.v1.Inference/StylizeUnary"), stylize),
         (_method("inference.GRPCInferenceService/ModelInfer"), infer_raw),
         (_method("inference.GRPCInferenceService/ModelInfer"), infer_images),
+        (_method("inference.GRPCInferenceService/ModelInfer"), infer_features),
         (_method("inference.GRPCInferenceService/ModelMetadata"), oip.ModelMetadataRequest(name="resnet18")),
         (
             _method("inference.GRPCInferenceService/ModelReady"),
@@ -752,6 +772,7 @@ def _warm_up(server: ServerProcess, tally: Tally) -> None:
         ("Classify", pb.ClassifyRequest(model="lenet5", image=lenet)),
         ("Classify", pb.ClassifyRequest(model="resnet18", image=pb.ImageInput(encoded=BASES["jpeg_rgb64"]))),
         ("ClassifyBatch", pb.ClassifyBatchRequest(model="lenet5", images=[lenet, lenet])),
+        ("Embed", pb.EmbedRequest(model="resnet18", image=pb.ImageInput(encoded=BASES["jpeg_rgb64"]))),
         ("Explain", pb.ExplainRequest(model="resnet18", images=[pb.ImageInput(encoded=BASES["png_rgb64"])])),
         (
             "DreamUnary",
