@@ -21,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from server_process import ServerProcess
 
+from service._proto.cnnserve.v1 import inference_pb2 as pb
+from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.client import CnnserveClient, CnnserveError
 from service.engine.slots import SHM_DIR
 from service.frontend.server import GRADIENTS_SERVICE
@@ -67,6 +69,17 @@ def test_two_frontends_one_engine(demo_repository: Path, start_server: Callable[
     counted = server.sample("cnnserve_requests_total", method="Classify", model="lenet5", code="OK")
     assert counted == 30
     assert server.sample("cnnserve_images_total", model="lenet5") == 30
+
+    # Embed through a frontend process: the features cross the engine's socket with the logits of
+    # the same run (its top-1 is Classify's).
+    stub = pb_grpc.InferenceStub(server.channel)
+    embedded = stub.Embed(
+        pb.EmbedRequest(model="lenet5", image=pb.ImageInput(encoded=image), normalize=True, top_k=1),
+        timeout=30,
+    )
+    vector = np.frombuffer(embedded.embedding.data, dtype="<f4")
+    assert vector.shape == (84,) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+    assert embedded.classes[0].index == expected
 
     # A frontend SIGKILLed under load: the calls it held fail UNAVAILABLE, and the client's retry
     # policy resends them (on an idle machine every one then succeeds: 0 errors in 6,500 calls; a
