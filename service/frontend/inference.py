@@ -104,12 +104,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         one request with its code.
         """
 
-        def produce(rpc: Rpc) -> AsyncIterator[pb.ClassifyStreamResponse]:
-            self._path()
-            self._state.check_ready()
-            return self._stream(request_iterator, context, self._stream_item)
-
-        async for response in streamed("ClassifyStream", context, produce, items=True):
+        async for response in self._serve_stream(
+            "ClassifyStream", request_iterator, context, self._classify_one, pb.ClassifyStreamResponse
+        ):
             yield response
 
     def _path(self) -> ClassifyPath:
@@ -197,12 +194,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
         """ClassifyStream's machinery and contract, with Embed's items."""
 
-        def produce(rpc: Rpc) -> AsyncIterator[pb.EmbedStreamResponse]:
-            self._path()
-            self._state.check_ready()
-            return self._stream(request_iterator, context, self._embed_stream_item)
-
-        async for response in streamed("EmbedStream", context, produce, items=True):
+        async for response in self._serve_stream(
+            "EmbedStream", request_iterator, context, self._embed_one, pb.EmbedStreamResponse
+        ):
             yield response
 
     async def _embed_one(self, request: pb.EmbedRequest, context: Context, rpc: Rpc) -> pb.EmbedResponse:
@@ -235,21 +229,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             timings=convert.timings_proto(timings, time.perf_counter() - start),
         )
 
-    async def _embed_stream_item(
-        self, request: pb.EmbedStreamRequest, context: Context
-    ) -> pb.EmbedStreamResponse:
-        async def work(rpc: Rpc) -> pb.EmbedStreamResponse:
-            if not request.HasField("request"):
-                raise InvalidArgument("stream item has no request", reason="invalid_argument")
-            return pb.EmbedStreamResponse(
-                id=request.id, result=await self._embed_one(request.request, context, rpc)
-            )
-
-        def failed(code: grpc.StatusCode, message: str) -> pb.EmbedStreamResponse:
-            return pb.EmbedStreamResponse(id=request.id, error=pb.Status(code=code.value[0], message=message))
-
-        return await item("EmbedStream", context, work, failed)
-
     # --- streams -------------------------------------------------------------------------------
 
     def _stream_window(self) -> int:
@@ -258,23 +237,46 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         settings = self._state.settings
         return max(1, min(settings.max_queue_size, 2 * settings.max_batch_size))
 
-    async def _stream_item(
-        self, request: pb.ClassifyStreamRequest, context: Context
-    ) -> pb.ClassifyStreamResponse:
-        """One stream item -> its response; never raises (errors become the item's status)."""
+    async def _serve_stream(
+        self,
+        method: str,
+        request_iterator: AsyncIterator[Any],
+        context: Context,
+        one: Callable[[Any, Context, Rpc], Awaitable[Any]],
+        response_type: Callable[..., Resp],
+    ) -> AsyncIterator[Resp]:
+        """A `method` stream of the classify path: ready checks, then each item's `request` done by
+        `one` and answered with a `response_type` (its result or its status)."""
 
-        async def work(rpc: Rpc) -> pb.ClassifyStreamResponse:
-            if not request.HasField("request"):
-                raise InvalidArgument("stream item has no request", reason="invalid_argument")
-            result = await self._classify_one(request.request, context, rpc)
-            return pb.ClassifyStreamResponse(id=request.id, result=result)
+        def produce(rpc: Rpc) -> AsyncIterator[Resp]:
+            self._path()
+            self._state.check_ready()
+            return self._stream(request_iterator, context, self._answer_items(method, one, response_type))
 
-        def failed(code: grpc.StatusCode, message: str) -> pb.ClassifyStreamResponse:
-            return pb.ClassifyStreamResponse(
-                id=request.id, error=pb.Status(code=code.value[0], message=message)
-            )
+        async for response in streamed(method, context, produce, items=True):
+            yield response
 
-        return await item("ClassifyStream", context, work, failed)
+    def _answer_items(
+        self,
+        method: str,
+        one: Callable[[Any, Context, Rpc], Awaitable[Any]],
+        response_type: Callable[..., Resp],
+    ) -> Callable[[Any, Context], Coroutine[Any, Any, Resp]]:
+        """The answer to one item of a `method` stream (its `request` done by `one`); never raises:
+        errors become the item's status."""
+
+        async def answer(request: Any, context: Context) -> Resp:
+            async def work(rpc: Rpc) -> Resp:
+                if not request.HasField("request"):
+                    raise InvalidArgument("stream item has no request", reason="invalid_argument")
+                return response_type(id=request.id, result=await one(request.request, context, rpc))
+
+            def failed(code: grpc.StatusCode, message: str) -> Resp:
+                return response_type(id=request.id, error=pb.Status(code=code.value[0], message=message))
+
+            return await item(method, context, work, failed)
+
+        return answer
 
     async def _stream(
         self,
