@@ -108,7 +108,8 @@ def test_a_version_failing_the_parity_self_test_is_refused_and_keeps_classifying
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     info_lost = stub.GetModel(pb.GetModelRequest(name="inception-lost"), timeout=10)
-    assert list(info_lost.capabilities) == [pb.CAPABILITY_CLASSIFY]
+    # The engine's RPCs only: no gradient RPC (FeatureMaps and Filters included) for this version.
+    assert list(info_lost.capabilities) == [pb.CAPABILITY_CLASSIFY, pb.CAPABILITY_EMBED]
     good = stub.GetModel(pb.GetModelRequest(name="inception"), timeout=10)
     assert pb.CAPABILITY_EXPLAIN in good.capabilities and pb.CAPABILITY_DREAM in good.capabilities
     # ONNX Runtime still serves it: only the gradient RPCs are refused.

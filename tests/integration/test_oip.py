@@ -164,6 +164,7 @@ def test_model_metadata(client: TritonStyleClient) -> None:
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
         ("logits", "FP32", [-1, 1000]),
         ("probabilities", "FP32", [-1, 1000]),
+        ("features", "FP32", [-1, 512]),
     ]
     with pytest.raises(grpc.RpcError) as info:
         client.get_model_metadata("ghost")
@@ -246,7 +247,7 @@ NAN_IMAGE = np.full((1, 1, 32, 32), np.nan, np.float32).tobytes()
                        r.raw_input_contents.__setitem__(0, bytes(4 * 32 * 32 * (MAX_IMAGES + 1)))),
             "INVALID_ARGUMENT", id="too-many-images",
         ),
-        pytest.param(lambda r: r.outputs.add(name="features"), "INVALID_ARGUMENT", id="unknown-output"),
+        pytest.param(lambda r: r.outputs.add(name="embedding"), "INVALID_ARGUMENT", id="unknown-output"),
     ],
 )  # fmt: skip
 def test_infer_errors(server: ServerProcess, mutate, code: str) -> None:
@@ -293,6 +294,7 @@ def test_model_config_from_the_server_settings(client: TritonStyleClient) -> Non
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
         ("logits", mc.TYPE_FP32, [10]),
         ("probabilities", mc.TYPE_FP32, [10]),
+        ("features", mc.TYPE_FP32, [84]),
     ]
     assert config.dynamic_batching.max_queue_delay_microseconds == 10_000
     (group,) = config.instance_group

@@ -29,11 +29,9 @@ from service.frontend.server import GRADIENTS_SERVICE
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MAX_ITERATIONS = 20
+# metadata.json's capability names -> the wire's enum (CAPABILITY_<NAME>), every one of them.
 CAPABILITY = {
-    "classify": pb.CAPABILITY_CLASSIFY,
-    "explain": pb.CAPABILITY_EXPLAIN,
-    "dream": pb.CAPABILITY_DREAM,
-    "stylize": pb.CAPABILITY_STYLIZE,
+    name.removeprefix("CAPABILITY_").lower(): value for name, value in pb.Capability.items() if value
 }
 
 
