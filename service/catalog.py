@@ -78,6 +78,11 @@ def output_name(model: LoadedModel) -> str:
     return str((model.metadata or {}).get("output", {}).get("name", "logits"))
 
 
+# What the service says wherever a version with untrained weights answers (server log, OIP): the
+# demo's seeded random weights give confident-looking answers that mean nothing.
+UNTRAINED_WARNING = "untrained demo weights: answers are meaningless"
+
+
 def features_name(model: LoadedModel) -> str | None:
     """The name of the model's embedding output (metadata.json `features`), or None for a version
     exported before embeddings existed."""
@@ -341,6 +346,7 @@ class Catalog:
 
 
 __all__ = [
+    "UNTRAINED_WARNING",
     "Catalog",
     "Chosen",
     "LoadedModel",

@@ -19,7 +19,7 @@ from typing import Any
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service.client.api import CnnserveClient
 from service.client.channel import connection_hint, not_connected
-from service.client.results import ClassifyResult, CnnserveError, StreamResult
+from service.client.results import UNTRAINED_WARNING, ClassifyResult, CnnserveError, StreamResult
 from service.client.score import register_score
 
 EXIT_STATUS = """exit status (classify, score, models):
@@ -63,18 +63,24 @@ def _read_images(paths: Sequence[str]) -> tuple[list[tuple[str, bytes]], bool]:
 
 
 def _classify_record(path: str, result: ClassifyResult) -> dict[str, Any]:
-    return {
+    record = {
         "image": path,
         "model": result.model,
         "version": result.version,
         "classes": [
             {"index": c.index, "label": c.label, "probability": c.probability} for c in result.classes
         ],
+        "untrained": result.untrained,
     }
+    if result.untrained:
+        record["warning"] = UNTRAINED_WARNING
+    return record
 
 
 def _print_classes(path: str, result: ClassifyResult) -> None:
     print(f"{path}: {result.model} v{result.version}")
+    if result.untrained:
+        print(f"  ({UNTRAINED_WARNING})")
     for rank, c in enumerate(result.classes, 1):
         label = c.label or f"class {c.index}"
         print(f"  {rank}. {label:<30} {c.probability:8.4f}  (index {c.index})")

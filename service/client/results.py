@@ -42,6 +42,8 @@ class ClassifyResult:
     version: int
     classes: tuple[ClassScore, ...]
     timings: Timings | None = None
+    # The version's weights are untrained (the demo's random weights): the classes mean nothing.
+    untrained: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,17 @@ def timings(t: pb.Timings) -> Timings:
     )
 
 
+# What the client says of an answer with `untrained` set (the server logs the same words).
+UNTRAINED_WARNING = "untrained demo weights: answers are meaningless"
+
+
 def classify_result(response: pb.ClassifyResponse) -> ClassifyResult:
     return ClassifyResult(
-        response.model, response.version, scores(response.classes), timings(response.timings)
+        response.model,
+        response.version,
+        scores(response.classes),
+        timings(response.timings),
+        untrained=response.untrained,
     )
 
 

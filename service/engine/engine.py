@@ -28,6 +28,7 @@ import numpy as np
 from export import repository
 from service import memory
 from service.catalog import (
+    UNTRAINED_WARNING,
     Catalog,
     LoadedModel,
     ModelLoadError,
@@ -376,6 +377,9 @@ class ClassificationEngine:
             ",".join(map(str, sizes)) or "none",
             warmup_s,
         )
+        if not model.trained:
+            # Said once per version at load: answers of random weights look like answers.
+            log.warning("%s:%d has %s", model.name, model.version, UNTRAINED_WARNING)
         return _Served(model, sessions, batcher)
 
     def startup_summary(self) -> str:

@@ -373,6 +373,7 @@ def embed_response(
         norm=norm,
         classes=classes,
         timings=timings,
+        untrained=not model.trained,
     )
 
 
@@ -419,6 +420,7 @@ def explain_response(result: jobs.ExplainResult, model: LoadedModel, method: str
         method=EXPLAIN_METHOD_ENUM.get(method, pb.EXPLAIN_METHOD_UNSPECIFIED),
         explanations=explanations,
         seconds=result.seconds,
+        untrained=not model.trained,
     )
 
 
@@ -434,10 +436,11 @@ def feature_maps_response(result: jobs.FeatureMapsResult, model: LoadedModel) ->
         ],
         predicted=_score(model, result.predicted, result.predicted_probability),
         seconds=result.seconds,
+        untrained=not model.trained,
     )
 
 
-def filters_response(result: jobs.FiltersResult) -> pb.FiltersResponse:
+def filters_response(result: jobs.FiltersResult, model: LoadedModel) -> pb.FiltersResponse:
     return pb.FiltersResponse(
         model=result.model,
         version=result.version,
@@ -445,6 +448,7 @@ def filters_response(result: jobs.FiltersResult) -> pb.FiltersResponse:
         weights=tensor_proto(result.weights),
         png=result.png,
         seconds=result.seconds,
+        untrained=not model.trained,
     )
 
 
@@ -458,7 +462,7 @@ def progress_proto(update: jobs.ProgressUpdate) -> pb.GradientProgress:
     )
 
 
-def dream_result(result: jobs.DreamResult) -> pb.DreamResult:
+def dream_result(result: jobs.DreamResult, model: LoadedModel) -> pb.DreamResult:
     h, w = result.image.shape[:2]
     return pb.DreamResult(
         model=result.model,
@@ -471,10 +475,11 @@ def dream_result(result: jobs.DreamResult) -> pb.DreamResult:
         objective_after=result.objective_after,
         layers=[pb.DreamLayer(layer=name, weight=weight) for name, weight in result.layers],
         seconds=result.seconds,
+        untrained=not model.trained,
     )
 
 
-def stylize_result(result: jobs.StylizeResult) -> pb.StylizeResult:
+def stylize_result(result: jobs.StylizeResult, model: LoadedModel) -> pb.StylizeResult:
     h, w = result.image.shape[:2]
     return pb.StylizeResult(
         model=result.model,
@@ -487,4 +492,5 @@ def stylize_result(result: jobs.StylizeResult) -> pb.StylizeResult:
         losses={k: float(v) for k, v in result.losses.items()},
         initial_losses={k: float(v) for k, v in result.initial_losses.items()},
         seconds=result.seconds,
+        untrained=not model.trained,
     )

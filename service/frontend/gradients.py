@@ -169,22 +169,22 @@ class LocalGradients:
     async def filters(self, request: pb.FiltersRequest, context: Context, rpc: Rpc) -> pb.FiltersResponse:
         pool, model = self._prepare(request.model, request.version, "filters", rpc)
         job = jobs.FiltersJob(model=model.name, version=model.version, layer=request.layer)
-        return convert.filters_response(await self._run(pool, job, context, model))
+        return convert.filters_response(await self._run(pool, job, context, model), model)
 
     async def dream_unary(self, request: pb.DreamRequest, context: Context, rpc: Rpc) -> pb.DreamResult:
         pool, job, model = await self._dream_job(request, rpc)
-        return convert.dream_result(await self._run(pool, job, context, model))
+        return convert.dream_result(await self._run(pool, job, context, model), model)
 
     async def stylize_unary(self, request: pb.StylizeRequest, context: Context, rpc: Rpc) -> pb.StylizeResult:
         pool, job, model = await self._stylize_job(request, rpc)
-        return convert.stylize_result(await self._run(pool, job, context, model))
+        return convert.stylize_result(await self._run(pool, job, context, model), model)
 
     def dream(self, request: pb.DreamRequest, context: Context, rpc: Rpc) -> AsyncIterator[pb.DreamResponse]:
         return self._progress(
             lambda: self._dream_job(request, rpc),
             context,
             lambda progress: pb.DreamResponse(progress=progress),
-            lambda result: pb.DreamResponse(result=convert.dream_result(result)),
+            lambda result, model: pb.DreamResponse(result=convert.dream_result(result, model)),
         )
 
     def stylize(
@@ -194,7 +194,7 @@ class LocalGradients:
             lambda: self._stylize_job(request, rpc),
             context,
             lambda progress: pb.StylizeResponse(progress=progress),
-            lambda result: pb.StylizeResponse(result=convert.stylize_result(result)),
+            lambda result, model: pb.StylizeResponse(result=convert.stylize_result(result, model)),
         )
 
     # --- from request to job -----------------------------------------------------------------------
@@ -306,10 +306,11 @@ class LocalGradients:
         prepare: Callable[[], Awaitable[tuple[Pool, jobs.Job, LoadedModel]]],
         context: Context,
         progress_message: Callable[[pb.GradientProgress], T],
-        result_message: Callable[[Any], T],
+        result_message: Callable[[Any, LoadedModel], T],
     ) -> AsyncIterator[T]:
         """A streaming job's messages: one per progress update the gradient process reports, then
-        the result. The job is cancelled when the caller stops reading (cancelled call, failed send)."""
+        the result (of the job's model). The job is cancelled when the caller stops reading
+        (cancelled call, failed send)."""
         pool, job, model = await prepare()
         updates: asyncio.Queue[jobs.ProgressUpdate] = asyncio.Queue()
         running = asyncio.ensure_future(self._run(pool, job, context, model, on_progress=updates.put_nowait))
@@ -327,7 +328,7 @@ class LocalGradients:
                 break
             while not updates.empty():  # reported before the job finished
                 yield progress_message(convert.progress_proto(updates.get_nowait()))
-            yield result_message(running.result())
+            yield result_message(running.result(), model)
         finally:
             if not running.done():
                 running.cancel()

@@ -89,6 +89,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     for row in probabilities
                 ],
                 timings=convert.timings_proto(timings, time.perf_counter() - start),
+                untrained=not model.trained,
             )
 
         return await unary("ClassifyBatch", context, work)
@@ -133,6 +134,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             version=model.version,
             classes=convert.top_classes(probabilities[0], top_k, model.labels),
             timings=convert.timings_proto(timings, time.perf_counter() - start),
+            untrained=not model.trained,
         )
 
     async def _classify_inputs(

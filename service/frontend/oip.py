@@ -39,7 +39,14 @@ import grpc
 import numpy as np
 
 import service
-from service.catalog import features_dim, features_name, input_name, output_name, reexport_command
+from service.catalog import (
+    UNTRAINED_WARNING,
+    features_dim,
+    features_name,
+    input_name,
+    output_name,
+    reexport_command,
+)
 from service.engine.protocol import FEATURES, LOGITS
 from service.errors import InvalidArgument
 from service.frontend.calls import Rpc, unary
@@ -374,6 +381,9 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_name=model.name, model_version=str(model.version), id=request.id
         )
         response.parameters["execution_provider"].string_param = model.provider
+        if not model.trained:
+            response.parameters["untrained"].bool_param = True
+            response.parameters["warning"].string_param = UNTRAINED_WARNING
         probabilities = None
         for name, k in outputs:
             if name == PROBABILITIES:

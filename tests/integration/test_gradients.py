@@ -162,6 +162,7 @@ def test_dream_unary(stub: pb_grpc.InferenceStub) -> None:
         timeout=60,
     )
     assert isinstance(result, pb.DreamResult) and _open(result.png).size == (48, 48)
+    assert result.untrained  # resnet18 has the demo's random weights, and the answer says so
 
 
 def test_bad_requests_are_invalid_argument(
@@ -263,6 +264,8 @@ def test_feature_maps_are_the_pytorch_models_activations(
 def test_filters(stub: pb_grpc.InferenceStub, gradient_server: ServerProcess, demo_repository: Path) -> None:
     response = stub.Filters(pb.FiltersRequest(model="resnet18"), timeout=60)
     assert response.layer == "conv1" and list(response.weights.shape) == [64, 3, 7, 7]
+    assert response.untrained
+    assert not stub.Filters(pb.FiltersRequest(model="lenet5"), timeout=60).untrained  # trained on digits
     np.testing.assert_array_equal(
         _array(response.weights), _resnet18(demo_repository).conv1.weight.detach().numpy()
     )

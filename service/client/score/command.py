@@ -74,6 +74,7 @@ import grpc
 
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.client.channel import connection_hint, default_channel_options, not_connected
+from service.client.results import UNTRAINED_WARNING
 from service.client.score.paths import collect_paths, parse_shard, shard_paths
 from service.client.score.progress import Progress, Summary
 from service.client.score.rows import Existing, RowWriter, output_format, read_existing
@@ -181,6 +182,8 @@ def _run(args: argparse.Namespace, fmt: str, todo: list[str]) -> tuple[Scorer, S
 def _exit_status(args: argparse.Namespace, scorer: Scorer, summary: Summary) -> int:
     """Report how the run ended; its exit status (the module docstring's table)."""
     print(f"cnnserve score: {summary.line()}", file=sys.stderr)
+    for model, version in sorted(scorer.untrained):
+        print(f"cnnserve score: warning: {model} v{version} has {UNTRAINED_WARNING}", file=sys.stderr)
     if scorer.stopped_by is not None:
         name = signal.Signals(scorer.stopped_by).name
         resume = "" if args.output == "-" else "; rerun the same command to resume"

@@ -38,9 +38,18 @@ def _one_line(text: str) -> str:
 
 
 def make_row(
-    path: str, *, model: str = "", version: int = 0, classes: Sequence[Any] = (), error: str = ""
+    path: str,
+    *,
+    model: str = "",
+    version: int = 0,
+    classes: Sequence[Any] = (),
+    error: str = "",
+    warning: str = "",
 ) -> dict[str, Any]:
-    return {
+    """One row; `warning` (a JSONL row's "warning" key, only when set) says the answer means
+    nothing (the server marked the version untrained). CSV rows keep their columns: the run's
+    summary line says it instead."""
+    row = {
         "path": path,
         "model": model,
         "version": version,
@@ -50,6 +59,9 @@ def make_row(
         ],
         "error": _one_line(error),
     }
+    if warning:
+        row["warning"] = warning
+    return row
 
 
 def format_row(row: dict[str, Any], fmt: str, *, embeddings: bool = False) -> str:

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from service._proto.cnnserve.v1 import inference_pb2 as pb
-from service.client.results import status_code
+from service.client.results import UNTRAINED_WARNING, status_code
 from service.client.score.progress import Progress, Summary
 from service.client.score.rows import RowWriter, make_row
 from service.client.score.vectors import EmbeddingWriter
@@ -169,6 +169,7 @@ class Scorer:
         # Why the run gave up, when it did: the stream kept failing (code, details).
         self.fatal: tuple[grpc.StatusCode, str] | None = None
         self.stopped_by: int | None = None  # the signal that stopped the run
+        self.untrained: set[tuple[str, int]] = set()  # versions that answered with untrained weights
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         # The state of run(), set afresh by each run.
         self._items = _Items(deque())
@@ -309,7 +310,10 @@ class Scorer:
             return "skip"  # a late answer for an attempt already given up
         if payload.WhichOneof("outcome") == "result":
             r = payload.result
-            row = make_row(item.path, model=r.model, version=r.version, classes=r.classes)
+            warning = UNTRAINED_WARNING if r.untrained else ""
+            if r.untrained:
+                self.untrained.add((r.model, r.version))
+            row = make_row(item.path, model=r.model, version=r.version, classes=r.classes, warning=warning)
             vector = None
             if isinstance(r, pb.EmbedResponse):
                 vector = np.frombuffer(r.embedding.data, dtype="<f4").reshape(list(r.embedding.shape))

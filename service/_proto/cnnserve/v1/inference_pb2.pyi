@@ -110,16 +110,18 @@ class Timings(_message.Message):
     def __init__(self, decode_seconds: _Optional[float] = ..., preprocess_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("model", "version", "classes", "timings")
+    __slots__ = ("model", "version", "classes", "timings", "untrained")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     classes: _containers.RepeatedCompositeFieldContainer[ClassScore]
     timings: Timings
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    untrained: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
     __slots__ = ("model", "version", "top_k", "images")
@@ -140,16 +142,18 @@ class Classification(_message.Message):
     def __init__(self, classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
 
 class ClassifyBatchResponse(_message.Message):
-    __slots__ = ("model", "version", "results", "timings")
+    __slots__ = ("model", "version", "results", "timings", "untrained")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     results: _containers.RepeatedCompositeFieldContainer[Classification]
     timings: Timings
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    untrained: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
     __slots__ = ("id", "request")
@@ -174,20 +178,22 @@ class EmbedRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., normalize: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("model", "version", "embedding", "norm", "classes", "timings")
+    __slots__ = ("model", "version", "embedding", "norm", "classes", "timings", "untrained")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     NORM_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     embedding: Tensor
     norm: float
     classes: _containers.RepeatedCompositeFieldContainer[ClassScore]
     timings: Timings
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ..., norm: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    untrained: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ..., norm: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
     __slots__ = ("id", "request")
@@ -420,18 +426,20 @@ class Explanation(_message.Message):
     def __init__(self, saliency: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., explained: _Optional[_Union[ClassScore, _Mapping]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., plain_gradient: _Optional[_Union[Tensor, _Mapping]] = ..., gradcam: _Optional[_Union[Tensor, _Mapping]] = ..., neuron: _Optional[_Union[NeuronExplained, _Mapping]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "version", "method", "explanations", "seconds")
+    __slots__ = ("model", "version", "method", "explanations", "seconds", "untrained")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     method: ExplainMethod
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     seconds: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    untrained: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class DreamLayer(_message.Message):
     __slots__ = ("layer", "weight", "channels")
@@ -495,7 +503,7 @@ class GradientProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., octave: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., preview_png: _Optional[bytes] = ...) -> None: ...
 
 class DreamResult(_message.Message):
-    __slots__ = ("model", "version", "png", "width", "height", "steps", "objective_before", "objective_after", "layers", "seconds")
+    __slots__ = ("model", "version", "png", "width", "height", "steps", "objective_before", "objective_after", "layers", "seconds", "untrained")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
@@ -506,6 +514,7 @@ class DreamResult(_message.Message):
     OBJECTIVE_AFTER_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     png: bytes
@@ -516,7 +525,8 @@ class DreamResult(_message.Message):
     objective_after: float
     layers: _containers.RepeatedCompositeFieldContainer[DreamLayer]
     seconds: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., objective_before: _Optional[float] = ..., objective_after: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[DreamLayer, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    untrained: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., objective_before: _Optional[float] = ..., objective_after: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[DreamLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class DreamResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -571,7 +581,7 @@ class StylizeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., content: _Optional[_Union[ImageInput, _Mapping]] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., iterations: _Optional[int] = ..., optimizer: _Optional[_Union[StyleOptimizer, str]] = ..., learning_rate: _Optional[float] = ..., style_scale: _Optional[float] = ..., original_colors: _Optional[bool] = ..., max_side: _Optional[int] = ..., init: _Optional[_Union[StyleInit, str]] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class StylizeResult(_message.Message):
-    __slots__ = ("model", "version", "png", "width", "height", "iterations", "best_iteration", "losses", "initial_losses", "seconds")
+    __slots__ = ("model", "version", "png", "width", "height", "iterations", "best_iteration", "losses", "initial_losses", "seconds", "untrained")
     class LossesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -596,6 +606,7 @@ class StylizeResult(_message.Message):
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     INITIAL_LOSSES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     png: bytes
@@ -606,7 +617,8 @@ class StylizeResult(_message.Message):
     losses: _containers.ScalarMap[str, float]
     initial_losses: _containers.ScalarMap[str, float]
     seconds: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., initial_losses: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    untrained: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., initial_losses: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -643,18 +655,20 @@ class FeatureMap(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., channels: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FeatureMapsResponse(_message.Message):
-    __slots__ = ("model", "version", "maps", "predicted", "seconds")
+    __slots__ = ("model", "version", "maps", "predicted", "seconds", "untrained")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     maps: _containers.RepeatedCompositeFieldContainer[FeatureMap]
     predicted: ClassScore
     seconds: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[FeatureMap, _Mapping]]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    untrained: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[FeatureMap, _Mapping]]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class FiltersRequest(_message.Message):
     __slots__ = ("model", "version", "layer")
@@ -667,17 +681,19 @@ class FiltersRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ...) -> None: ...
 
 class FiltersResponse(_message.Message):
-    __slots__ = ("model", "version", "layer", "weights", "png", "seconds")
+    __slots__ = ("model", "version", "layer", "weights", "png", "seconds", "untrained")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     layer: str
     weights: Tensor
     png: bytes
     seconds: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., seconds: _Optional[float] = ...) -> None: ...
+    untrained: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...

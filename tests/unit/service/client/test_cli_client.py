@@ -131,3 +131,30 @@ def test_the_model_flag_points_at_cnnserve_models() -> None:
     for command in ("classify", "score"):
         subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
         assert "see `cnnserve models`" in " ".join(subparser.format_help().split())
+
+
+def test_untrained_weights_are_said_where_the_answers_are_read(
+    server: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15's honest output: the server marks answers of untrained versions; classify (text and
+    JSON) and score (JSONL rows, the summary) say so; trained answers carry no such word."""
+    image = str(_png(tmp_path / "x.png"))
+    warning = "untrained demo weights: answers are meaningless"
+    assert cli.main(["classify", image, "--model", "resnet18", "--address", server.address]) == 0
+    assert f"({warning})" in capsys.readouterr().out
+    assert cli.main(["classify", image, "--model", "lenet5", "--address", server.address]) == 0
+    assert warning not in capsys.readouterr().out
+    assert cli.main(["classify", image, "--model", "resnet18", "--json", "--address", server.address]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["untrained"] is True and record["warning"] == warning
+
+    out = tmp_path / "rows.jsonl"
+    argv = ["score", image, "--model", "resnet18", "--address", server.address, "--quiet", "-o", str(out)]
+    assert cli.main(argv) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["warning"] == warning and row["error"] == ""
+    assert f"warning: resnet18 v1 has {warning}" in capsys.readouterr().err
+    trained = tmp_path / "trained.jsonl"
+    argv = ["score", image, "--model", "lenet5", "--address", server.address, "--quiet", "-o", str(trained)]
+    assert cli.main(argv) == 0
+    assert "warning" not in json.loads(trained.read_text()) and warning not in capsys.readouterr().err

@@ -4,7 +4,10 @@ features @ W + b), so every number is checked against numpy."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,6 +49,7 @@ def test_embed_returns_the_features_output_and_its_norm(served: dict[str, Any]) 
     x = np.random.default_rng(0).standard_normal((3, 8, 8)).astype(np.float32)
     response = served["stub"].Embed(pb.EmbedRequest(model="rgb", image=tensor_input(x)), timeout=10)
     assert (response.model, response.version) == ("rgb", 1)
+    assert response.untrained  # the linear models are written as untrained
     np.testing.assert_array_equal(vector(response), x.reshape(-1))
     assert response.norm == pytest.approx(float(np.linalg.norm(x.astype(np.float64))), rel=1e-6)
     assert not response.classes and response.timings.total_seconds > 0
@@ -91,6 +95,7 @@ def test_top_k_comes_from_the_same_single_run(served: dict[str, Any]) -> None:
         pb.ClassifyRequest(model="rgb", image=pb.ImageInput(encoded=png(image)), top_k=3), timeout=10
     )
     assert [c.index for c in classify.classes] == [c.index for c in response.classes]
+    assert classify.untrained and response.untrained
 
 
 def test_a_model_exported_before_embeddings_is_a_failed_precondition(served: dict[str, Any]) -> None:
@@ -205,7 +210,10 @@ def test_oip_lists_and_returns_the_features(served: dict[str, Any]) -> None:
 
     x = np.random.default_rng(7).standard_normal((2, 3, 8, 8)).astype(np.float32)
     w, b = served["weights"]
-    got = oip_outputs(stub.ModelInfer(oip_request("rgb", x, "features")))
+    answer = stub.ModelInfer(oip_request("rgb", x, "features"))
+    assert answer.parameters["untrained"].bool_param is True  # and says so in words
+    assert answer.parameters["warning"].string_param == "untrained demo weights: answers are meaningless"
+    got = oip_outputs(answer)
     assert list(got) == ["features"]
     np.testing.assert_array_equal(got["features"], x.reshape(2, -1))
     got = oip_outputs(stub.ModelInfer(oip_request("rgb", x, "features", "logits")))
@@ -230,3 +238,20 @@ def test_oip_lists_and_returns_the_features(served: dict[str, Any]) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "embedding" in info.value.details()
+
+
+def test_the_engine_warns_once_per_untrained_version_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "repo"
+    add_version(root, "demo", 1, seed=3)
+    add_version(root, "real", 1, seed=4)  # made trained below: it says nothing
+    meta_path = root / "real" / "1" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["trained"], meta["trained_on"] = True, "imagenet"
+    meta_path.write_text(json.dumps(meta))
+    engine = ClassificationEngine(settings_for(root))
+    with caplog.at_level(logging.WARNING, logger="service.engine.engine"):
+        engine.load()
+    warned = [r.getMessage() for r in caplog.records if "untrained demo weights" in r.getMessage()]
+    assert warned == ["demo:1 has untrained demo weights: answers are meaningless"]
