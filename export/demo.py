@@ -2,9 +2,10 @@
 
 LeNet-5 is trained on the digits here (seconds) and exported as trained, with its held-out accuracy
 in metadata.json; alexnet (the paper's), googlenet, resnet18, resnet50 and vgg19 are exported with
-seeded random weights (`torch.manual_seed(0)` before each build), marked untrained: they exercise
-every code path of the service, but their classes are meaningless until real weights are exported
-over them with `python -m export onnx ARCH --weights FILE`.
+seeded random weights (`torch.manual_seed(0)` before each build), calibrated so their activations
+stay alive on a photo (export.calibration: no uniform softmax, no vanishing DeepDream objective),
+marked untrained: they exercise every code path of the service, but their classes are meaningless
+until real weights are exported over them with `python -m export onnx ARCH --weights FILE`.
 
 Idempotent: a model whose latest version exists and passes `verify_files` is left alone, so a rerun
 (a restarted Kubernetes Job, say) rebuilds nothing. A latest version that fails verification is kept
@@ -136,7 +137,7 @@ def demo(
             )
             outcome = _outcome(result.version, exported=True, seconds=time.perf_counter() - started)
         else:
-            result = export_to_repository(name, root)
+            result = export_to_repository(name, root, calibrated=True)
             outcome = _outcome(result.version, exported=True, seconds=result.seconds)
         outcomes.append(outcome)
         if out is not None:

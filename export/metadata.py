@@ -181,7 +181,7 @@ def _check_layers(meta: dict[str, Any], where: str) -> None:
 def _check_optional_fields(meta: dict[str, Any], where: str) -> None:
     _check_features(meta, where)
     _check_layers(meta, where)
-    for key in ("training", "evaluation"):
+    for key in ("training", "evaluation", "initialization"):
         if key in meta:
             _require_field(meta, key, lambda v: v is None or isinstance(v, dict), "an object or null", where)
     if "build_kwargs" in meta:
@@ -192,7 +192,8 @@ def validate_metadata(meta: Any, where: str = METADATA) -> dict[str, Any]:
     """Check `meta` against schema version 1; returns it, or raises MetadataError naming the field.
 
     Optional fields: `training` (object or null: how the weights were trained), `evaluation`
-    (object or null: accuracy of model.onnx on a held-out set), `build_kwargs` (object), `features`
+    (object or null: accuracy of model.onnx on a held-out set), `initialization` (object or null:
+    the seed and calibration of random weights), `build_kwargs` (object), `features`
     (the embedding output) and `layers` (the addressable layers), which exports before issue 14
     lack.
     """

@@ -94,21 +94,36 @@ def _build_kwargs(
 
 
 def _network(
-    arch: str, build_kwargs: dict[str, Any], model: nn.Module | None, weights: str | Path | None, seed: int
-) -> tuple[nn.Module, str | None]:
-    """The eval-mode network to export and the sha256 of the checkpoint it was loaded from (None
-    without one): `model` if given, else `arch` built with `build_kwargs` and initialized after
-    `torch.manual_seed(seed)`, then loaded from the checkpoint `weights` if given."""
-    from export.models import build
+    arch: str,
+    build_kwargs: dict[str, Any],
+    model: nn.Module | None,
+    weights: str | Path | None,
+    seed: int,
+    calibrated: bool = False,
+) -> tuple[nn.Module, str | None, dict[str, Any] | None]:
+    """The eval-mode network to export, the sha256 of the checkpoint it was loaded from (None
+    without one) and how random weights were initialized (None for given weights): `model` if
+    given, else `arch` built with `build_kwargs` and initialized after `torch.manual_seed(seed)`,
+    then loaded from the checkpoint `weights` if given, or with `calibrated` scaled to stay alive
+    (export.calibration)."""
+    from export.models import build, get_spec
 
     source_sha256 = None
+    initialization = None
     if model is None:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
             model = build(arch, **build_kwargs)
         if weights is not None:
             source_sha256 = load_weights(model, weights, arch)
-    return model.eval(), source_sha256
+        else:
+            initialization = {"seed": seed, "calibration": None}
+            if calibrated:
+                from export.calibration import calibrate
+
+                spec = get_spec(arch)
+                initialization["calibration"] = calibrate(model, spec.preprocessing, spec.head, seed=seed)
+    return model.eval(), source_sha256, initialization
 
 
 def _write_model_files(
@@ -139,6 +154,7 @@ def _metadata(
     training: dict[str, Any] | None,
     evaluation: dict[str, Any] | None,
     build_kwargs: dict[str, Any],
+    initialization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """metadata.json for the export of `spec`'s architecture as `name`; VersionWriter.commit fills
     in `version` and `files`. `trained_on` defaults to the architecture's data set when `trained`."""
@@ -190,6 +206,8 @@ def _metadata(
         "capabilities": onnx_export.capabilities(arch, model),
         "training": training,
         "evaluation": evaluation,
+        # Random weights: the seed, and the calibration that keeps them alive (export.calibration).
+        "initialization": initialization,
         "build_kwargs": build_kwargs,
     }
 
@@ -208,11 +226,13 @@ def export_to_repository(
     training: dict[str, Any] | None = None,
     build_kwargs: dict[str, Any] | None = None,
     seed: int = RANDOM_WEIGHTS_SEED,
+    calibrated: bool = False,
 ) -> ExportResult:
     """Export architecture `arch` as a new version of model `name` (default: `arch`) in `repository`.
 
     Weights: `weights` (a checkpoint file, loaded strictly and safely), or an in-memory `model`, or
-    neither: random initialization after `torch.manual_seed(seed)`, recorded as untrained.
+    neither: random initialization after `torch.manual_seed(seed)`, recorded as untrained (with
+    `calibrated`, scaled so it stays numerically alive: export.calibration; what the demo does).
     `trained_on` defaults to the architecture's data set when weights are given. GoogLeNet loaded
     from a checkpoint is built with transform_input=True as torchvision does for its published
     weights (override with build_kwargs={"transform_input": False}). The version is built in a
@@ -230,7 +250,7 @@ def export_to_repository(
     # Cheap refusals first (an existing version, an unwritable repository, a bad checkpoint).
     writer = VersionWriter(repository, name, version)
     with writer:
-        model, source_sha256 = _network(arch, kwargs, model, weights, seed)
+        model, source_sha256, initialization = _network(arch, kwargs, model, weights, seed, calibrated)
         verification = _write_model_files(writer.path, model, spec, opset=opset, fp16=fp16)
         evaluation = _digits_accuracy(writer.path, fp16) if trained and spec.dataset == "digits" else None
         metadata = _metadata(
@@ -246,6 +266,7 @@ def export_to_repository(
             training=training,
             evaluation=evaluation,
             build_kwargs=kwargs,
+            initialization=initialization,
         )
         committed = writer.commit(metadata)
     return ExportResult(

@@ -29,7 +29,7 @@ DOCUMENTED_KEYS = {
     "source_checkpoint_sha256", "files", "opset", "exporters", "exported_at", "verification",
     "capabilities", "features", "layers",
 }  # fmt: skip
-OPTIONAL_KEYS = {"training", "evaluation", "build_kwargs"}
+OPTIONAL_KEYS = {"training", "evaluation", "build_kwargs", "initialization"}
 
 
 def _sha256(path: Path) -> str:
@@ -89,7 +89,11 @@ def test_the_repository_layout_and_metadata_follow_the_contract(model_repository
         "feature_maps": True, "filters": True,
     }  # fmt: skip
 
+    assert lenet["initialization"] is None  # trained weights
     resnet = load_metadata(model_repository / "resnet18" / "1")
+    # the demo's random weights: seeded and calibrated to stay alive (export.calibration)
+    assert resnet["initialization"]["seed"] == 0
+    assert resnet["initialization"]["calibration"]["logit_std_after"] == pytest.approx(1.0, rel=1e-3)
     assert resnet["input"]["shape"] == [3, 224, 224] and resnet["output"]["shape"] == [1000]
     assert (
         resnet["labels"][:3] == ["tench", "goldfish", "great white shark"] and len(resnet["labels"]) == 1000
