@@ -50,8 +50,8 @@ def _inputs(preprocessing: Preprocessing, seed: int) -> list[torch.Tensor]:
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         crops.append(torch.from_numpy(to_tensor(crop, preprocessing)))
-    batch = torch.stack(crops)
-    return list(batch.split(CALIBRATION_BATCH_SIZE))
+    n = CALIBRATION_BATCH_SIZE
+    return [torch.stack(crops[i : i + n]) for i in range(0, len(crops), n)]
 
 
 @torch.no_grad()

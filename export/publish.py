@@ -109,7 +109,7 @@ def _network(
     from export.models import build, get_spec
 
     source_sha256 = None
-    initialization = None
+    initialization: dict[str, Any] | None = None
     if model is None:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
@@ -117,12 +117,13 @@ def _network(
         if weights is not None:
             source_sha256 = load_weights(model, weights, arch)
         else:
-            initialization = {"seed": seed, "calibration": None}
+            calibration = None
             if calibrated:
                 from export.calibration import calibrate
 
                 spec = get_spec(arch)
-                initialization["calibration"] = calibrate(model, spec.preprocessing, spec.head, seed=seed)
+                calibration = calibrate(model, spec.preprocessing, spec.head, seed=seed)
+            initialization = {"seed": seed, "calibration": calibration}
     return model.eval(), source_sha256, initialization
 
 
