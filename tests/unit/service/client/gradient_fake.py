@@ -38,7 +38,7 @@ def tensor(array: np.ndarray) -> pb.Tensor:
 class RecordingInference(pb_grpc.InferenceServicer):
     """Records each request (`requests[method]`); a model named "missing" is NOT_FOUND, an image
     b"bad" INVALID_ARGUMENT. Dream/Stylize stream STEPS progress messages, then the result; a
-    stream with `hang` set waits after its first progress until cancelled (`cancelled` is set)."""
+    stream with `hang` set waits after its first progress until cancelled (then `cancelled` is set)."""
 
     def __init__(self) -> None:
         self.requests: dict[str, list[object]] = {}
@@ -86,6 +86,10 @@ class RecordingInference(pb_grpc.InferenceServicer):
     def _progress(
         self, context: grpc.ServicerContext, octave: int, losses: str
     ) -> Iterator[pb.GradientProgress]:
+        if self.hang:
+            # Run by gRPC when the call ends, which for a hanging stream is only by being cancelled
+            # (registered up front: gRPC need not resume this generator once the client is gone).
+            context.add_callback(self.cancelled.set)
         for step in range(1, STEPS + 1):
             preview = png(4, step) if step % 2 == 0 else b""
             yield pb.GradientProgress(
@@ -94,7 +98,6 @@ class RecordingInference(pb_grpc.InferenceServicer):
             if self.hang:
                 while context.is_active():
                     time.sleep(0.01)
-                self.cancelled.set()
                 return
 
     def Dream(self, request, context):  # type: ignore[no-untyped-def]

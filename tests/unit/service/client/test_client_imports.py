@@ -56,7 +56,7 @@ def test_service_client_keeps_every_public_name() -> None:
     "code",
     [
         "import service.client",
-        "import service.client.commands, service.client.score",
+        "import service.client.commands, service.client.gradient_commands, service.client.score",
         # Building the parser imports every client command; running one (score here) imports the rest.
         "from service.cli import main\ntry:\n    main(['score', '--help'])\nexcept SystemExit:\n    pass",
     ],
