@@ -62,6 +62,23 @@ def _images(images: ImageLike | Sequence[ImageLike]) -> list[pb.ImageInput]:
     return [image_input(images)]  # type: ignore[arg-type]  # not a list or tuple: one image
 
 
+def _is_pair(style: object) -> bool:
+    """Whether a stylize() style is one (image, weight) pair rather than a tuple of images."""
+    return (
+        isinstance(style, tuple)
+        and len(style) == 2
+        and isinstance(style[1], int | float)
+        and not isinstance(style[1], bool)
+    )
+
+
+def _style_images(styles: Any) -> list[pb.StyleImage]:
+    """stylize()'s `styles` (one image, a list or tuple of them, each maybe an (image, weight) pair)."""
+    items = list(styles) if isinstance(styles, _MANY) and not _is_pair(styles) else [styles]
+    pairs = [style if _is_pair(style) else (style, 0.0) for style in items]
+    return [pb.StyleImage(image=image_input(image), weight=float(weight)) for image, weight in pairs]
+
+
 def _set_optional(message: Any, **values: object) -> None:
     """Set the `optional` fields given (not None): an unset field takes the server's default."""
     for name, value in values.items():
@@ -318,20 +335,15 @@ class CnnserveClient:
         timeout_s: float | None = None,
     ) -> StylizeResult:
         """Neural style transfer (a VGG-19 model) over the streaming Stylize RPC: `on_progress`
-        as for dream(), then the final result. `styles`: one image or a list, each optionally an
-        (image, blend weight) pair. `iterations` 0: the server's 300; `optimizer` "lbfgs" or
-        "adam"; `init` "content" or "noise"; other parameters left None take the server's
-        defaults (inference.proto's StylizeRequest)."""
-        style_list = list(styles) if isinstance(styles, list) else [styles]
-        style_messages = []
-        for style in style_list:
-            image, weight = style if isinstance(style, tuple) else (style, 0.0)
-            style_messages.append(pb.StyleImage(image=image_input(image), weight=weight))
+        as for dream(), then the final result. `styles`: one image or a list or tuple of them,
+        each optionally an (image, blend weight) pair. `iterations` 0: the server's 300;
+        `optimizer` "lbfgs" or "adam"; `init` "content" or "noise"; other parameters left None
+        take the server's defaults (inference.proto's StylizeRequest)."""
         request = pb.StylizeRequest(
             model=model,
             version=version,
             content=image_input(content),
-            styles=style_messages,
+            styles=_style_images(styles),
             iterations=iterations,
             original_colors=original_colors,
             seed=seed,

@@ -177,7 +177,11 @@ def _run(
     except _Failed as failed:
         return failed.status
     except KeyboardInterrupt:
-        print(f"\ncnnserve {command}: interrupted; the job was cancelled, nothing written", file=sys.stderr)
+        newline = "\n" if sys.stderr.isatty() else ""  # after the bar and the terminal's ^C
+        print(
+            f"{newline}cnnserve {command}: interrupted; the job was cancelled, nothing written",
+            file=sys.stderr,
+        )
         return 130
     write(result)
     return 0

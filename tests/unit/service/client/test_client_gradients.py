@@ -197,6 +197,12 @@ def test_stylize_maps_styles_and_options(fake: tuple[RecordingInference, Cnnserv
     request = _last(servicer, "Stylize")
     assert isinstance(request, pb.StylizeRequest)
     assert len(request.styles) == 1 and request.optimizer == pb.STYLE_OPTIMIZER_UNSPECIFIED
+    client.stylize(png(1), (png(2), png(3)))  # a tuple of images, not an (image, weight) pair
+    request = _last(servicer, "Stylize")
+    assert [(s.image.encoded, s.weight) for s in request.styles] == [(png(2), 0.0), (png(3), 0.0)]  # type: ignore[attr-defined]
+    client.stylize(png(1), (png(2), 3))  # one (image, weight) pair
+    request = _last(servicer, "Stylize")
+    assert [(s.image.encoded, s.weight) for s in request.styles] == [(png(2), 3.0)]  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         client.stylize(png(1), png(2), optimizer="sgd")
 
