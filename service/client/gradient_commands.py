@@ -254,7 +254,7 @@ def _explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     answer: dict[str, ExplainResult] = {}
 
-    def call_keeping(client: CnnserveClient) -> Any:
+    def call(client: CnnserveClient) -> Any:
         # The explanation carries the PNG; the response's model, version and method are kept too.
         result = client.explain(
             image, model=args.model, version=args.version, target=args.target, method=args.method,
@@ -291,7 +291,7 @@ def _explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if e.predicted is not None:
             print(f"  predicted: {_class_text(e.predicted)}")
 
-    return _run("explain", args, call_keeping, write)
+    return _run("explain", args, call, write)
 
 
 def register_explain(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
