@@ -7,11 +7,15 @@
     cnnserve classify IMAGE... --model M [--top-k K]        classify images on a running server
     cnnserve score DIR... --model M --output FILE           classify a folder into JSONL/CSV (resumable)
     cnnserve models [--json]                                the models a running server serves
+    cnnserve explain IMAGE --model M -o OUT.png             a saliency map (guided backprop, Grad-CAM)
+    cnnserve dream IMAGE --model M -o OUT.png               DeepDream, with a progress bar
+    cnnserve stylize CONTENT STYLE... -o OUT.png            neural style transfer (a VGG-19 model)
     cnnserve --version
 
 This module is the entry point (`main`), the top-level parser and the server side's commands
 (serve, worker: the settings flags). The client commands (classify, score, models) and their exit
-status table (EXIT_STATUS) live in service/client/commands.py and service/client/score/.
+status table (EXIT_STATUS) live in service/client/commands.py and service/client/score/; explain,
+dream and stylize (GRADIENT_EXIT_STATUS) in service/client/gradient_commands.py.
 
 Precedence for `serve`: flag > CNNSERVE_* environment variable > default. The flags are generated
 from `service.settings.Settings.model_fields`, so a new setting is a new flag with its description
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import importlib.metadata
 import os
 import signal
@@ -166,13 +171,13 @@ def register_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 Registrar: TypeAlias = "Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]"
 
 
-def _client_command(name: str) -> Registrar:
-    """The registrar `name` of service.client.commands, imported when the parser is built: importing
+def _client_command(name: str, module: str = "commands") -> Registrar:
+    """The registrar `name` of service.client.<module>, imported when the parser is built: importing
     this module (as every spawned gradient child does, through the main module) stays free of the
     client's grpc, numpy and PIL."""
 
     def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-        from service.client import commands
+        commands = importlib.import_module(f"service.client.{module}")
 
         registrar: Registrar = getattr(commands, name)
         registrar(subparsers)
@@ -187,6 +192,9 @@ COMMANDS: list[Registrar] = [
     _client_command("register_classify"),
     _client_command("register_score"),
     _client_command("register_models"),
+    _client_command("register_explain", "gradient_commands"),
+    _client_command("register_dream", "gradient_commands"),
+    _client_command("register_stylize", "gradient_commands"),
 ]
 
 
@@ -199,11 +207,13 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from service.client.commands import EXIT_STATUS
+    from service.client.gradient_commands import GRADIENT_EXIT_STATUS
 
     parser = argparse.ArgumentParser(
         prog="cnnserve",
-        description="CNN inference service: ONNX Runtime classification over gRPC.",
-        epilog=EXIT_STATUS,
+        description="CNN inference service: ONNX Runtime classification and PyTorch gradient "
+        "visualizations over gRPC.",
+        epilog=f"{EXIT_STATUS}\n\n{GRADIENT_EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cnnserve {_version()}")

@@ -21,7 +21,27 @@ The default channel configuration (`default_channel_options`):
   keepalive_min_client_ping_s (10 s by default), so the server never answers "too_many_pings";
 * message limits of 64 MiB each way, matching the server's default max_message_bytes.
 
-Errors are raised as `CnnserveError` with the gRPC status code and the server's message.
+The gradient RPCs and embeddings (result types in gradient_results.py; tensors come back as float32
+numpy arrays, exactly the server's values):
+
+    with CnnserveClient("localhost:8500", timeout_s=300) as client:
+        saliency = client.explain("cat.jpg", model="resnet50").explanations[0].saliency  # [3, 224, 224]
+        dreamed = client.dream("cat.jpg", model="googlenet", steps=10, on_progress=print)
+        Path("dream.png").write_bytes(dreamed.png)
+
+* `explain(images, *, model, target, method, plain_gradient, neuron)` -> ExplainResult: one
+  Explanation (saliency, png, explained/predicted ClassScore, plain_gradient, gradcam,
+  NeuronExplained) per image; `neuron` a Neuron or "LAYER:CHANNEL[:Y,X]".
+* `dream(image, *, model, layers, octaves, steps, ..., seed, preview_every, on_progress)` ->
+  DreamResult and `stylize(content, styles, *, model="vgg19", iterations, ..., on_progress)` ->
+  StylizeResult use the streaming RPCs: `on_progress(GradientProgress)` is called for each step, in
+  order, before the result is returned; an exception from it (or Ctrl-C) cancels the job.
+* `embed(image, *, model, normalize, top_k)` -> EmbedResult (vector, norm, classes);
+  `feature_maps(image, *, model, layers, max_channels)` -> FeatureMapsResult (a FeatureMap per
+  layer); `filters(*, model, layer)` -> FiltersResult (weights, png).
+
+Errors are raised as `CnnserveError` with the gRPC status code and the server's message; a bad
+argument the client can see itself (an unknown method name, a malformed neuron) as ValueError.
 
 Retry policy (what a rolling update needs to lose nothing; tests/integration/test_rolling_update.py):
 
@@ -48,8 +68,10 @@ Retry policy (what a rolling update needs to lose nothing; tests/integration/tes
 The package, one concern a module (every name above is importable from `service.client`):
 api.py (CnnserveClient), channel.py (the channel options, the retry policy, the connection
 hint), images.py (what an image may be), results.py (the result types, CnnserveError),
-stream.py (classify_stream's machinery), commands.py (`cnnserve classify` and `cnnserve models`)
-and score/ (`cnnserve score`). None of it imports torch, ONNX Runtime or the server.
+gradient_results.py (the gradient and embedding result types), stream.py (classify_stream's
+machinery), commands.py (`cnnserve classify` and `cnnserve models`), gradient_commands.py
+(`cnnserve explain`, `dream`, `stylize`) and score/ (`cnnserve score`). None of it imports torch,
+ONNX Runtime or the server.
 """
 
 from __future__ import annotations
@@ -69,6 +91,20 @@ from service.client.channel import (
     default_channel_options,
     not_connected,
 )
+from service.client.gradient_results import (
+    DreamLayer,
+    DreamResult,
+    EmbedResult,
+    ExplainResult,
+    Explanation,
+    FeatureMap,
+    FeatureMapsResult,
+    FiltersResult,
+    GradientProgress,
+    Neuron,
+    NeuronExplained,
+    StylizeResult,
+)
 from service.client.images import ImageLike, image_input
 from service.client.results import ClassifyResult, ClassScore, CnnserveError, StreamResult, Timings
 
@@ -86,8 +122,20 @@ __all__ = [
     "ClassifyResult",
     "CnnserveClient",
     "CnnserveError",
+    "DreamLayer",
+    "DreamResult",
+    "EmbedResult",
+    "ExplainResult",
+    "Explanation",
+    "FeatureMap",
+    "FeatureMapsResult",
+    "FiltersResult",
+    "GradientProgress",
     "ImageLike",
+    "Neuron",
+    "NeuronExplained",
     "StreamResult",
+    "StylizeResult",
     "Timings",
     "connection_hint",
     "default_channel_options",
