@@ -37,7 +37,7 @@ from service.client.gradient_results import (
     Neuron,
     StylizeResult,
 )
-from service.client.results import ClassScore, CnnserveError
+from service.client.results import UNTRAINED_WARNING, ClassScore, CnnserveError
 
 GRADIENT_EXIT_STATUS = """exit status (explain, dream, stylize):
   0    the PNG written
@@ -191,6 +191,16 @@ def _score(c: ClassScore | None) -> dict[str, Any] | None:
     return None if c is None else {"index": c.index, "label": c.label, "probability": c.probability}
 
 
+def _untrained(untrained: bool) -> dict[str, Any]:
+    """A JSON summary's say on the weights: `untrained`, and the warning when they are."""
+    return {"untrained": untrained, **({"warning": UNTRAINED_WARNING} if untrained else {})}
+
+
+def _say_untrained(untrained: bool) -> None:
+    if untrained:
+        print(f"  ({UNTRAINED_WARNING})")
+
+
 def _class_text(c: ClassScore) -> str:
     return f"{c.label or 'class ' + str(c.index)} (index {c.index}, p {c.probability:.4f})"
 
@@ -275,11 +285,13 @@ def _explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "activation": e.neuron.activation, "field": list(e.neuron.field),
             },
             "saliency_shape": list(e.saliency.shape), "seconds": result.seconds,
+            **_untrained(result.untrained),
         }  # fmt: skip
         if args.json:
             print(json.dumps(record, indent=2))
             return
         print(f"{args.output}: {result.method} saliency of {args.image} ({result.model} v{result.version})")
+        _say_untrained(result.untrained)
         if e.explained is not None:
             print(f"  explained: {_class_text(e.explained)}")
         if e.neuron is not None:
@@ -344,13 +356,14 @@ def _dream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "image": args.image, "output": args.output, "model": r.model, "version": r.version,
                 "width": r.width, "height": r.height, "steps": r.steps,
                 "objective_before": r.objective_before, "objective_after": r.objective_after,
-                "layers": layers, "seconds": r.seconds,
+                "layers": layers, "seconds": r.seconds, **_untrained(r.untrained),
             }, indent=2))  # fmt: skip
             return
         names = ", ".join(la.layer for la in r.layers) or "the default layer"
         objective = f"objective {r.objective_before:.4g} -> {r.objective_after:.4g}"
         what = f"{r.width}x{r.height} dream of {args.image} ({r.model} v{r.version}, {names})"
         print(f"{args.output}: {what}: {r.steps} steps, {objective}, {r.seconds:.1f} s")
+        _say_untrained(r.untrained)
 
     return _run("dream", args, call, write)
 
@@ -408,7 +421,7 @@ def _stylize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "content": args.content, "styles": args.styles, "output": args.output, "model": r.model,
                 "version": r.version, "width": r.width, "height": r.height, "iterations": r.iterations,
                 "best_iteration": r.best_iteration, "losses": r.losses, "initial_losses": r.initial_losses,
-                "seconds": r.seconds,
+                "seconds": r.seconds, **_untrained(r.untrained),
             }, indent=2))  # fmt: skip
             return
         total = r.losses.get("total")
@@ -422,6 +435,7 @@ def _stylize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"({r.model} v{r.version}): {r.iterations} iterations (best {r.best_iteration}){loss}, "
             f"{r.seconds:.1f} s"
         )
+        _say_untrained(r.untrained)
 
     return _run("stylize", args, call, write)
 

@@ -140,6 +140,8 @@ class ExplainResult:
     method: str
     explanations: tuple[Explanation, ...]
     seconds: float
+    # The version's weights are untrained (the demo's random weights): the answer means nothing.
+    untrained: bool = False
 
 
 _METHOD_NAMES = {value: name for name, value in EXPLAIN_METHODS.items()}
@@ -165,7 +167,9 @@ def explain_result(response: pb.ExplainResponse) -> ExplainResult:
         for e in response.explanations
     )
     method = _METHOD_NAMES.get(response.method, "guided_backprop")  # UNSPECIFIED is guided backprop
-    return ExplainResult(response.model, response.version, method, explanations, response.seconds)
+    return ExplainResult(
+        response.model, response.version, method, explanations, response.seconds, untrained=response.untrained
+    )
 
 
 # --- Dream and Stylize ---------------------------------------------------------------------------
@@ -225,13 +229,15 @@ class DreamResult:
     objective_after: float
     layers: tuple[DreamLayer, ...]
     seconds: float
+    # The version's weights are untrained (the demo's random weights): the answer means nothing.
+    untrained: bool = False
 
 
 def dream_result(r: pb.DreamResult) -> DreamResult:
     layers = tuple(DreamLayer(layer.layer, layer.weight, tuple(layer.channels)) for layer in r.layers)
     return DreamResult(
         r.model, r.version, r.png, r.width, r.height, r.steps, r.objective_before, r.objective_after, layers,
-        r.seconds,
+        r.seconds, untrained=r.untrained,
     )  # fmt: skip
 
 
@@ -250,12 +256,14 @@ class StylizeResult:
     losses: dict[str, float]
     initial_losses: dict[str, float]
     seconds: float
+    # The version's weights are untrained (the demo's random weights): the answer means nothing.
+    untrained: bool = False
 
 
 def stylize_result(r: pb.StylizeResult) -> StylizeResult:
     return StylizeResult(
         r.model, r.version, r.png, r.width, r.height, r.iterations, r.best_iteration, dict(r.losses),
-        dict(r.initial_losses), r.seconds,
+        dict(r.initial_losses), r.seconds, untrained=r.untrained,
     )  # fmt: skip
 
 
@@ -273,10 +281,20 @@ class EmbedResult:
     norm: float
     classes: tuple[ClassScore, ...]
     timings: Timings | None = None
+    # The version's weights are untrained (the demo's random weights): the answer means nothing.
+    untrained: bool = False
 
 
 def embed_result(r: pb.EmbedResponse) -> EmbedResult:
-    return EmbedResult(r.model, r.version, array(r.embedding), r.norm, scores(r.classes), timings(r.timings))
+    return EmbedResult(
+        r.model,
+        r.version,
+        array(r.embedding),
+        r.norm,
+        scores(r.classes),
+        timings(r.timings),
+        untrained=r.untrained,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -297,11 +315,15 @@ class FeatureMapsResult:
     maps: tuple[FeatureMap, ...]
     predicted: ClassScore | None
     seconds: float
+    # The version's weights are untrained (the demo's random weights): the answer means nothing.
+    untrained: bool = False
 
 
 def feature_maps_result(r: pb.FeatureMapsResponse) -> FeatureMapsResult:
     maps = tuple(FeatureMap(m.layer, array(m.activations), m.png, tuple(m.channels)) for m in r.maps)
-    return FeatureMapsResult(r.model, r.version, maps, _score(r, "predicted"), r.seconds)
+    return FeatureMapsResult(
+        r.model, r.version, maps, _score(r, "predicted"), r.seconds, untrained=r.untrained
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -314,7 +336,11 @@ class FiltersResult:
     weights: np.ndarray
     png: bytes
     seconds: float
+    # The version's weights are untrained (the demo's random weights): the answer means nothing.
+    untrained: bool = False
 
 
 def filters_result(r: pb.FiltersResponse) -> FiltersResult:
-    return FiltersResult(r.model, r.version, r.layer, array(r.weights), r.png, r.seconds)
+    return FiltersResult(
+        r.model, r.version, r.layer, array(r.weights), r.png, r.seconds, untrained=r.untrained
+    )

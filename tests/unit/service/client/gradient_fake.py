@@ -81,7 +81,7 @@ class RecordingInference(pb_grpc.InferenceServicer):
             explanations.append(e)
         method = request.method or pb.EXPLAIN_METHOD_GUIDED_BACKPROP
         return pb.ExplainResponse(model=request.model, version=4, method=method, explanations=explanations,
-                                  seconds=0.5)  # fmt: skip
+                                  seconds=0.5, untrained=_untrained(request.model))  # fmt: skip
 
     def _progress(
         self, context: grpc.ServicerContext, octave: int, losses: str
@@ -110,6 +110,7 @@ class RecordingInference(pb_grpc.InferenceServicer):
         yield pb.DreamResponse(result=pb.DreamResult(
             model=request.model, version=2, png=png(16), width=16, height=16, steps=STEPS,
             objective_before=1.0, objective_after=9.0, layers=layers, seconds=1.5,
+            untrained=_untrained(request.model),
         ))  # fmt: skip
 
     def Stylize(self, request, context):  # type: ignore[no-untyped-def]
@@ -121,6 +122,7 @@ class RecordingInference(pb_grpc.InferenceServicer):
         yield pb.StylizeResponse(result=pb.StylizeResult(
             model=request.model, version=1, png=png(12), width=12, height=12, iterations=STEPS,
             best_iteration=3, losses={"total": 1.0, "style": 0.5}, initial_losses={"total": 8.0}, seconds=2.0,
+            untrained=_untrained(request.model),
         ))  # fmt: skip
 
     def Embed(self, request, context):  # type: ignore[no-untyped-def]
@@ -152,3 +154,8 @@ def serve(servicer: RecordingInference) -> tuple[grpc.Server, str]:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"
+
+
+def _untrained(model: str) -> bool:
+    """The fake's models named "untrained..." answer as the server does for random weights."""
+    return model.startswith("untrained")

@@ -278,3 +278,20 @@ def test_help_names_the_new_commands_and_their_exit_statuses() -> None:
     for command in ("explain", "dream", "stylize"):
         assert command in text
     assert "exit status (explain, dream, stylize)" in text
+
+
+def test_untrained_weights_are_said_in_text_and_json(
+    fake: tuple[RecordingInference, str], image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = fake
+    warning = "untrained demo weights: answers are meaningless"
+    argv = ["dream", str(image), "--model", "untrained-resnet", "-o", str(tmp_path / "d.png"), "--quiet"]
+    assert cli.main([*argv, "--address", address]) == 0
+    assert f"({warning})" in capsys.readouterr().out
+    argv = ["explain", str(image), "--model", "untrained-resnet", "-o", str(tmp_path / "e.png"), "--json"]
+    assert cli.main([*argv, "--address", address]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["untrained"] is True and record["warning"] == warning
+    argv = ["stylize", str(image), str(image), "--model", "vgg19", "-o", str(tmp_path / "s.png"), "--quiet"]
+    assert cli.main([*argv, "--address", address]) == 0
+    assert warning not in capsys.readouterr().out  # trained weights: nothing said
