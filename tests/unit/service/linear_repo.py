@@ -97,9 +97,13 @@ def add_version(
         "verification": {"batch": 2, "max_abs_diff": 0.0, "relative_diff": 0.0, "top1_equal": True},
         # No PyTorch module behind these: no gradient RPC of any kind.
         "capabilities": {
-            "classify": True, "explain": False, "dream": False, "stylize": False, "feature_maps": False,
+            "classify": True,
+            "explain": False,
+            "dream": False,
+            "stylize": False,
+            "feature_maps": False,
             "filters": False,
-        },  # fmt: skip
+        },
     }
     if features:
         meta["features"] = {"name": "features", "shape": [dim], "dtype": dt, "layer": "flatten"}
