@@ -15,8 +15,9 @@ that sorted listing is i modulo N, so N shards partition the set exactly.
 
 Output rows (`--format`, else from the extension: .csv is CSV, anything else JSONL):
   JSONL: {"path", "model", "version", "classes": [{"index", "label", "probability"}...], "error"}
+         (+ "warning" when the version's weights are untrained: its answers mean nothing)
   CSV:   path, model, version, index, label, probability (the top-1), classes (the top-k as JSON),
-         error
+         error, warning (a CSV written before the warning column keeps its columns on resume)
 `path` is the absolute path (above). `error` is "" on success, else "CODE: message" (a gRPC
 status code name); an error row carries the model and version asked for (0: the latest), a
 successful one the version that answered. Each row is written as its answer arrives, flushed

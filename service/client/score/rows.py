@@ -20,9 +20,13 @@ import numpy as np
 from service.client.score.paths import normalise
 
 CSV_FIELDS = ["path", "model", "version", "index", "label", "probability", "classes", "error"]
+# The untrained-weights warning (make_row); a CSV column since issue 15: a CSV written before it
+# keeps its columns when resumed (RowWriter follows the header it finds).
+WARNING_FIELD = "warning"
 # With --embeddings (service/client/score/vectors.py): where the row's vector is, "FILE:ROW" in CSV,
 # {"file", "row"} in JSONL; empty (absent) on an error row.
 EMBEDDING_FIELD = "embedding"
+_OPTIONAL_CSV_FIELDS = (WARNING_FIELD, EMBEDDING_FIELD)  # in this order, after CSV_FIELDS
 FSYNC_INTERVAL_S = 2.0
 FLUSH_INTERVAL_S = 0.02
 
@@ -46,9 +50,8 @@ def make_row(
     error: str = "",
     warning: str = "",
 ) -> dict[str, Any]:
-    """One row; `warning` (a JSONL row's "warning" key, only when set) says the answer means
-    nothing (the server marked the version untrained). CSV rows keep their columns: the run's
-    summary line says it instead."""
+    """One row; `warning` (a JSONL row's "warning" key, only when set; a CSV's `warning` column)
+    says the answer means nothing (the server marked the version untrained)."""
     row = {
         "path": path,
         "model": model,
@@ -64,25 +67,41 @@ def make_row(
     return row
 
 
-def format_row(row: dict[str, Any], fmt: str, *, embeddings: bool = False) -> str:
-    """One row as one line (newline included); `embeddings`: the CSV has the embedding column."""
+def csv_fields(*, embeddings: bool = False, warning: bool = True) -> list[str]:
+    """A CSV output's columns: the new file's layout (`warning` off: one written before it)."""
+    return [*CSV_FIELDS, *([WARNING_FIELD] if warning else []), *([EMBEDDING_FIELD] if embeddings else [])]
+
+
+def format_row(row: dict[str, Any], fmt: str, *, fields: Sequence[str] | None = None) -> str:
+    """One row as one line (newline included); a CSV row has the cells of `fields` (default:
+    csv_fields())."""
     if fmt == "jsonl":
         return json.dumps(row, ensure_ascii=False) + "\n"
     top = row["classes"][0] if row["classes"] else {"index": "", "label": "", "probability": ""}
-    cells = [
-        row["path"], row["model"], row["version"], top["index"], top["label"], top["probability"],
-        json.dumps(row["classes"], ensure_ascii=False) if row["classes"] else "", row["error"],
-    ]  # fmt: skip
-    if embeddings:
-        ref = row.get(EMBEDDING_FIELD)
-        cells.append(f"{ref['file']}:{ref['row']}" if ref else "")
+    ref = row.get(EMBEDDING_FIELD)
+    cells = {
+        "path": row["path"], "model": row["model"], "version": row["version"], "index": top["index"],
+        "label": top["label"], "probability": top["probability"],
+        "classes": json.dumps(row["classes"], ensure_ascii=False) if row["classes"] else "",
+        "error": row["error"], WARNING_FIELD: row.get(WARNING_FIELD, ""),
+        EMBEDDING_FIELD: f"{ref['file']}:{ref['row']}" if ref else "",
+    }  # fmt: skip
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(cells)
+    csv.writer(buffer, lineterminator="\n").writerow([cells[name] for name in fields or csv_fields()])
     return buffer.getvalue()
 
 
-def csv_header(*, embeddings: bool = False) -> str:
-    return ",".join([*CSV_FIELDS, *([EMBEDDING_FIELD] if embeddings else [])]) + "\n"
+def csv_header(*, embeddings: bool = False, warning: bool = True) -> str:
+    return ",".join(csv_fields(embeddings=embeddings, warning=warning)) + "\n"
+
+
+def parse_csv_header(line: str, name: str) -> list[str]:
+    """The columns a `cnnserve score` CSV's header line names; ValueError for any other line."""
+    fields = line.strip().split(",")
+    extra = fields[len(CSV_FIELDS) :]
+    if fields[: len(CSV_FIELDS)] != CSV_FIELDS or extra != [f for f in _OPTIONAL_CSV_FIELDS if f in extra]:
+        raise ValueError(f"{name}: not a `cnnserve score` CSV file (header {line.strip()!r})")
+    return fields
 
 
 def _embedding_cell(cell: str) -> dict[str, Any] | None:
@@ -120,9 +139,7 @@ def _records(text: str, fmt: str, name: str) -> list[tuple[int, str, dict[str, A
     if fmt == "csv":
         if not lines:
             return []
-        if lines[0] not in (csv_header(), csv_header(embeddings=True)):
-            raise ValueError(f"{name}: not a `cnnserve score` CSV file (header {lines[0].strip()!r})")
-        fields = lines[0].strip().split(",")
+        fields = parse_csv_header(lines[0], name)
         lines = lines[1:]
     records = []
     for number, line in enumerate(lines, 2 if fmt == "csv" else 1):
@@ -264,8 +281,8 @@ def read_existing(
         kept = [row.line for row in rows if not row.error]
         tmp = f"{output}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8", newline="") as f:
-            if fmt == "csv":
-                f.write(csv_header(embeddings=embeddings is not None))
+            if fmt == "csv":  # the file's own header: its layout is kept
+                f.write(complete.decode("utf-8").splitlines(keepends=True)[0])
             f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
@@ -286,7 +303,8 @@ class RowWriter:
     def __init__(self, output: str, fmt: str, *, embeddings: bool = False) -> None:
         self.output = output
         self.fmt = fmt
-        self.embeddings = embeddings  # the CSV's embedding column
+        # A CSV's columns: a new file's layout, or, appending, the header the file has.
+        self.fields = csv_fields(embeddings=embeddings)
         self._stdout = output == "-"
         self._file: TextIO | None = None
         self._synced = self._flushed = time.monotonic()
@@ -298,10 +316,13 @@ class RowWriter:
             new = True
         else:
             new = not os.path.exists(self.output) or os.path.getsize(self.output) == 0
+            if not new and self.fmt == "csv":
+                with open(self.output, encoding="utf-8", newline="") as existing:
+                    self.fields = parse_csv_header(existing.readline(), self.output)
             os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
             file = open(self.output, "a", encoding="utf-8", newline="")  # noqa: SIM115
         if new and self.fmt == "csv":
-            file.write(csv_header(embeddings=self.embeddings))
+            file.write(",".join(self.fields) + "\n")
         return file
 
     def write(self, row: dict[str, Any]) -> None:
@@ -310,7 +331,7 @@ class RowWriter:
         scored again by the next run)."""
         if self._file is None:
             self._file = self._open()
-        self._file.write(format_row(row, self.fmt, embeddings=self.embeddings))
+        self._file.write(format_row(row, self.fmt, fields=self.fields))
         self._dirty = True
 
     def flush(self) -> float:

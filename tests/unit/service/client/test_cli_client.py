@@ -3,6 +3,7 @@ what they print and the exit status, when things work and when the address is wr
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +159,26 @@ def test_untrained_weights_are_said_where_the_answers_are_read(
     argv = ["score", image, "--model", "lenet5", "--address", server.address, "--quiet", "-o", str(trained)]
     assert cli.main(argv) == 0
     assert "warning" not in json.loads(trained.read_text()) and warning not in capsys.readouterr().err
+
+
+def test_csv_rows_carry_the_warning_and_an_older_csv_keeps_its_columns(
+    server: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = [str(_png(tmp_path / f"{i}.png")) for i in range(2)]
+    warning = "untrained demo weights: answers are meaningless"
+    out = tmp_path / "rows.csv"
+    argv = ["score", images[0], "--model", "resnet18", "--address", server.address, "--quiet", "-o", str(out)]
+    assert cli.main(argv) == 0
+    header, row = out.read_text().splitlines()
+    assert header == "path,model,version,index,label,probability,classes,error,warning"
+    assert row.endswith(f",{warning}")
+    # A CSV written before the warning column: resumed in its own layout, the header unchanged.
+    old = tmp_path / "old.csv"
+    old_header = "path,model,version,index,label,probability,classes,error"
+    old.write_text(f"{old_header}\n{images[0]},resnet18,1,0,digit 0,0.5,,\n")
+    argv = ["score", *images, "--model", "resnet18", "--address", server.address, "--quiet", "-o", str(old)]
+    assert cli.main(argv) == 0
+    lines = old.read_text().splitlines()
+    assert lines[0] == old_header and len(lines) == 3
+    assert all(len(next(csv.reader([line]))) == 8 for line in lines)
+    capsys.readouterr()
