@@ -507,14 +507,13 @@ class ClassificationEngine:
         the session's whole rows (logits and features: one ONNX Runtime call serves both); each
         takes the columns it asked for."""
         served = self._serving(model)
-        dim = features_dim(model)
-        if FEATURES in outputs and dim == 0:
-            raise features_missing(model)
+        if FEATURES in outputs and served.sessions[0].features_name is None:
+            raise features_missing(model)  # before any work: the session has no features output
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline exceeded before inference", reason="deadline")
         rows, timings = await served.batcher.submit_timed(x, deadline, place)
         served.images.inc(len(x))
-        return select_outputs(model, outputs, rows, features_dim=dim), timings
+        return select_outputs(model, outputs, rows), timings
 
 
 def load_order(versions: list[repository.ModelVersion], workers: int) -> list[repository.ModelVersion]:

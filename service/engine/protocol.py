@@ -34,19 +34,18 @@ FEATURES = "features"
 OUTPUTS = (LOGITS, FEATURES)
 
 
-def select_outputs(
-    model: LoadedModel, outputs: Sequence[str], rows: np.ndarray, *, features_dim: int
-) -> np.ndarray:
+def select_outputs(model: LoadedModel, outputs: Sequence[str], rows: np.ndarray) -> np.ndarray:
     """The columns of `outputs` from a session's rows ([n, K] logits, or [n, K + D] logits then
-    features), side by side in the order asked. FailedPrecondition when FEATURES is asked of a
-    model exported without them; ValueError for a name that is not an output."""
+    features: the rows' width says which), side by side in the order asked. FailedPrecondition
+    when FEATURES is asked of a model exported without them; ValueError for a name that is not an
+    output."""
     k = model.num_classes
     parts = []
     for name in outputs:
         if name == LOGITS:
             parts.append(rows[:, :k])
         elif name == FEATURES:
-            if features_dim == 0 or rows.shape[1] != k + features_dim:
+            if rows.shape[1] == k:
                 raise features_missing(model)
             parts.append(rows[:, k:])
         else:

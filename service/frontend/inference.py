@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from service.catalog import features_dim
 from service.engine.protocol import FEATURES, LOGITS, features_missing
 from service.errors import InvalidArgument, ServiceError
 from service.frontend import convert
@@ -210,7 +211,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         state.check_ready()
         model = state.resolve_model(request.model, request.version)
         rpc.model = model.name
-        if not model.capabilities.get("embed", False):
+        if not features_dim(model):  # refused before admission; the engine checks it too
             raise features_missing(model)
         top_k = convert.resolve_top_k(request.top_k, model, state.settings.max_top_k) if request.top_k else 0
         if not request.HasField("image"):
