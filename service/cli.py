@@ -55,6 +55,9 @@ class WorkerSettings(Settings):
         8600, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start)."
     )
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus metrics HTTP port (0 picks one).")
+    http_port: int = Field(
+        0, ge=0, le=65535, description="Unused: the gradient tier answers gRPC only (REST is the serving tier's)."
+    )
 
 
 def _flag(name: str) -> str:

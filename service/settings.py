@@ -19,11 +19,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CNNSERVE_", extra="forbid", validate_default=True)
 
     # --- network ---------------------------------------------------------------------------------
-    host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind to (only this one).")
+    host: str = Field(
+        "0.0.0.0", description="Address the gRPC, HTTP/REST and metrics servers bind to (only this one)."
+    )
     grpc_port: int = Field(
         8500, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start)."
     )
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus metrics HTTP port (0 picks one).")
+    # 8000: the port Triton, KServe's examples and tritonclient's docs use for the v2 REST API, so a
+    # `curl localhost:8000/v2/health/ready` copied from them works as it is.
+    http_port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="Open Inference Protocol (KServe v2) HTTP/REST port, plus POST /v2/models/NAME/classify "
+        "with an image as the body; 0 turns REST off.",
+    )
 
     # --- models ----------------------------------------------------------------------------------
     repository: Path = Field(Path("model_repository"), description="Model repository directory (read-only).")

@@ -116,200 +116,86 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
     return elements
 
 
-class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService over the classify path."""
+class OpenInference:
+    """The Open Inference Protocol's operations over the classify path, whatever the transport:
+    protobuf messages in and out, failures raised as service errors. The gRPC servicer below and
+    the REST binding (service/frontend/rest.py) are two thin skins over it, so both answer every
+    request alike: the same checks, the same messages, the same engine calls."""
 
     def __init__(self, state: ServingState, classify: ClassifyPath) -> None:
         self._state = state
         self._classify = classify
 
-    # --- health and metadata -------------------------------------------------------------------
+    def server_metadata(self, extensions: Sequence[str] = EXTENSIONS) -> pb.ServerMetadataResponse:
+        providers = sorted({m.provider for m in self._state.models.models()})
+        return pb.ServerMetadataResponse(
+            name="cnnserve",
+            version=service.__version__,
+            extensions=[*extensions, *(f"execution_provider:{p}" for p in providers)],
+        )
 
-    async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerLiveResponse:
-        async def work(rpc: Rpc) -> pb.ServerLiveResponse:
-            return pb.ServerLiveResponse(live=True)
+    def model_ready(self, name: str, version: str, rpc: Rpc) -> bool:
+        """False (not an error) for an unknown model or version, like Triton: it is a probe."""
+        parsed = parse_version(version)
+        matching = [
+            m
+            for m in self._state.models.models()
+            if m.name == name and (parsed is None or m.version == parsed)
+        ]
+        if matching:
+            rpc.model = name
+        return any(self._state.model_ready(m) for m in matching)
 
-        return await unary("ServerLive", context, work)
-
-    async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerReadyResponse:
-        async def work(rpc: Rpc) -> pb.ServerReadyResponse:
-            return pb.ServerReadyResponse(ready=self._state.ready)
-
-        return await unary("ServerReady", context, work)
-
-    async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelReadyResponse:
-        """ready=false (not an error) for an unknown model or version, like Triton: it is a probe."""
-
-        async def work(rpc: Rpc) -> pb.ModelReadyResponse:
-            version = parse_version(request.version)
-            matching = [
-                m
-                for m in self._state.models.models()
-                if m.name == request.name and (version is None or m.version == version)
-            ]
-            if matching:
-                rpc.model = request.name
-            return pb.ModelReadyResponse(ready=any(self._state.model_ready(m) for m in matching))
-
-        return await unary("ModelReady", context, work)
-
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerMetadataResponse:
-        async def work(rpc: Rpc) -> pb.ServerMetadataResponse:
-            providers = sorted({m.provider for m in self._state.models.models()})
-            return pb.ServerMetadataResponse(
-                name="cnnserve",
-                version=service.__version__,
-                extensions=[*EXTENSIONS, *(f"execution_provider:{p}" for p in providers)],
-            )
-
-        return await unary("ServerMetadata", context, work)
-
-    def _resolve(self, name: str, version: str) -> LoadedModel:
+    def resolve(self, name: str, version: str) -> LoadedModel:
         if not name:
             raise InvalidArgument("model name is required", reason="invalid_argument")
         return self._state.models.get(name, parse_version(version))
 
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelMetadataResponse:
-        async def work(rpc: Rpc) -> pb.ModelMetadataResponse:
-            model = self._resolve(request.name, request.version)
-            rpc.model = model.name
-            versions = sorted(m.version for m in self._state.models.models() if m.name == model.name)
-            classes = [-1, model.num_classes]
-            return pb.ModelMetadataResponse(
-                name=model.name,
-                versions=[str(v) for v in versions],
-                platform=PLATFORM,
-                inputs=[
-                    pb.ModelMetadataResponse.TensorMetadata(
-                        name=input_name(model),
-                        datatype=oip_datatype(model.input_dtype),
-                        shape=[-1, *model.input_shape],
-                    )
-                ],
-                outputs=[
-                    pb.ModelMetadataResponse.TensorMetadata(
-                        name=output_name(model), datatype="FP32", shape=classes
-                    ),
-                    pb.ModelMetadataResponse.TensorMetadata(
-                        name=PROBABILITIES, datatype="FP32", shape=classes
-                    ),
-                    *(
-                        pb.ModelMetadataResponse.TensorMetadata(
-                            name=features, datatype="FP32", shape=[-1, features_dim(model)]
-                        )
-                        for features in [features_name(model)]
-                        if features is not None
-                    ),
-                ],
-            )
-
-        return await unary("ModelMetadata", context, work)
-
-    # --- Triton's read-only extensions -----------------------------------------------------------
-
-    async def ModelConfig(
-        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelConfigResponse:
-        """Triton's configuration of a model version (`model_config`); NOT_FOUND for an unknown
-        model or version."""
-
-        async def work(rpc: Rpc) -> pb.ModelConfigResponse:
-            model = self._resolve(request.name, request.version)
-            rpc.model = model.name
-            return pb.ModelConfigResponse(config=model_config(model, self._state))
-
-        return await unary("ModelConfig", context, work)
-
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RepositoryIndexResponse:
-        """Every loaded model version: state "READY", or "UNAVAILABLE" with the reason while the
-        server does not accept inferences (loading, shutting down); `ready` keeps only the READY
-        ones. Versions in the repository that were not loaded are not listed."""
-
-        async def work(rpc: Rpc) -> pb.RepositoryIndexResponse:
-            if request.repository_name:
-                raise InvalidArgument(
-                    f"repository_name {request.repository_name!r}: this server has one model repository; "
-                    "send repository_name empty",
-                    reason="invalid_argument",
+    def model_metadata(self, name: str, version: str, rpc: Rpc) -> pb.ModelMetadataResponse:
+        model = self.resolve(name, version)
+        rpc.model = model.name
+        versions = sorted(m.version for m in self._state.models.models() if m.name == model.name)
+        classes = [-1, model.num_classes]
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        features = features_name(model)
+        outputs = [
+            tensor(name=output_name(model), datatype="FP32", shape=classes),
+            tensor(name=PROBABILITIES, datatype="FP32", shape=classes),
+        ]
+        if features is not None:
+            outputs.append(tensor(name=features, datatype="FP32", shape=[-1, features_dim(model)]))
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in versions],
+            platform=PLATFORM,
+            inputs=[
+                tensor(
+                    name=input_name(model),
+                    datatype=oip_datatype(model.input_dtype),
+                    shape=[-1, *model.input_shape],
                 )
-            reason = "the server is shutting down" if self._state.draining else "the model is still loading"
-            index = []
-            for m in self._state.models.models():
-                ready = self._state.model_ready(m)
-                if ready or not request.ready:
-                    index.append(
-                        pb.RepositoryIndexResponse.ModelIndex(
-                            name=m.name,
-                            version=str(m.version),
-                            state="READY" if ready else "UNAVAILABLE",
-                            reason="" if ready else reason,
-                        )
-                    )
-            return pb.RepositoryIndexResponse(models=index)
+            ],
+            outputs=outputs,
+        )
 
-        return await unary("RepositoryIndex", context, work)
-
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelStatisticsResponse:
-        """Statistics of the loaded versions of one model (`name`; `version` narrows it to one), or
-        of every model when `name` is empty (`model_statistics`)."""
-
-        async def work(rpc: Rpc) -> pb.ModelStatisticsResponse:
-            if request.name:
-                model = self._resolve(request.name, request.version)
-                rpc.model = model.name
-                models = (
-                    [model]
-                    if request.version
-                    else [m for m in self._state.models.models() if m.name == model.name]
-                )
-            elif request.version:
-                raise InvalidArgument(
-                    f"version {request.version!r} without a model name; name the model, or send "
-                    "neither for every model",
-                    reason="invalid_argument",
-                )
-            else:
-                models = self._state.models.models()
-            return pb.ModelStatisticsResponse(model_stats=model_statistics(models))
-
-        return await unary("ModelStatistics", context, work)
-
-    # --- inference ----------------------------------------------------------------------------
-
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    async def model_infer(
+        self, request: pb.ModelInferRequest, rpc: Rpc, remaining: float | None
     ) -> pb.ModelInferResponse:
-        async def work(rpc: Rpc) -> pb.ModelInferResponse:
-            state = self._state
-            state.check_ready()
-            model = self._resolve(request.model_name, request.model_version)
-            rpc.model = model.name
-            outputs = self._requested_outputs(request, model)
-            features = features_name(model)
-            # Logits and features come from the same engine run when both are asked for.
-            engine_outputs = (LOGITS, FEATURES) if any(name == features for name, _ in outputs) else (LOGITS,)
-            rows, _ = await self._infer(request, model, state.deadline(context), engine_outputs)
-            rows = np.asarray(rows, dtype=np.float32)
-            values = {output_name(model): rows[:, : model.num_classes]}
-            if len(engine_outputs) == 2:
-                values[str(features)] = rows[:, model.num_classes :]
-            return self._response(request, model, values, outputs)
-
-        return await unary("ModelInfer", context, work)
+        """Infer with the deadline `remaining` seconds away (None: the client set none)."""
+        state = self._state
+        state.check_ready()
+        model = self.resolve(request.model_name, request.model_version)
+        rpc.model = model.name
+        outputs = self._requested_outputs(request, model)
+        features = features_name(model)
+        # Logits and features come from the same engine run when both are asked for.
+        engine_outputs = (LOGITS, FEATURES) if any(name == features for name, _ in outputs) else (LOGITS,)
+        rows, _ = await self._infer(request, model, state.deadline_in(remaining), engine_outputs)
+        rows = np.asarray(rows, dtype=np.float32)
+        values = {output_name(model): rows[:, : model.num_classes]}
+        if len(engine_outputs) == 2:
+            values[str(features)] = rows[:, model.num_classes :]
+        return self._response(request, model, values, outputs)
 
     def _requested_outputs(self, request: pb.ModelInferRequest, model: LoadedModel) -> list[tuple[str, int]]:
         """(output name, classification k or 0) for each requested output; all outputs if none (the
@@ -409,6 +295,138 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 out.shape.extend(values.shape)
                 response.raw_output_contents.append(np.ascontiguousarray(values, dtype="<f4").tobytes())
         return response
+
+
+class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService: OpenInference inside the RPC skeleton of calls.py."""
+
+    def __init__(self, state: ServingState, classify: ClassifyPath) -> None:
+        self._state = state
+        self._oip = OpenInference(state, classify)
+
+    # --- health and metadata -------------------------------------------------------------------
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        async def work(rpc: Rpc) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=True)
+
+        return await unary("ServerLive", context, work)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        async def work(rpc: Rpc) -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self._state.ready)
+
+        return await unary("ServerReady", context, work)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        async def work(rpc: Rpc) -> pb.ModelReadyResponse:
+            return pb.ModelReadyResponse(ready=self._oip.model_ready(request.name, request.version, rpc))
+
+        return await unary("ModelReady", context, work)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        async def work(rpc: Rpc) -> pb.ServerMetadataResponse:
+            return self._oip.server_metadata()
+
+        return await unary("ServerMetadata", context, work)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        async def work(rpc: Rpc) -> pb.ModelMetadataResponse:
+            return self._oip.model_metadata(request.name, request.version, rpc)
+
+        return await unary("ModelMetadata", context, work)
+
+    # --- Triton's read-only extensions -----------------------------------------------------------
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        """Triton's configuration of a model version (`model_config`); NOT_FOUND for an unknown
+        model or version."""
+
+        async def work(rpc: Rpc) -> pb.ModelConfigResponse:
+            model = self._oip.resolve(request.name, request.version)
+            rpc.model = model.name
+            return pb.ModelConfigResponse(config=model_config(model, self._state))
+
+        return await unary("ModelConfig", context, work)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        """Every loaded model version: state "READY", or "UNAVAILABLE" with the reason while the
+        server does not accept inferences (loading, shutting down); `ready` keeps only the READY
+        ones. Versions in the repository that were not loaded are not listed."""
+
+        async def work(rpc: Rpc) -> pb.RepositoryIndexResponse:
+            if request.repository_name:
+                raise InvalidArgument(
+                    f"repository_name {request.repository_name!r}: this server has one model repository; "
+                    "send repository_name empty",
+                    reason="invalid_argument",
+                )
+            reason = "the server is shutting down" if self._state.draining else "the model is still loading"
+            index = []
+            for m in self._state.models.models():
+                ready = self._state.model_ready(m)
+                if ready or not request.ready:
+                    index.append(
+                        pb.RepositoryIndexResponse.ModelIndex(
+                            name=m.name,
+                            version=str(m.version),
+                            state="READY" if ready else "UNAVAILABLE",
+                            reason="" if ready else reason,
+                        )
+                    )
+            return pb.RepositoryIndexResponse(models=index)
+
+        return await unary("RepositoryIndex", context, work)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Statistics of the loaded versions of one model (`name`; `version` narrows it to one), or
+        of every model when `name` is empty (`model_statistics`)."""
+
+        async def work(rpc: Rpc) -> pb.ModelStatisticsResponse:
+            if request.name:
+                model = self._oip.resolve(request.name, request.version)
+                rpc.model = model.name
+                models = (
+                    [model]
+                    if request.version
+                    else [m for m in self._state.models.models() if m.name == model.name]
+                )
+            elif request.version:
+                raise InvalidArgument(
+                    f"version {request.version!r} without a model name; name the model, or send "
+                    "neither for every model",
+                    reason="invalid_argument",
+                )
+            else:
+                models = self._state.models.models()
+            return pb.ModelStatisticsResponse(model_stats=model_statistics(models))
+
+        return await unary("ModelStatistics", context, work)
+
+    # --- inference ----------------------------------------------------------------------------
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await unary(
+            "ModelInfer", context, lambda rpc: self._oip.model_infer(request, rpc, context.time_remaining())
+        )
 
 
 def _encoded_images(

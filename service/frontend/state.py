@@ -64,8 +64,12 @@ class ServingState:
         caps it instead: for the items of a ClassifyStream, whose deadline bounds the whole
         stream, not one item. Raises DeadlineExceeded when the deadline has already passed.
         """
+        return self.deadline_in(context.time_remaining(), cap_longer=cap_longer)
+
+    def deadline_in(self, remaining: float | None, *, cap_longer: bool = False) -> float:
+        """`deadline` for a call whose client asked for `remaining` seconds (None: no deadline),
+        by any protocol (REST: the timeout parameter or header)."""
         cap = self.settings.max_deadline_s
-        remaining = context.time_remaining()
         # gRPC rounds a deadline up when it encodes it (grpc-timeout keeps about three significant
         # digits: 30 s arrives as 30.1 s, 600 s as 601 s, 3600 s as 3610 s), so a client asking for
         # exactly the cap is not refused: only what exceeds it by more than that rounding.
