@@ -56,7 +56,7 @@ class WorkerSettings(Settings):
     )
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus metrics HTTP port (0 picks one).")
     http_port: int = Field(
-        0, ge=0, le=65535, description="Unused: the gradient tier answers gRPC only (REST is the serving tier's)."
+        0, ge=0, le=65535, description="Unused: the gradient tier answers gRPC only (REST is the server's)."
     )
 
 

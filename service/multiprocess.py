@@ -87,11 +87,15 @@ def engine_main(settings_json: str, socket_path: str, prefix: str) -> None:
     run_engine_process(settings_json, socket_path, prefix)
 
 
-def frontend_main(settings_json: str, socket_path: str, port: int, worker_address: str, ready: Any) -> None:
+def frontend_main(
+    settings_json: str, socket_path: str, port: int, http_port: int, worker_address: str, ready: Any
+) -> None:
     from service.engine.remote import RemoteEngine
     from service.frontend.server import Server, run
 
-    settings = _child_settings(settings_json, grpc_port=port, worker_address=worker_address)
+    settings = _child_settings(
+        settings_json, grpc_port=port, http_port=http_port, worker_address=worker_address
+    )
     server = Server(settings, RemoteEngine(Path(socket_path)), share_port=True, metrics_endpoint=False)
     sys.exit(asyncio.run(run(settings, server=server, on_ready=lambda: ready.send("ready"))))
 
@@ -105,6 +109,20 @@ def gradients_main(settings_json: str, socket_path: str, ready: Any) -> None:
     metrics.stop_counting_requests()  # the frontends count every call that reaches it
     server = GradientTierServer(settings, bind=f"unix:{socket_path}", metrics_endpoint=False)
     sys.exit(asyncio.run(run(settings, server=server, on_ready=lambda: ready.send("ready"))))
+
+
+def _held_socket(host: str, port: int) -> socket.socket:
+    """host:port bound with SO_REUSEPORT and not listening: the frontends bind it too and accept on
+    it; while the supervisor holds it no foreign process can take it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((host, port))
+    except OSError:
+        held.close()
+        raise
+    return held
 
 
 # --- the supervisor ----------------------------------------------------------------------------------
@@ -138,7 +156,9 @@ class Multiprocess:
         self._stop = asyncio.Event()
         self._replacing: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.http_port = 0  # 0: REST is off
         self._port_socket: socket.socket | None = None
+        self._http_socket: socket.socket | None = None
         self._lock_file: Any = None
         self._stopping = False
         self._failed = False
@@ -155,6 +175,16 @@ class Multiprocess:
         except OSError as exc:
             log.error("cannot bind gRPC to %s:%d: %s", self.settings.host, self.settings.grpc_port, exc)
             return 1
+        if self.settings.http_port:
+            try:
+                self._http_socket = _held_socket(self.settings.host, self.settings.http_port)
+            except OSError as exc:
+                log.error(
+                    "cannot bind HTTP/REST to %s:%d: %s", self.settings.host, self.settings.http_port, exc
+                )
+                self._release_port()
+                return 1
+            self.http_port = self._http_socket.getsockname()[1]
         metrics = self._start_metrics()
         if metrics is None:
             return 1
@@ -178,13 +208,17 @@ class Multiprocess:
         metrics.stop()
         remove_blocks(self.prefix)
         shutil.rmtree(self.runtime, ignore_errors=True)
-        if self._port_socket is not None:
-            self._port_socket.close()
+        self._release_port()
+        log.info("stopped")
+        return 1 if self._failed else 0
+
+    def _release_port(self) -> None:
+        for held in (self._port_socket, self._http_socket):
+            if held is not None:
+                held.close()
         if self._lock_file is not None:
             Path(self._lock_file.name).unlink(missing_ok=True)
             self._lock_file.close()
-        log.info("stopped")
-        return 1 if self._failed else 0
 
     @property
     def _serves_gradients(self) -> bool:
@@ -193,10 +227,7 @@ class Multiprocess:
     def _hold_port(self) -> None:
         """Bind the gRPC port with SO_REUSEPORT and keep it: the frontends share it on purpose, a
         foreign process cannot take it, and a second supervisor is refused by the lock file."""
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        held = socket.socket(family, socket.SOCK_STREAM)
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        held.bind((self.settings.host, self.settings.grpc_port))
+        held = _held_socket(self.settings.host, self.settings.grpc_port)
         self.port = held.getsockname()[1]
         lock = open(Path(tempfile.gettempdir()) / f"cnnserve-port-{self.port}.lock", "w")  # noqa: SIM115
         try:
@@ -230,9 +261,10 @@ class Multiprocess:
             )
             return None
         server.start()
+        http = f"{self.settings.host}:{self.http_port}" if self.http_port else "off"
         log.info(
-            "listening grpc=%s:%d metrics=%s:%d (supervisor of %d frontend processes)",
-            self.settings.host, self.port, self.settings.host, server.port, self.settings.frontends,
+            "listening grpc=%s:%d metrics=%s:%d http=%s (supervisor of %d frontend processes)",
+            self.settings.host, self.port, self.settings.host, server.port, http, self.settings.frontends,
         )  # fmt: skip
         return server
 
@@ -265,7 +297,7 @@ class Multiprocess:
                 f"unix:{self.gradients_socket}" if self._serves_gradients else self.settings.worker_address
             )
             target, pipe = frontend_main, reader
-            args = (settings_json, str(self.engine_socket), self.port, address, writer)
+            args = (settings_json, str(self.engine_socket), self.port, self.http_port, address, writer)
         process = _CTX.Process(target=target, args=args, name=f"cnnserve-{kind}-{index}", daemon=False)
         process.start()
         writer.close()  # the child holds the only write end: its exit is the pipe's EOF

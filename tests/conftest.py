@@ -10,6 +10,7 @@ Treat it as read-only; `model_repository_copy` gives a test its own copy to modi
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Servers the unit tests build in this process (Settings(...) without an http_port) leave REST off:
+# its default port, 8000, is one port for every test at once. Tests of REST ask for a port of their
+# own; subprocess servers get theirs from server_process.py (which drops CNNSERVE_* variables).
+os.environ["CNNSERVE_HTTP_PORT"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,10 @@ class Rpc:
         still has about one header transit to run. So a cancellation that lands within
         DEADLINE_SLACK_S of the deadline is counted as the deadline expiry it is.
         """
-        remaining = context.time_remaining()
+        self.record_cancelled(context.time_remaining())
+
+    def record_cancelled(self, remaining: float | None) -> None:
+        """`cancelled` for a call with `remaining` seconds to its deadline (None: it had none)."""
         if remaining is not None and remaining <= DEADLINE_SLACK_S:
             self._record(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline")
         else:

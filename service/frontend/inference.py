@@ -64,7 +64,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     # --- classification ------------------------------------------------------------------------
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
-        return await unary("Classify", context, lambda rpc: self._classify_one(request, context, rpc))
+        return await unary("Classify", context, lambda rpc: self.classify_one(request, context, rpc))
 
     async def ClassifyBatch(
         self, request: pb.ClassifyBatchRequest, context: Context
@@ -107,7 +107,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """
 
         async for response in self._serve_stream(
-            "ClassifyStream", request_iterator, context, self._classify_one, pb.ClassifyStreamResponse
+            "ClassifyStream", request_iterator, context, self.classify_one, pb.ClassifyStreamResponse
         ):
             yield response
 
@@ -116,7 +116,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise Unimplemented(self._not_served)
         return self._classify
 
-    async def _classify_one(
+    async def classify_one(
         self, request: pb.ClassifyRequest, context: Context, rpc: Rpc
     ) -> pb.ClassifyResponse:
         start = time.perf_counter()

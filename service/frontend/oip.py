@@ -300,9 +300,9 @@ class OpenInference:
 class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService: OpenInference inside the RPC skeleton of calls.py."""
 
-    def __init__(self, state: ServingState, classify: ClassifyPath) -> None:
+    def __init__(self, state: ServingState, oip: OpenInference) -> None:
         self._state = state
-        self._oip = OpenInference(state, classify)
+        self._oip = oip
 
     # --- health and metadata -------------------------------------------------------------------
 

@@ -42,7 +42,8 @@ from service.frontend.gradients import LocalGradients
 from service.frontend.health import HealthServicer
 from service.frontend.inference import InferenceServicer
 from service.frontend.interceptors import MalformedRequestInterceptor
-from service.frontend.oip import GRPCInferenceServicer
+from service.frontend.oip import GRPCInferenceServicer, OpenInference
+from service.frontend.rest import RestApi, RestServer, bind_socket
 from service.frontend.state import ServingState
 from service.frontend.triton import add_triton_unimplemented_to_server
 from service.observability import metrics
@@ -165,8 +166,13 @@ class Server:
         self.health = HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.metrics_server: MetricsHTTPServer | None = None
+        # The OIP REST binding (settings.http_port), made with the servicers where classification
+        # is served; started once gRPC is bound.
+        self.rest_api: RestApi | None = None
+        self.rest_server: RestServer | None = None
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self._engine_started = False
         self.pool: Any = pool
         self._pool_task: asyncio.Task[None] | None = None
@@ -221,26 +227,41 @@ class Server:
             self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise StartupError(f"cannot bind gRPC to {address}: {exc}") from None
+        if self.rest_api is not None and settings.http_port:
+            try:
+                sock = bind_socket(settings.host, settings.http_port, share_port=self.share_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot bind HTTP/REST to {_address(settings.host, settings.http_port)}: {exc}"
+                ) from None
+            self.rest_server = RestServer(self.rest_api, sock, settings)
+            self.http_port = self.rest_server.port
         if self.metrics_endpoint:
             try:
                 self.metrics_server = MetricsHTTPServer(
                     settings.host, settings.metrics_port, metrics.registry, self.readiness
                 )
             except OSError as exc:
+                if self.rest_server is not None:
+                    await self.rest_server.stop()  # not started: closes its socket
                 raise StartupError(
                     f"cannot bind metrics HTTP to {_address(settings.host, settings.metrics_port)}: {exc}"
                 ) from None
             self.metrics_port = self.metrics_server.port
         await server.start()
         self.grpc_server = server
+        if self.rest_server is not None:
+            await self.rest_server.start()
+        http = _address(settings.host, self.http_port) if self.rest_server is not None else "off"
         if self.metrics_server is None:
-            log.info("supervised process listening grpc=%s", address)
+            log.info("supervised process listening grpc=%s http=%s", address, http)
             return
         self.metrics_server.start()
         log.info(
-            "listening grpc=%s metrics=%s",
+            "listening grpc=%s metrics=%s http=%s",
             _address(settings.host, self.grpc_port),
             _address(settings.host, self.metrics_port),
+            http,
         )
 
     def _add_servicers(self, server: grpc.aio.Server) -> tuple[str, ...]:
@@ -258,9 +279,11 @@ class Server:
         inference = InferenceServicer(self.state, classify=classify, gradients=gradients)
         # The generated *_pb2_grpc modules carry no annotations.
         inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
+        oip = OpenInference(self.state, classify)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            GRPCInferenceServicer(self.state, classify), server
+            GRPCInferenceServicer(self.state, oip), server
         )
+        self.rest_api = RestApi(self.state, oip, inference, self.settings)
         add_triton_unimplemented_to_server(server)  # Triton's RPCs we lack: UNIMPLEMENTED saying why
         return (INFERENCE_SERVICE, OIP_SERVICE)
 
@@ -560,8 +583,11 @@ class Server:
         # Marks every service NOT_SERVING and ignores later set() calls (a late load finishing).
         await self.health.enter_graceful_shutdown()
         log.info("shutting down: health NOT_SERVING, up to %.1fs for accepted calls to finish", grace)
-        if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
+        # Both protocols drain at once: calls in progress finish, new ones answer UNAVAILABLE.
+        await asyncio.gather(
+            *([self.grpc_server.stop(grace)] if self.grpc_server is not None else []),
+            *([self.rest_server.stop()] if self.rest_server is not None else []),
+        )
         if self._engine_task is not None:
             self._engine_task.cancel()
         if self._reload_task is not None:

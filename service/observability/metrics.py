@@ -216,9 +216,19 @@ WORKER_MODEL_BYTES = Gauge(
 # labels them) with code OK, and queue_full, the classification path's load shedding, which
 # CnnserveQueueFullRejections watches. Other codes and reasons depend on the client or, for
 # gradient RPCs, on the tier (cost_budget where jobs run, resource_exhausted or worker_unreachable
-# where they are forwarded): they appear when they happen. At most 27 series per model.
+# where they are forwarded): they appear when they happen. At most 31 series per model.
 # The RPCs the engine serves (classification and embeddings: one batcher, one admission).
-CLASSIFY_METHODS = ("Classify", "ClassifyBatch", "ClassifyStream", "ModelInfer", "Embed", "EmbedStream")
+CLASSIFY_METHODS = (
+    "Classify",
+    "ClassifyBatch",
+    "ClassifyStream",
+    "ModelInfer",
+    "Embed",
+    "EmbedStream",
+    # The REST binding (frontend/rest.py) labels its calls rest:<the operation's gRPC name>.
+    "rest:ModelInfer",
+    "rest:Classify",
+)
 # Gradient task kind (LoadedModel.capabilities, TASK_STEPS' `task`) -> the RPCs that run it.
 TASK_METHODS: dict[str, tuple[str, ...]] = {
     "explain": ("Explain",),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(r"listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)")
+LISTENING = re.compile(r"listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+) http=(?P<http>\S+)")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 # The shared server's caps (conftest.server), small so the limits are cheap to reach.
@@ -33,6 +34,13 @@ def clean_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's pick for port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ServerProcess:
@@ -52,6 +60,10 @@ class ServerProcess:
         # CI machine. Tests of the gradient RPCs pass --workers N explicitly.
         if not any(a == "--workers" or a.startswith("--workers=") for a in extra_args):
             extra_args = ("--workers", "0", *extra_args)
+        # REST on a free port (http_port 0 turns it off rather than picking one), unless the test
+        # says otherwise; the gradient tier serves no REST.
+        if command == "serve" and not any(a.startswith("--http-port") for a in extra_args):
+            extra_args = ("--http-port", str(free_port()), *extra_args)
         self.args = [
             sys.executable, *launcher, command,
             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
@@ -61,6 +73,7 @@ class ServerProcess:
         self._listening = threading.Event()
         self.address = ""
         self.metrics_address = ""
+        self.http_address = ""  # host:port of REST, "off" when it is
         self.process = subprocess.Popen(
             self.args, cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -76,6 +89,7 @@ class ServerProcess:
             match = LISTENING.search(line)
             if match and not self._listening.is_set():
                 self.address, self.metrics_address = match["grpc"], match["metrics"]
+                self.http_address = match["http"]
                 self._listening.set()
 
     @property

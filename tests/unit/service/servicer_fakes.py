@@ -193,6 +193,7 @@ class Harness:
             "host": "127.0.0.1",
             "grpc_port": 0,
             "metrics_port": 0,
+            "http_port": 0,  # REST off unless a test asks for it: one fixed default port for all
             "grace_period_s": 5.0,
             # No real PyTorch workers in servicer tests: pass `pool=FakePool()` for the gradient RPCs.
             "workers": 0,

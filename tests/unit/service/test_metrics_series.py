@@ -77,7 +77,8 @@ def test_label_values_are_the_real_rpc_methods_and_task_kinds() -> None:
         *inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods_by_name,
         *grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name,
     }
-    assert set(metrics.CLASSIFY_METHODS) | set(GRADIENT_METHODS) <= rpcs
+    rest = {f"rest:{method}" for method in ("ModelInfer", "Classify")}  # frontend/rest.py's labels
+    assert set(metrics.CLASSIFY_METHODS) | set(GRADIENT_METHODS) <= rpcs | rest
     assert set(metrics.TASK_METHODS) == set(typing.get_args(JobKind))
 
 

@@ -51,8 +51,9 @@ def worker_settings(argv: list[str]) -> Settings:
 def test_worker_flags_env_and_default_ports(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = worker_settings([])
     assert (settings.grpc_port, settings.metrics_port) == (8600, 9091)  # beside a server's 8500/9090
-    assert {k: v for k, v in settings.model_dump().items() if k not in ("grpc_port", "metrics_port")} == {
-        k: v for k, v in Settings().model_dump().items() if k not in ("grpc_port", "metrics_port")
+    ports = ("grpc_port", "metrics_port", "http_port")
+    assert {k: v for k, v in settings.model_dump().items() if k not in ports} == {
+        k: v for k, v in Settings().model_dump().items() if k not in ports
     }
     monkeypatch.setenv("CNNSERVE_GRPC_PORT", "7000")
     monkeypatch.setenv("CNNSERVE_WORKERS", "3")

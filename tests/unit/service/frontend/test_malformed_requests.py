@@ -25,7 +25,7 @@ from service.frontend.classify import ClassifyPath
 from service.frontend.gradients import LocalGradients
 from service.frontend.inference import InferenceServicer
 from service.frontend.interceptors import MalformedRequestInterceptor
-from service.frontend.oip import GRPCInferenceServicer
+from service.frontend.oip import GRPCInferenceServicer, OpenInference
 from service.frontend.state import ServingState
 from service.settings import Settings
 
@@ -42,7 +42,9 @@ async def _with_server(body: Callable[[grpc.aio.Channel], Awaitable[None]]) -> N
     server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()])
     inference = InferenceServicer(state, classify=classify, gradients=LocalGradients(state))
     pb_grpc.add_InferenceServicer_to_server(inference, server)  # type: ignore[no-untyped-call]
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(GRPCInferenceServicer(state, classify), server)  # type: ignore[no-untyped-call]
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+        GRPCInferenceServicer(state, OpenInference(state, classify)), server
+    )  # type: ignore[no-untyped-call]
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection((reflection.SERVICE_NAME,), server)
