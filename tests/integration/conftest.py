@@ -69,3 +69,20 @@ def server(demo_repository: Path) -> Iterator[ServerProcess]:
         "--max-message-bytes", str(MAX_MESSAGE_BYTES),
         "--max-queue-delay-s", "0.01",
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tritonclient_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The interpreter of a venv of its own holding `tritonclient[http]` (from PyPI, through pip's
+    cache): the client a Triton user already has, kept apart from this project's packages."""
+    venv = tmp_path_factory.mktemp("tritonclient") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--prefer-binary",
+         "tritonclient[http]>=2.40,<3", "requests>=2.31"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if install.returncode != 0:
+        raise RuntimeError(f"pip install tritonclient[http] failed:\n{install.stderr[-4000:]}")
+    return python
