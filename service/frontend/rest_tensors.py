@@ -105,7 +105,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str, model_v
     request_id = document.get("id", "")
     if not isinstance(request_id, str):
         raise _invalid(f"`id` must be a string, got {request_id!r}")
-    request.id = request_id
+    request.id = _text(request_id, "`id`")
     parameters = _object(document.get("parameters", {}), "`parameters`")
     timeout_s = _timeout(parameters.pop("timeout", None))
     binary_by_default = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
@@ -134,6 +134,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str, model_v
         name = output.get("name")
         if not isinstance(name, str) or not name:
             raise _invalid(f"outputs[{position}] needs a `name`")
+        name = _text(name, f"outputs[{position}].name")
         output_parameters = _object(output.get("parameters", {}), f"outputs[{position}].parameters")
         if _flag(output_parameters.pop("binary_data", binary_by_default), f"output {name!r} binary_data"):
             binary_outputs.add(name)
@@ -153,10 +154,11 @@ def _input(
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not isinstance(name, str) or not name:
         raise _invalid(f"{where} needs a `name`")
-    where = f"input {name!r}"
+    where = f"input {_text(name, where + '.name')!r}"
     if not isinstance(datatype, str) or not datatype:
         raise _invalid(f"{where} needs a `datatype` (FP32, FP16 or BYTES)")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    _text(datatype, f"{where} datatype")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
         raise _invalid(f"{where}: `shape` must be a list of non-negative integers, got {shape!r}")
     parameters = _object(tensor.get("parameters", {}), f"{where} parameters")
     size = parameters.pop("binary_data_size", None)
@@ -236,6 +238,15 @@ def _bytes_element(element: Any, where: str) -> bytes:
     raise _invalid(f'{where}: a BYTES element must be a string or {{"b64": "<base64>"}}, got {element!r}')
 
 
+def _text(value: str, where: str) -> str:
+    """`value` if protobuf can hold it: JSON escapes can spell lone surrogates, which UTF-8 cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(f"{where} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
 def _object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _invalid(f"{where} must be a JSON object, got {value!r}")
@@ -268,6 +279,7 @@ def _timeout(value: Any) -> float | None:
 def _set_parameters(target: Any, parameters: Mapping[str, Any], where: str) -> None:
     """JSON parameters into a protobuf map of InferParameter."""
     for key, value in parameters.items():
+        _text(key, f"{where} parameter name")
         if isinstance(value, bool):
             target[key].bool_param = value
         elif isinstance(value, int):
@@ -275,7 +287,7 @@ def _set_parameters(target: Any, parameters: Mapping[str, Any], where: str) -> N
                 raise _invalid(f"{where} parameter {key!r}: {value} does not fit in an int64")
             target[key].int64_param = value
         elif isinstance(value, str):
-            target[key].string_param = value
+            target[key].string_param = _text(value, f"{where} parameter {key!r}")
         elif isinstance(value, float):
             target[key].double_param = value
         else:

@@ -17,16 +17,25 @@ validation is a fraction of a second of work (one resnet18 explain, or 4 dream s
 Raw bodies that do not parse must be answered INVALID_ARGUMENT, which takes
 service.frontend.interceptors.MalformedRequestInterceptor on the server (grpc.aio alone answers UNKNOWN).
 
+REST (the OIP's HTTP binding) gets the same ModelInfer requests as JSON or with the binary tensor data
+extension, mutated (junk keys and values, lying header lengths, random bodies and encodings), the
+image route with the hostile images, and metadata routes with odd names: no answer may be a 500 (or
+any 5xx but 503/504), every error must be a JSON `{"error": ...}`.
+
 Hypothesis runs with derandomize=True (a fixed seed) and no shrinking: a failure is reported as the
 request that was sent. The test prints how many requests each RPC got and the codes seen.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import io
+import json
 import math
 import struct
 import time
+import urllib.parse
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +45,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import requests
 from google.protobuf import descriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -56,6 +66,7 @@ BAD_ITEM_CODES = {grpc.StatusCode.UNKNOWN.value[0], grpc.StatusCode.INTERNAL.val
 CALL_TIMEOUT_S = 30.0
 STRUCTURED_EXAMPLES = 900
 RAW_EXAMPLES = 300
+REST_EXAMPLES = 300
 MIN_REQUESTS = 1000
 # Growth of the server's VmRSS from after the warm-up to the end of the fuzzing. Measured: 10-30 MB
 # over ~1,200 requests (allocator arenas of the gRPC and preprocessing threads); a leak of a
@@ -416,6 +427,176 @@ def infer_requests(draw: st.DrawFn) -> oip.ModelInferRequest:
     for key, value in draw(mostly(st.just({}), infer_parameters())).items():
         request.parameters[key].CopyFrom(value)
     return request
+
+
+# --- REST: the same requests over HTTP ------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), ints(-(2**70), 2**70), st.floats(), st.text(max_size=6)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _parameter_json(parameter: oip.InferParameter) -> Any:
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice else None
+
+
+@st.composite
+def rest_infer_bodies(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
+    """A fuzzed ModelInfer as a REST call: (path, body, headers)."""
+    request = draw(infer_requests())
+    binary = draw(st.booleans())
+    inputs, sections = [], []
+    for position, tensor in enumerate(request.inputs):
+        item: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        parameters = {k: _parameter_json(v) for k, v in tensor.parameters.items()}
+        raw = request.raw_input_contents[position] if position < len(request.raw_input_contents) else None
+        if binary and raw is not None:
+            parameters["binary_data_size"] = len(raw)
+            sections.append(raw)
+        elif tensor.contents.fp32_contents:
+            item["data"] = list(tensor.contents.fp32_contents)
+        elif tensor.contents.bytes_contents:
+            item["data"] = [{"b64": base64.b64encode(e).decode()} for e in tensor.contents.bytes_contents]
+        elif raw is not None and tensor.datatype == "FP32" and len(raw) % 4 == 0:
+            item["data"] = np.frombuffer(raw, "<f4").tolist()
+        elif tensor.datatype in ("FP32", "FP16") and 0 <= math.prod(tensor.shape) <= 4096:
+            rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+            values = _values(rng, math.prod(tensor.shape), draw(st.sampled_from(FILLS)))
+            nested = draw(st.booleans())
+            item["data"] = values.reshape(list(tensor.shape)).tolist() if nested else values.tolist()
+        elif tensor.datatype == "BYTES":
+            images = draw(st.lists(any_bytes, min_size=1, max_size=MAX_IMAGES + 1))
+            item["data"] = [{"b64": base64.b64encode(e).decode()} for e in images]
+        if parameters:
+            item["parameters"] = parameters
+        inputs.append(item)
+    document: dict[str, Any] = {"inputs": inputs}
+    if request.id:
+        document["id"] = request.id
+    outputs = [
+        {"name": o.name, "parameters": {k: _parameter_json(v) for k, v in o.parameters.items()}}
+        for o in request.outputs
+    ]
+    if outputs:
+        document["outputs"] = outputs
+    parameters = {k: _parameter_json(v) for k, v in request.parameters.items()}
+    parameters.update(draw(mostly(st.just({}), st.dictionaries(
+        st.sampled_from(["timeout", "binary_data_output", "priority"]), JSON_VALUES, max_size=2
+    ))))  # fmt: skip
+    if parameters:
+        document["parameters"] = parameters
+    mutation = draw(
+        mostly(st.just("none"), st.sampled_from(["junk_key", "junk_value", "drop", "not_object"]))
+    )
+    if mutation == "junk_key":
+        document[draw(st.text(max_size=5))] = draw(JSON_VALUES)
+    elif mutation == "junk_value":
+        document[draw(st.sampled_from(["inputs", "outputs", "parameters", "id"]))] = draw(JSON_VALUES)
+    elif mutation == "drop":
+        document.pop("inputs")
+    text = (
+        json.dumps(document).encode() if mutation != "not_object" else json.dumps(draw(JSON_VALUES)).encode()
+    )
+    headers = {"Content-Type": "application/json"}
+    body = text
+    if sections or draw(st.integers(0, 9)) == 0:
+        body = text + b"".join(sections)
+        header = len(text) + draw(mostly(st.just(0), st.integers(-len(text) - 2, 64)))
+        latin1 = st.text(st.characters(max_codepoint=255, exclude_categories=("Cc",)), max_size=4)
+        headers["Inference-Header-Content-Length"] = draw(mostly(st.just(str(header)), latin1))
+    if draw(st.integers(0, 9)) == 0:
+        encoding = draw(st.sampled_from(["gzip", "deflate", "br", "gzip, gzip", ""]))
+        headers["Content-Encoding"] = encoding
+        if encoding == "gzip" and draw(st.booleans()):
+            body = gzip.compress(body)
+    version = request.model_version
+    model = urllib.parse.quote(request.model_name, safe="") or "x"
+    path = f"/v2/models/{model}" + (f"/versions/{urllib.parse.quote(version, safe='')}" if version else "")
+    return path + "/infer", body, headers
+
+
+@st.composite
+def rest_calls(draw: st.DrawFn) -> tuple[str, str, bytes, dict[str, str]]:
+    """(method, path, body, headers) of one REST call."""
+    kind = draw(st.sampled_from(["infer", "infer", "infer", "classify", "classify", "raw", "get"]))
+    if kind == "infer":
+        return ("POST", *draw(rest_infer_bodies()))
+    model = urllib.parse.quote(draw(MODEL_NAMES), safe="") or "x"
+    if kind == "classify":
+        query = draw(st.dictionaries(
+            mostly(st.sampled_from(["top_k", "timeout_ms"]), st.text(max_size=4)),
+            mostly(st.sampled_from(["0", "1", "5", "1000"]), st.text(max_size=6)),
+            max_size=2,
+        ))  # fmt: skip
+        path = f"/v2/models/{model}/classify?{urllib.parse.urlencode(query)}"
+        return "POST", path, draw(any_bytes), {}
+    if kind == "raw":
+        route = draw(st.sampled_from(["infer", "classify", "ready", ""]))
+        return "POST", f"/v2/models/{model}/{route}", draw(st.binary(max_size=256)), {}
+    version = urllib.parse.quote(draw(OIP_VERSIONS), safe="")
+    path = draw(st.sampled_from([
+        "/v2", "/v2/health/live", "/v2/health/ready", f"/v2/models/{model}", f"/v2/models/{model}/ready",
+        f"/v2/models/{model}/versions/{version or 'x'}",
+        f"/v2/models/{model}/versions/{version or 'x'}/ready",
+        "/v2/models", "/", "/v2/repository/index", f"/v2/models/{model}/config",
+    ]))  # fmt: skip
+    return draw(st.sampled_from(["GET", "GET", "HEAD", "PUT", "DELETE"])), path, b"", {}
+
+
+def send_rest(
+    session: requests.Session, base: str, call: tuple[str, str, bytes, dict[str, str]], tally: Tally
+) -> None:
+    method, path, body, headers = call
+    route = _rest_route(path)
+    try:
+        response = session.request(method, base + path, data=body, headers=headers, timeout=CALL_TIMEOUT_S)
+    except requests.RequestException as exc:
+        tally.failures.append(f"{route}: {exc!r} for {method} {path} {_short(body)}")
+        return
+    tally.requests += 1
+    tally.codes.setdefault(route, Counter())[str(response.status_code)] += 1
+    status = response.status_code
+    if status >= 500 and status not in (503, 504):
+        tally.failures.append(f"{route}: {status} {response.text[:200]!r} for {method} {path} {_short(body)}")
+    elif status >= 400 and method != "HEAD" and response.content:
+        try:
+            error = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            tally.failures.append(f"{route}: {status} not a JSON error {response.text[:200]!r} for {path}")
+        else:
+            if not isinstance(error, str):
+                tally.failures.append(f"{route}: {status} error {error!r} for {path}")
+
+
+def valid_rest_calls() -> list[tuple[str, str, bytes, dict[str, str]]]:
+    """One valid call of each REST inference form, so each reaches the engine at least once."""
+    x = np.zeros((2, 1, 32, 32), np.float32)
+    tensor = {"name": "input", "shape": [2, 1, 32, 32], "datatype": "FP32"}
+    as_json = json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    binary = {"Inference-Header-Content-Length": str(len(header))}
+    return [
+        ("POST", "/v2/models/lenet5/infer", as_json, {"Content-Type": "application/json"}),
+        ("POST", "/v2/models/lenet5/versions/1/infer", header + x.tobytes(), binary),
+        ("POST", "/v2/models/resnet18/classify?top_k=3", BASES["jpeg_rgb64"], {}),
+    ]
+
+
+REST_ROUTES = {"REST infer", "REST classify", "REST ready", "REST metadata", "REST other"}
+
+
+def _rest_route(path: str) -> str:
+    """The tally's name for a REST path: its route, or "other" (server routes, unknown paths)."""
+    path = path.split("?")[0]
+    if not path.startswith("/v2/models/"):
+        return "REST other"
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return f"REST {last}" if last in ("infer", "classify", "ready") else "REST metadata"
 
 
 # --- any request message, from its descriptor -----------------------------------------------------------
@@ -849,18 +1030,35 @@ def _fuzz_every_rpc(server: ServerProcess, rss: Callable[[int], int]) -> None:
     def raw_bodies(call: tuple[descriptor.MethodDescriptor, bytes]) -> None:
         send(channel, *call, tally, raw=True)
 
+    rest = Tally()
+    session = requests.Session()
+    base = f"http://{server.http_address}"
+
+    @settings(fuzz, max_examples=REST_EXAMPLES)
+    @given(rest_calls())
+    def rest_calls_(call: tuple[str, str, bytes, dict[str, str]]) -> None:
+        send_rest(session, base, call, rest)
+
+    for call in valid_rest_calls():
+        rest_calls_ = example(call)(rest_calls_)
+
     started = time.monotonic()
     try:
         structured()
         raw_bodies()
+        rest_calls_()
     finally:
         channel.close()
-        print(f"\n{tally.summary()}\nin {time.monotonic() - started:.1f} s")
+        session.close()
+        print(f"\n{tally.summary()}\n{rest.summary()}\nin {time.monotonic() - started:.1f} s")
     rss_after = rss(pid)
     print(f"server VmRSS {rss_before / 2**20:.0f} MiB -> {rss_after / 2**20:.0f} MiB")
 
     assert not tally.failures, "\n".join(tally.failures[:20])
+    assert not rest.failures, "\n".join(rest.failures[:20])
     assert tally.requests >= MIN_REQUESTS
+    assert rest.requests >= REST_EXAMPLES and set(rest.codes) == REST_ROUTES
+    assert rest.codes["REST infer"]["200"] >= 2 and rest.codes["REST classify"]["200"] >= 1
     assert {rpc.split(" ")[0] for rpc in tally.codes} == {_path(m)[1:] for m in METHODS}  # every RPC
     assert server.process.poll() is None, f"the server died:\n{server.log[-4000:]}"
     assert server.sample("cnnserve_worker_restarts_total") == restarts_before, "a gradient worker crashed"
