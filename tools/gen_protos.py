@@ -13,25 +13,29 @@ the generated classes report) into `service._proto.cnnserve.v1`, and leaves ever
 
 The generator is pinned: grpcio-tools 1.65.5, whose protoc is 26.1 (protobuf Python 5.26.1). Why
 that one: a client installs cnnserve beside other packages that pin protobuf (tritonclient 2.73 wants
-protobuf < 7, others still 5.x), so the stubs must load on every protobuf from 5.26 to 7.x. protobuf
-stamps its gencode since protoc 27 (protobuf 5.27): the stub calls
+protobuf < 7, others are still on 5.x), so the stubs must load on every protobuf from 5.26 to 7.x.
+protoc stamps its Python gencode since 27 (protobuf 5.27): the stub calls
 `runtime_version.ValidateProtobufRuntimeVersion(major, minor, patch)` at import, which raises on a
-runtime older than the generator or of a major more than one above it, and warns one major above. No
-stamped gencode loads without an error or a warning on 5.x, 6.x and 7.x alike. protoc 26.1 is the last
-that writes unstamped gencode, in the form current runtimes still build (a serialized FileDescriptorProto
-fed to `descriptor_pool.AddSerializedFile` and `internal.builder`, `_loaded_options`), and protobuf's
-Python runtime reads gencode older than itself: the stubs load, warning-free, on every runtime from
-5.26.1 up (tests/unit/service/test_protos_fresh.py checks the form; tests/integration/test_light_client.py
-runs the client on the lowest and the highest runtime). 1.65.5 is the last grpcio-tools with protoc
-26.1; its gRPC plugin stamps the *_pb2_grpc.py stubs GRPC_GENERATED_VERSION = '1.65.5' (they warn on
-an older grpcio). So pyproject's floors are these two stamps, grpcio>=1.65.5 and protobuf>=5.26.1, and
-a test keeps them equal.
+runtime older than the generator or more than one major newer, and warns one major newer. So no
+stamped gencode loads, without an error or a warning, on 5.x, 6.x and 7.x alike. protoc 26.1 is the
+last protoc that writes unstamped gencode, and its form is the one the current runtimes still build
+(a serialized FileDescriptorProto given to `descriptor_pool.AddSerializedFile`, classes made by
+`internal.builder`, `_loaded_options`; the same as protoc 35 writes, less the stamp). The runtime has
+no version to check in it: the stubs load, warning-free, on 5.26.1 (the generator's own runtime) and
+on every later one that still builds that form. That is tested, not assumed:
+tests/unit/service/test_protos_fresh.py checks the stubs stay unstamped, and
+tests/integration/test_light_client.py runs the client on the lowest and the highest protobuf (and
+on 6.x beside tritonclient). A protobuf 8 that stops building this form would fail there first; the
+`<8` cap in pyproject waits for that check. 1.65.5 is the last grpcio-tools with protoc 26.1; its gRPC
+plugin stamps the *_pb2_grpc.py stubs GRPC_GENERATED_VERSION = '1.65.5' (they warn on an older
+grpcio). pyproject's floors are these two stamps, grpcio>=1.65.5 and protobuf>=5.26.1, and a test
+keeps them equal.
 
 grpcio-tools 1.65.5 cannot share the project's environment (it requires protobuf < 6; the server runs
-7.x), and needs not: protoc is a compiled extension that imports no protobuf runtime. The generator
-is installed alone, `pip install --no-deps --target`, into a cache folder (GENERATOR_CACHE, by default
-~/.cache/cnnserve/), once, and run as `python -m grpc_tools.protoc` with that folder first on the path.
-Nothing in the project imports grpc_tools: it is a regeneration tool, not a dependency of any extra.
+7.x), and need not: protoc is a compiled extension that imports no protobuf runtime. The generator is
+installed alone, `pip install --no-deps --target`, into a cache folder ($XDG_CACHE_HOME/cnnserve, by
+default ~/.cache/cnnserve), once, and run as `python -m grpc_tools.protoc` with that folder first on
+the path. Nothing in the project imports grpc_tools: it is a regeneration tool, in no extra.
 """
 
 from __future__ import annotations
@@ -108,13 +112,11 @@ def rewrite_imports(text: str, modules: Iterable[str]) -> str:
 
 
 def generator_cache() -> Path:
-    """Where the pinned generator is installed: $CNNSERVE_GENERATOR_CACHE, or ~/.cache/cnnserve (one
-    folder per generator version, interpreter and platform: protoc is a compiled extension)."""
-    base = os.environ.get("CNNSERVE_GENERATOR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "cnnserve"
-    )
+    """Where the pinned generator is installed: $XDG_CACHE_HOME/cnnserve or ~/.cache/cnnserve, one
+    folder per generator version, interpreter and platform (protoc is a compiled extension)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnserve"
     tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
-    return Path(base) / f"{GENERATOR}-{GENERATOR_VERSION}-{tag}"
+    return base / f"{GENERATOR}-{GENERATOR_VERSION}-{tag}"
 
 
 def ensure_generator() -> Path:
