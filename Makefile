@@ -28,12 +28,13 @@ help: ## Show this help
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch is capped below 2.14 in pyproject: pip takes the local 2.13 CPU wheel here.
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# Every extra: the server, the gradient workers, the exporter (make serve, make demo) and the
+	# test tools. torch is capped below 2.14 in pyproject: pip takes the local 2.13 CPU wheel here.
+	$(PY) -m pip install --quiet -e '.[serve,worker,export,dev]'
 	touch $(STAMP)
 
 .PHONY: install
-install: $(STAMP) ## Create .venv and install cnnserve with its dev tools
+install: $(STAMP) ## Create .venv and install cnnserve with every extra and the dev tools
 
 $(REPOSITORY)/.demo-complete: | $(STAMP)
 	$(PY) -m export demo --repository $(REPOSITORY)

@@ -21,6 +21,11 @@ Precedence for `serve`: flag > CNNSERVE_* environment variable > default. The fl
 from `service.settings.Settings.model_fields`, so a new setting is a new flag with its description
 as help, with nothing to add here.
 
+The server commands need the `serve` extra (and `worker`, torch, for gradient workers); the client
+commands only the base install. This module therefore imports pydantic and service.settings only
+inside the server commands: on a client-only install `cnnserve --help` still lists serve and worker,
+and running one says which extra to install instead of failing with a traceback.
+
 More subcommands plug in by appending a `register(subparsers)` function to
 `COMMANDS` that calls `set_defaults(func=..., subparser=parser)`, func(args, parser) returning the
 exit status; `add_settings_arguments` / `settings_from_args` give them the same settings flags.
@@ -32,40 +37,39 @@ import argparse
 import asyncio
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from pydantic import Field, ValidationError
+if TYPE_CHECKING:
+    from service.settings import Settings
 
-from service.settings import Settings
-
-ENV_PREFIX = str(Settings.model_config.get("env_prefix", ""))
-
-
-class WorkerSettings(Settings):
-    """`cnnserve worker`'s settings: every Settings field, with the worker tier's own default ports
-    (so a server and a worker run side by side on one host with no flags)."""
-
-    grpc_port: int = Field(
-        8600, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start)."
-    )
-    metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus metrics HTTP port (0 picks one).")
-    http_port: int = Field(
-        0, ge=0, le=65535, description="Unused: the gradient tier answers gRPC only (REST is the server's)."
-    )
+# Not importable from service.settings on a client-only install (no pydantic): the same prefix, kept
+# equal by tests/unit/service/test_settings_cli.py.
+ENV_PREFIX = "CNNSERVE_"
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[Settings] = Settings) -> None:
+def _settings_class(cls: type[Settings] | None) -> type[Settings]:
+    """`cls`, or service.settings.Settings (imported here: it needs the serve extra's pydantic)."""
+    if cls is not None:
+        return cls
+    from service.settings import Settings
+
+    return Settings
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[Settings] | None = None) -> None:
     """One flag per Settings field (kebab-case), help from its description, env and default."""
+    cls = _settings_class(cls)
     group = parser.add_argument_group(
         "settings",
         f"Each flag is also the environment variable {ENV_PREFIX}<NAME>; flags win over the environment.",
@@ -94,9 +98,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[Settings] 
 
 
 def settings_from_args(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, cls: type[Settings] = Settings
+    args: argparse.Namespace, parser: argparse.ArgumentParser, cls: type[Settings] | None = None
 ) -> Settings:
     """Settings from the environment, overridden by the flags given; usage error when invalid."""
+    from pydantic import ValidationError
+
+    cls = _settings_class(cls)
     overrides = {name: getattr(args, name) for name in cls.model_fields if hasattr(args, name)}
     try:
         return cls(**overrides)
@@ -112,14 +119,64 @@ def settings_from_args(
         parser.error("; ".join(problems))
 
 
+# --- a server command on a client-only install -------------------------------------------------
+
+# Our own packages: a ModuleNotFoundError naming one of them is a bug, never a missing extra.
+_OWN_PACKAGES = ("service", "export")
+
+
+def _missing_extra(command: str, extra: str, error: ModuleNotFoundError) -> int:
+    """Tell which extra a server command needs (exit status 2, as for a usage error)."""
+    if (error.name or "").partition(".")[0] in _OWN_PACKAGES:
+        raise error
+    print(
+        f"cnnserve {command} needs the {extra} extra, which this installation lacks (no module named "
+        f"{error.name!r}): pip install 'cnnserve[{extra}]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _register_unavailable(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    command: str,
+    extra: str,
+    help_text: str,
+    error: ModuleNotFoundError,
+) -> None:
+    """A stand-in for a server command whose settings cannot be imported here: listed in --help,
+    it takes any arguments (main lets them through) and says what to install."""
+    parser = subparsers.add_parser(
+        command,
+        help=f"{help_text} (needs pip install 'cnnserve[{extra}]')",
+        description=f"Not available in this installation: pip install 'cnnserve[{extra}]'.",
+    )
+    parser.set_defaults(
+        func=lambda args, parser: _missing_extra(command, extra, error), subparser=parser, any_arguments=True
+    )
+
+
+def _local_workers_need_torch(settings: Settings, parser: argparse.ArgumentParser, extra: str) -> None:
+    """Gradient workers run PyTorch: without it (the serve extra alone) say so before starting."""
+    if settings.workers > 0 and not settings.worker_address and importlib.util.find_spec("torch") is None:
+        parser.error(
+            f"{settings.workers} gradient worker(s) need PyTorch, which this installation lacks: "
+            f"pip install 'cnnserve[{extra}]', or serve classification only with --workers 0"
+        )
+
+
 # --- serve -------------------------------------------------------------------------------------
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from service.frontend.server import run
-    from service.observability.logs import configure_logging
+    try:
+        from service.frontend.server import run
+        from service.observability.logs import configure_logging
+    except ModuleNotFoundError as exc:
+        return _missing_extra("serve", "serve", exc)
 
     settings = settings_from_args(args, parser)
+    _local_workers_need_torch(settings, parser, "worker")
     configure_logging(settings)
     if settings.frontends > 1:
         from service.multiprocess import run_multiprocess
@@ -129,13 +186,18 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    try:
+        from service.settings import Settings
+    except ModuleNotFoundError as exc:
+        _register_unavailable(subparsers, "serve", "serve", "run the gRPC server", exc)
+        return
     parser = subparsers.add_parser(
         "serve",
         help="run the gRPC server",
         description="Serve the models of a repository over gRPC (cnnserve.v1.Inference and the Open "
         "Inference Protocol), with health, reflection and Prometheus metrics. SIGTERM drains gracefully.",
     )
-    add_settings_arguments(parser)
+    add_settings_arguments(parser, Settings)
     parser.set_defaults(func=_serve, subparser=parser)
 
 
@@ -143,12 +205,17 @@ def register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from service.frontend.gradient_tier import run_gradient_tier
-    from service.observability.logs import configure_logging
+    try:
+        from service.frontend.gradient_tier import run_gradient_tier
+        from service.observability.logs import configure_logging
+        from service.settings import WorkerSettings
+    except ModuleNotFoundError as exc:
+        return _missing_extra("worker", "worker", exc)
 
     settings = settings_from_args(args, parser, WorkerSettings)
     if settings.workers < 1:
         parser.error(f"a worker needs at least one worker process: workers is {settings.workers}")
+    _local_workers_need_torch(settings, parser, "worker")
     if settings.frontends != 1:
         parser.error("frontends is a `cnnserve serve` setting: a worker runs one gRPC process")
     configure_logging(settings)
@@ -156,6 +223,11 @@ def _worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def register_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    try:
+        from service.settings import WorkerSettings
+    except ModuleNotFoundError as exc:
+        _register_unavailable(subparsers, "worker", "worker", "run the gradient-worker tier", exc)
+        return
     parser = subparsers.add_parser(
         "worker",
         help="run the gradient-worker tier",
@@ -241,7 +313,10 @@ def _stdout_closed() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # parse_args, but a stand-in for a server command this installation lacks takes any arguments.
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Each subcommand sets func(args, its parser) and subparser (for its usage errors).
     try:
         status: int = args.func(args, args.subparser)

@@ -390,6 +390,19 @@ class Settings(BaseSettings):
         return max(self.max_message_bytes, largest_batch + 1024 * 1024)
 
 
+class WorkerSettings(Settings):
+    """`cnnserve worker`'s settings: every Settings field, with the worker tier's own default ports
+    (so a server and a worker run side by side on one host with no flags)."""
+
+    grpc_port: int = Field(
+        8600, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start)."
+    )
+    metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus metrics HTTP port (0 picks one).")
+    http_port: int = Field(
+        0, ge=0, le=65535, description="Unused: the gradient tier answers gRPC only (REST is the server's)."
+    )
+
+
 def warmup_sizes_of(spec: str, max_batch: int, *, fixed_shape: bool = False) -> list[int]:
     """The warm-up batch sizes a `warmup_batch_sizes` value (the setting's, or a model config's in
     the same form) gives for batches of at most `max_batch`. auto: one run at max_batch where every

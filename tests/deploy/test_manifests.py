@@ -230,7 +230,7 @@ def _dockerfile_uid(path: Path) -> int:
 
 
 def test_pods_run_as_the_images_uid() -> None:
-    for dockerfile in ("Dockerfile.cpu", "Dockerfile.cuda"):
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.cuda", "Dockerfile.client"):
         assert _dockerfile_uid(DEPLOY / dockerfile) == APP_UID
 
 
@@ -267,9 +267,10 @@ def test_pod_templates_meet_the_restricted_pod_security_standard(render: Any, di
             for bound in ("requests", "limits"):
                 for resource in ("cpu", "memory"):
                     assert resource in container["resources"][bound], f"{cwhere}: no {bound}.{resource}"
-            # The image name is the one the overlays retag; never a floating tag.
+            # The image name is the one the overlays retag (the batch Job: the client image's); never a
+            # floating tag.
             image = container["image"]
-            assert re.fullmatch(r"[\w./-]*cnnserve:[\w.-]+", image), f"{cwhere}: image {image}"
+            assert re.fullmatch(r"[\w./-]*cnnserve(?:-client)?:[\w.-]+", image), f"{cwhere}: image {image}"
             assert not image.endswith(":latest"), cwhere
             assert container["imagePullPolicy"] == "IfNotPresent", cwhere
             # A read-only root needs a writable /tmp (HOME and caches point there) in the app containers.
@@ -664,6 +665,9 @@ def test_batch_scoring_is_an_indexed_job_with_one_shard_per_index(render: Any) -
     address = next(a for a in args if a.startswith("--address=")).split("=", 1)[1]
     assert address.split(":")[0] == "cnnserve" and address.endswith(":8500")
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "batch-scoring"
+    # The light client image (deploy/Dockerfile.client), tagged as its build line says.
+    assert container["image"] == "cnnserve-client:0.1.0"
+    assert "-t cnnserve-client:0.1.0 " in (DEPLOY / "Dockerfile.client").read_text()
 
 
 def test_readme_states_the_validated_kubernetes_version() -> None:

@@ -1,7 +1,8 @@
 """The Open Inference Protocol on the real server, spoken the way a standard client speaks it.
 
-tritonclient[grpc] cannot be installed next to this project (it pins protobuf < 7, our generated
-stubs need protobuf >= 7.35), so `TritonStyleClient` reproduces what tritonclient.grpc puts on the
+tritonclient[grpc] is not a dependency of the project's environment (it pins protobuf < 7 and would
+downgrade the server's; tests/integration/test_light_client.py runs the real tritonclient against the
+server from a venv of its own), so `TritonStyleClient` reproduces what tritonclient.grpc puts on the
 wire: InferInput.set_data_from_numpy -> raw_input_contents; BYTES as 4-byte little-endian length
 prefixed elements; InferRequestedOutput(name, class_count=k) -> parameters["classification"];
 InferResult.as_numpy -> raw_output_contents at the output's index. Triton's read-only extensions

@@ -21,39 +21,53 @@ def _load_gen_protos():  # tools/ is not a package: load the script by path
     return module
 
 
-# The generator's own version, stamped into each stub: the committed stubs keep the one they were
-# made with (the least grpcio/protobuf they accept at import, pyproject's lower bounds), while a
-# fresh install may have a newer generator whose stubs differ in that stamp alone.
-_VERSION_STAMPS = (
-    re.compile(rb"^GRPC_GENERATED_VERSION = '[0-9.]+'$", re.MULTILINE),
-    re.compile(rb"^# Protobuf Python Version: [0-9.]+$", re.MULTILINE),
-    re.compile(
-        rb"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,"
-    ),
-)
-
-
-def _unstamped(text: bytes) -> bytes:
-    for stamp in _VERSION_STAMPS:
-        text = stamp.sub(lambda m: m.group(1) if m.lastindex else b"<version>", text)
-    return text
-
-
 def _files(root: Path) -> dict[str, bytes]:
     package = root / "service" / "_proto"
     return {
-        p.relative_to(package).as_posix(): _unstamped(p.read_bytes())
+        p.relative_to(package).as_posix(): p.read_bytes()
         for p in package.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     }
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
+    """Byte for byte: the generator is pinned (tools/gen_protos.py installs it when missing)."""
     _load_gen_protos().generate(tmp_path)
     fresh, committed = _files(tmp_path), _files(ROOT)
-    assert sorted(fresh) == sorted(committed), "stub files differ: run `python tools/gen_protos.py`"
+    assert sorted(fresh) == sorted(committed), "stub files differ: run `make protos`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"stale stubs {stale}: run `python tools/gen_protos.py` and commit service/_proto/"
+    assert not stale, f"stale stubs {stale}: run `make protos` and commit service/_proto/"
+
+
+def _requirement_floor(name: str) -> str:
+    """The lower bound pyproject's base dependencies give `name` (`name>=X,...`)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        match = re.fullmatch(rf"{re.escape(name)}>=([0-9.]+)(?:,.*)?", requirement)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no {name}>=... in pyproject's dependencies")
+
+
+def test_stubs_are_unstamped_and_the_floors_are_the_generators() -> None:
+    """The stubs load on every protobuf from the generator's up (5.x, 6.x, 7.x) only while protobuf
+    has no version check to run in them (`runtime_version.ValidateProtobufRuntimeVersion`, which
+    newer protoc writes: it refuses a runtime two majors apart and warns one apart). What they do
+    need, a protobuf and a grpcio at least as new as the generator, is what pyproject asks for."""
+    gen_protos = _load_gen_protos()
+    pb2 = sorted((ROOT / "service" / "_proto").rglob("*_pb2.py"))
+    grpc_stubs = sorted((ROOT / "service" / "_proto").rglob("*_pb2_grpc.py"))
+    assert pb2 and grpc_stubs
+    for stub in pb2:
+        text = stub.read_text()
+        assert "runtime_version" not in text, f"{stub.name} checks the protobuf runtime's version"
+        assert f"# Protobuf Python Version: {gen_protos.PROTOBUF_GENCODE_VERSION}\n" in text
+    for stub in grpc_stubs:
+        assert f"GRPC_GENERATED_VERSION = '{gen_protos.GENERATOR_VERSION}'\n" in stub.read_text()
+    assert _requirement_floor("protobuf") == gen_protos.PROTOBUF_GENCODE_VERSION
+    assert _requirement_floor("grpcio") == gen_protos.GENERATOR_VERSION
 
 
 def test_stubs_import_as_service_packages() -> None:

@@ -35,6 +35,11 @@ def serve_settings(argv: list[str]) -> Settings:
     return cli.settings_from_args(args, args.subparser)
 
 
+def test_the_cli_names_the_settings_environment_prefix() -> None:
+    """service.cli keeps its own copy (it must import without pydantic): the same as Settings'."""
+    assert cli.ENV_PREFIX == Settings.model_config.get("env_prefix") == "CNNSERVE_"
+
+
 def test_every_setting_is_a_documented_flag() -> None:
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     flat = " ".join(help_text.split())

@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -121,7 +120,7 @@ class ClassifyResponse(_message.Message):
     classes: _containers.RepeatedCompositeFieldContainer[ClassScore]
     timings: Timings
     untrained: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: bool = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
     __slots__ = ("model", "version", "top_k", "images")
@@ -153,7 +152,7 @@ class ClassifyBatchResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[Classification]
     timings: Timings
     untrained: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: bool = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
     __slots__ = ("id", "request")
@@ -175,7 +174,7 @@ class EmbedRequest(_message.Message):
     image: ImageInput
     normalize: bool
     top_k: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., normalize: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., normalize: bool = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("model", "version", "embedding", "norm", "classes", "timings", "untrained")
@@ -193,7 +192,7 @@ class EmbedResponse(_message.Message):
     classes: _containers.RepeatedCompositeFieldContainer[ClassScore]
     timings: Timings
     untrained: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ..., norm: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ..., norm: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., untrained: bool = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
     __slots__ = ("id", "request")
@@ -249,7 +248,7 @@ class GetModelRequest(_message.Message):
     name: str
     version: int
     include_labels: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., include_labels: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., include_labels: bool = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("name", "shape", "kind")
@@ -329,7 +328,7 @@ class ModelInfo(_message.Message):
     serving: ServingConfig
     features: TensorSpec
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., trained: _Optional[bool] = ..., trained_on: _Optional[str] = ..., parameters: _Optional[int] = ..., flops: _Optional[int] = ..., execution_provider: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., ready: _Optional[bool] = ..., input_description: _Optional[str] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., features: _Optional[_Union[TensorSpec, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels_count: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., trained: bool = ..., trained_on: _Optional[str] = ..., parameters: _Optional[int] = ..., flops: _Optional[int] = ..., execution_provider: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., ready: bool = ..., input_description: _Optional[str] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., features: _Optional[_Union[TensorSpec, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
     __slots__ = ("max_batch_size", "max_queue_delay_s", "max_queue_size", "warmup_batch_sizes", "device", "version_policy", "config_file", "instances", "intra_op_threads", "precision")
@@ -371,7 +370,7 @@ class ExplainRequest(_message.Message):
     method: ExplainMethod
     include_plain_gradient: bool
     neuron: NeuronTarget
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., target_classes: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., include_plain_gradient: _Optional[bool] = ..., neuron: _Optional[_Union[NeuronTarget, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., target_classes: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., include_plain_gradient: bool = ..., neuron: _Optional[_Union[NeuronTarget, _Mapping]] = ...) -> None: ...
 
 class NeuronTarget(_message.Message):
     __slots__ = ("layer", "channel", "y", "x")
@@ -439,7 +438,7 @@ class ExplainResponse(_message.Message):
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     seconds: float
     untrained: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., method: _Optional[_Union[ExplainMethod, str]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., seconds: _Optional[float] = ..., untrained: bool = ...) -> None: ...
 
 class DreamLayer(_message.Message):
     __slots__ = ("layer", "weight", "channels")
@@ -526,7 +525,7 @@ class DreamResult(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[DreamLayer]
     seconds: float
     untrained: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., objective_before: _Optional[float] = ..., objective_after: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[DreamLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., objective_before: _Optional[float] = ..., objective_after: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[DreamLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., untrained: bool = ...) -> None: ...
 
 class DreamResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -578,7 +577,7 @@ class StylizeRequest(_message.Message):
     init: StyleInit
     seed: int
     preview_every: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., content: _Optional[_Union[ImageInput, _Mapping]] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., iterations: _Optional[int] = ..., optimizer: _Optional[_Union[StyleOptimizer, str]] = ..., learning_rate: _Optional[float] = ..., style_scale: _Optional[float] = ..., original_colors: _Optional[bool] = ..., max_side: _Optional[int] = ..., init: _Optional[_Union[StyleInit, str]] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., content: _Optional[_Union[ImageInput, _Mapping]] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., iterations: _Optional[int] = ..., optimizer: _Optional[_Union[StyleOptimizer, str]] = ..., learning_rate: _Optional[float] = ..., style_scale: _Optional[float] = ..., original_colors: bool = ..., max_side: _Optional[int] = ..., init: _Optional[_Union[StyleInit, str]] = ..., seed: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class StylizeResult(_message.Message):
     __slots__ = ("model", "version", "png", "width", "height", "iterations", "best_iteration", "losses", "initial_losses", "seconds", "untrained")
@@ -618,7 +617,7 @@ class StylizeResult(_message.Message):
     initial_losses: _containers.ScalarMap[str, float]
     seconds: float
     untrained: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., initial_losses: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., initial_losses: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., untrained: bool = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
     __slots__ = ("progress", "result")
@@ -668,7 +667,7 @@ class FeatureMapsResponse(_message.Message):
     predicted: ClassScore
     seconds: float
     untrained: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[FeatureMap, _Mapping]]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[FeatureMap, _Mapping]]] = ..., predicted: _Optional[_Union[ClassScore, _Mapping]] = ..., seconds: _Optional[float] = ..., untrained: bool = ...) -> None: ...
 
 class FiltersRequest(_message.Message):
     __slots__ = ("model", "version", "layer")
@@ -696,4 +695,4 @@ class FiltersResponse(_message.Message):
     png: bytes
     seconds: float
     untrained: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., seconds: _Optional[float] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bytes] = ..., seconds: _Optional[float] = ..., untrained: bool = ...) -> None: ...

@@ -25,7 +25,7 @@ from service.catalog import ModelLoadError
 from service.errors import NotFound
 from service.frontend.gradient_tier import GradientTierServer, ModelCatalog
 from service.frontend.server import GRADIENTS_SERVICE
-from service.settings import Settings
+from service.settings import Settings, WorkerSettings
 
 ALL = {"classify": True, "explain": True, "dream": True, "stylize": True}
 
@@ -45,7 +45,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def worker_settings(argv: list[str]) -> Settings:
     parser = cli.build_parser()
     args = parser.parse_args(["worker", *argv])
-    return cli.settings_from_args(args, args.subparser, cli.WorkerSettings)
+    return cli.settings_from_args(args, args.subparser, WorkerSettings)
 
 
 def test_worker_flags_env_and_default_ports(monkeypatch: pytest.MonkeyPatch) -> None:
