@@ -40,7 +40,7 @@ pytestmark = pytest.mark.integration
 EXTRAS_ONLY = [
     "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "scikit-learn", "pydantic",
     "pydantic-settings", "prometheus-client", "pyyaml", "grpcio-health-checking", "grpcio-reflection",
-    "grpcio-tools",
+    "grpcio-tools", "starlette", "uvicorn", "httptools",
 ]  # fmt: skip
 IMAGES = 6
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"

@@ -81,7 +81,7 @@ def test_importing_the_cli_leaves_the_client_commands_for_later() -> None:
 # has none of them.
 EXTRAS_ONLY = [
     "torch", "onnxruntime", "onnx", "onnxscript", "sklearn", "pydantic", "pydantic_settings",
-    "prometheus_client", "yaml", "grpc_health", "grpc_reflection",
+    "prometheus_client", "yaml", "grpc_health", "grpc_reflection", "starlette", "uvicorn", "httptools",
 ]  # fmt: skip
 
 # Run first in the child: every import of an EXTRAS_ONLY module fails as if it were not installed.
