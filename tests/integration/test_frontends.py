@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from server_process import ServerProcess
@@ -69,6 +70,15 @@ def test_two_frontends_one_engine(demo_repository: Path, start_server: Callable[
     counted = server.sample("cnnserve_requests_total", method="Classify", model="lenet5", code="OK")
     assert counted == 30
     assert server.sample("cnnserve_images_total", model="lenet5") == 30
+
+    # REST on the port the supervisor holds: every frontend serves it (a new connection per call,
+    # so both get some), counted in the same view.
+    for _ in range(10):
+        answer = requests.post(
+            f"http://{server.http_address}/v2/models/lenet5/classify", data=image, timeout=30
+        )
+        assert answer.status_code == 200 and answer.json()["classes"][0]["index"] == expected
+    assert server.sample("cnnserve_requests_total", method="rest:Classify", model="lenet5", code="OK") == 10
 
     # Embed through a frontend process: the features cross the engine's socket with the logits of
     # the same run (its top-1 is Classify's).

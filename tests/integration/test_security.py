@@ -296,12 +296,12 @@ def _ipv6(raw: bytes) -> str:
     return str(address.ipv4_mapped or address)
 
 
-def test_both_listeners_bind_only_the_configured_address(server: ServerProcess) -> None:
+def test_every_listener_binds_only_the_configured_address(server: ServerProcess) -> None:
     assert "--host" in server.args and server.args[server.args.index("--host") + 1] == "127.0.0.1"
-    grpc_port = int(server.address.rsplit(":", 1)[1])
-    metrics_port = int(server.metrics_address.rsplit(":", 1)[1])
-    # Exactly these two sockets: not 0.0.0.0 or ::, no second listener (debug port, admin port).
-    assert _listening(server.process.pid) == {("127.0.0.1", grpc_port), ("127.0.0.1", metrics_port)}
+    ports = [int(a.rsplit(":", 1)[1]) for a in (server.address, server.metrics_address, server.http_address)]
+    # Exactly these three sockets (gRPC, metrics, REST): not 0.0.0.0 or ::, no other listener (debug
+    # port, admin port).
+    assert _listening(server.process.pid) == {("127.0.0.1", port) for port in ports}
 
 
 # =================================================================================================
