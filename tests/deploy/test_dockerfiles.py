@@ -240,7 +240,7 @@ def test_entrypoint_ports_and_environment(dockerfile: Dockerfile) -> None:
     assert [i.args for i in final.all("ENTRYPOINT")] == ['["cnnserve"]']
     assert [i.args for i in final.all("CMD")] == ['["serve"]']
     exposed = {p for i in final.all("EXPOSE") for p in i.args.split()}
-    assert {"8500", "9090"} <= exposed
+    assert {"8500", "8000", "9090"} <= exposed  # gRPC, REST, metrics
     env = " ".join(i.args for i in final.all("ENV"))
     assert "CNNSERVE_REPOSITORY=/models" in env
     assert "PYTHONDONTWRITEBYTECODE=1" in env  # read-only root filesystem

@@ -304,7 +304,9 @@ def test_tiers_have_grpc_probes_and_a_startup_budget(render: Any, directory: Pat
         container = tier_container(one(objects, "Deployment", name))
         grpc_port, metrics_port = TIER_PORTS[tier]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": grpc_port, "metrics": metrics_port}, name
+        # The serving tier also answers REST (http_port's default); the worker tier gRPC only.
+        rest = {"http": SETTINGS_DEFAULTS["http_port"].default} if tier == "serving" else {}
+        assert ports == {"grpc": grpc_port, "metrics": metrics_port, **rest}, name
         for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container[probe_name]
             # Native gRPC probe against grpc.health.v1, overall status (service "").
@@ -588,7 +590,7 @@ def test_network_policies_default_deny_and_open_only_service_ports(render: Any, 
     serving = one(objects, "Deployment", "cnnserve")["spec"]["template"]["metadata"]["labels"]
     worker = one(objects, "Deployment", "cnnserve-worker")["spec"]["template"]["metadata"]["labels"]
     batch = {"app.kubernetes.io/name": "cnnserve", "app.kubernetes.io/component": "batch-scoring"}
-    assert _opened_ports(policies, serving, "ingress") == {8500, 9090}
+    assert _opened_ports(policies, serving, "ingress") == {8500, 8000, 9090}  # gRPC, REST, metrics
     assert _opened_ports(policies, worker, "ingress") == {8600, 9091}
     assert _opened_ports(policies, batch, "ingress") == set()
     # Egress: DNS for all; serving -> worker gRPC; batch scoring -> serving gRPC.
