@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,13 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = ROOT / "artifacts" / "bench_repository"
 PARTS = ("resnet", "lenet", "proxy", "style", "gradients")  # the default run
 EXTRA_PARTS = ("startup",)  # only when named with --parts (see the docstring: why)
-LISTENING = re.compile(r"listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)")
+LISTENING = re.compile(r"listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+) http=(?P<http>\S+)")
 
 # Targets (ratios are served / raw unless noted).
 LATENCY_OVERHEAD_TARGET_S = 0.003  # served c=1 p50 <= raw batch-1 p50 + 3 ms
 THROUGHPUT_TARGET = 0.95  # served c=16 images/s >= 0.95 x raw best batch images/s
 EMBED_CONCURRENCY = 16  # Embed is measured right after Classify at this concurrency (issue 14)
 EMBED_COST_TARGET = 1.05  # Embed's time per image <= 1.05 x Classify's
+REST_RATE_TARGET = 0.95  # REST's image route at c=16 >= 0.95 x gRPC Classify's throughput (issue 15)
 ECHO_TARGET = 0.7  # lenet Classify req/s >= 0.7 x bare echo server req/s
 
 
@@ -299,15 +301,23 @@ def serve_args(repository: Path, *extra: str) -> list[str]:
     """`python -m service serve` on free ports with text logs (the lines the parts wait for)."""
     return [
         sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-port", "0", "--repository", str(repository), "--log-format", "text", *extra,
+        "--metrics-port", "0", "--http-port", str(free_port()), "--repository", str(repository),
+        "--log-format", "text", *extra,
     ]  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (http_port 0 turns REST off rather than picking one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Server(Child):
     def __init__(self, repository: Path, *extra: str) -> None:
         super().__init__(serve_args(repository, *extra))
         m = self.wait_for(LISTENING.pattern, 180)
-        self.address, self.metrics_address = m["grpc"], m["metrics"]
+        self.address, self.metrics_address, self.http_address = m["grpc"], m["metrics"], m["http"]
         self._wait_serving()
 
     def _wait_serving(self, timeout: float = 600) -> None:  # VGG-19's warm-up takes minutes when busy
@@ -474,6 +484,7 @@ def _resnet_served(args: argparse.Namespace, paths: dict[str, Path], report: Rep
             served[f"c{concurrency}"] = {"images_per_s": rate, "n": result.completed, "cpu": split.__dict__}
             if frontends == 1 and concurrency == EMBED_CONCURRENCY:
                 served[f"embed_c{concurrency}"] = _embed_row(args, server, report, rate, concurrency)
+                served[f"rest_c{concurrency}"] = _rest_row(args, server, report, rate, concurrency)
         if c1.error_samples:
             report.notes.append(f"resnet50 errors: {c1.error_samples[:3]}")
         report.raw[f"resnet50_served{key}"] = served
@@ -500,6 +511,28 @@ def _embed_row(
     if result.error_samples:
         report.notes.append(f"resnet50 Embed errors: {result.error_samples[:3]}")
     return {"images_per_s": rate, "n": result.completed, "cost_vs_classify": cost, "errors": result.errors}
+
+
+def _rest_row(
+    args: argparse.Namespace, server: Server, report: Report, grpc_rate: float, concurrency: int
+) -> dict[str, Any]:
+    """The same JPEG to the REST image route at `concurrency`, right after gRPC Classify at the
+    same concurrency on the same server: what HTTP/1.1 + JSON cost against HTTP/2 + protobuf."""
+    from bench.load import run_load
+    from service._proto.cnnserve.v1 import inference_pb2 as pb
+
+    request = pb.ClassifyRequest(model="resnet50", image=pb.ImageInput(encoded=jpeg_224()))
+    result = run_load(server.http_address, request, concurrency=concurrency, processes=args.client_procs,
+                      duration_s=args.seconds, kind="rest")  # fmt: skip
+    rate = result.completed / result.seconds
+    ratio = rate / grpc_rate if grpc_rate > 0 else 0.0
+    p50 = pct(result.latencies_s, 50) * 1e3 if result.latencies_s else float("nan")
+    report.add(f"resnet50 REST c={concurrency}", "throughput (JPEG 224, POST .../classify)",
+               f"{rate:.1f} img/s (p50 {p50:.0f} ms)", f"gRPC Classify c={concurrency} {grpc_rate:.1f} img/s",
+               f"{ratio:.2f}x gRPC", f">= {REST_RATE_TARGET}x", ratio >= REST_RATE_TARGET)  # fmt: skip
+    if result.error_samples:
+        report.notes.append(f"resnet50 REST errors: {result.error_samples[:3]}")
+    return {"images_per_s": rate, "n": result.completed, "vs_grpc": ratio, "errors": result.errors}
 
 
 def floor_latency(model_dir: Path, request: Any, seconds: float) -> float:

@@ -15,10 +15,12 @@ requests completed in the window.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -155,6 +157,56 @@ async def _one_stream(
         call.cancel()
 
 
+def _rest_load(
+    address: str, request: pb.ClassifyRequest, concurrency: int, start_at: float, duration_s: float
+) -> LoadResult:
+    """`concurrency` threads, each on its own keep-alive HTTP/1.1 connection, POSTing the request's
+    image to the REST image route (POST /v2/models/{model}/classify?top_k=K) back to back."""
+    result = LoadResult()
+    lock = threading.Lock()
+    end_at = start_at + duration_s
+    host, port = address.rsplit(":", 1)
+    path = f"/v2/models/{request.model}/classify" + (f"?top_k={request.top_k}" if request.top_k else "")
+    body = request.image.encoded
+
+    def one_client() -> None:
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            while True:
+                t0 = time.time()
+                if t0 >= end_at:
+                    return
+                try:
+                    connection.request("POST", path, body)
+                    response = connection.getresponse()
+                    answer = response.read()
+                    ok = response.status == 200
+                    error = "" if ok else f"{response.status}: {answer[:200]!r}"
+                except OSError as exc:
+                    ok, error = False, repr(exc)
+                    connection.close()
+                t1 = time.time()
+                with lock:
+                    if not ok and len(result.error_samples) < 5:
+                        result.error_samples.append(error)
+                    if start_at <= t1 <= end_at:
+                        if ok:
+                            result.completed += 1
+                            result.latencies_s.append(t1 - t0)
+                        else:
+                            result.errors += 1
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one_client, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.seconds = duration_s
+    return result
+
+
 def _worker(
     kind: str,
     address: str,
@@ -168,6 +220,9 @@ def _worker(
     connections = max(1, min(connections, concurrency))
     if kind == "stream":
         return asyncio.run(_stream_load(address, request, concurrency, start_at, duration_s, connections))
+    if kind == "rest":  # `address` is the REST port's
+        assert isinstance(request, pb.ClassifyRequest)
+        return _rest_load(address, request, concurrency, start_at, duration_s)
     return asyncio.run(_unary_load(address, request, concurrency, start_at, duration_s, connections))
 
 
@@ -184,7 +239,8 @@ def run_load(
 ) -> LoadResult:
     """`concurrency` requests in flight in total, spread over `processes` client processes
     (spawned, so no grpc state is forked), each with `connections` connections (streams). `kind`:
-    "unary" (Classify), "stream" (ClassifyStream) or "embed" (Embed, an EmbedRequest)."""
+    "unary" (Classify), "stream" (ClassifyStream), "embed" (Embed, an EmbedRequest) or "rest" (the
+    ClassifyRequest's image to the REST image route; `address` is the REST port's)."""
     processes = max(1, min(processes, concurrency))
     per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     # Spawned interpreters need ~1-2 s to import grpc on a busy 2-core box before they can start.

@@ -199,7 +199,7 @@ def _json_data(data: Any, datatype: str, shape: list[int], where: str) -> bytes:
         values = np.asarray(data)
     except ValueError as exc:  # ragged nesting
         raise _invalid(f"{where}: `data` is not a regular array: {exc}") from None
-    kind = "b" if datatype == "BOOL" else "biuf"
+    kind = "b" if datatype == "BOOL" else "iuf"
     if values.size and values.dtype.kind not in kind:
         raise _invalid(
             f"{where}: `data` of {datatype} must hold only numbers" + (" (true/false)" if kind == "b" else "")
