@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 GRPC_PORT ?= 8500
 METRICS_PORT ?= 9090
+HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 # Models to serve, in `cnnserve serve --models` syntax: NAME, NAME:VERSION[+VERSION...] or NAME:all,
 # comma-separated, e.g. `make serve MODELS=lenet5,resnet50`. Empty: every model in the repository.
@@ -55,7 +56,7 @@ endif
 .PHONY: serve
 serve: $(if $(strip $(MODELS)),$(STAMP),$(REPOSITORY)/.demo-complete) ## Build the demo models if missing, then start the server; MODELS=lenet5,resnet50: only those
 	$(if $(missing_models),$(PY) -m export demo --repository $(REPOSITORY) --models $(call commas,$(missing_models)))
-	$(VENV)/bin/cnnserve serve --repository $(REPOSITORY)$(if $(strip $(MODELS)), --models '$(strip $(MODELS))') --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(VENV)/bin/cnnserve serve --repository $(REPOSITORY)$(if $(strip $(MODELS)), --models '$(strip $(MODELS))') --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --http-port $(HTTP_PORT)
 
 .PHONY: test
 test: $(STAMP) ## Run the default test suite (everything but slow and gpu tests)
