@@ -434,7 +434,7 @@ def import_onnx(
             onnx.external_data_helper.load_external_data_for_model(model, str(source.resolve().parent))
             onnx.save_model(
                 model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=EXTERNAL_DATA_FILE, size_threshold=1024,
+                location=EXTERNAL_DATA_FILE, size_threshold=0,
             )  # fmt: skip
         else:
             onnx.save_model(model, str(target))
