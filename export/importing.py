@@ -18,9 +18,11 @@ What is checked, in this order, before anything is written (each refusal names t
    Reshape fails there and is refused, rather than served wrongly. Rewriting rather than refusing,
    because a fixed 1 is usually only how the file was saved, and the batcher needs batches. Any
    other fixed batch size, or no batch axis at all (rank 3), is refused.
-5. NHWC graphs get a Transpose in front of their input, so the served input is NCHW like every
-   model here (the service's decode path and the OIP/KServe tensors speak NCHW); metadata.json's
-   `imported.layout` records the original layout.
+5. A final Softmax on the logits output becomes an Identity (the service applies softmax itself;
+   twice would flatten the probabilities), recorded as `imported.softmax_dropped`. NHWC graphs get
+   a Transpose in front of their input, so the served input is NCHW like every model here (the
+   service's decode path and the OIP/KServe tensors speak NCHW); metadata.json's `imported.layout`
+   records the original layout.
 6. A smoke inference with ONNX Runtime (CPU): a seeded batch of 2 gives finite [2, classes] logits,
    equal within the export's bound to each row run alone; the labels count must equal the classes.
 
@@ -279,6 +281,20 @@ def _make_batch_dynamic(source: Path, graph: onnx.GraphProto, values: list[onnx.
     return done
 
 
+def _drop_final_softmax(graph: onnx.GraphProto, logits: str) -> bool:
+    """Turn a Softmax that produces the logits output into an Identity: the service applies softmax
+    itself (ClassScore.probability), and softmax of probabilities would flatten every answer towards
+    uniform (the ranking survives, the numbers do not). Keras and many vendors end in one."""
+    for node in graph.node:
+        if list(node.output) == [logits] and node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+            if axis in (None, 1, -1):  # the class axis of [batch, classes] in every opset's default
+                node.op_type = "Identity"
+                del node.attribute[:]
+                return True
+    return False
+
+
 def _transposed_input(graph: onnx.GraphProto, value: onnx.ValueInfoProto) -> str:
     """Put a Transpose NCHW -> NHWC in front of the NHWC input `value`; returns the new input's name."""
     taken = {v.name for v in (*graph.input, *graph.output, *graph.value_info)} | {
@@ -419,6 +435,7 @@ def import_onnx(
     if isinstance(classes, int):  # known now: refuse before any file is written
         check_label_count(labels, classes, labels_source)
     batch = _make_batch_dynamic(source, graph, [value, logits, *([features] if features else [])])
+    softmax_dropped = _drop_final_softmax(graph, logits.name)
     input_name = _transposed_input(graph, value) if layout == "NHWC" else value.name
     shape = (preprocessing.channels, preprocessing.crop, preprocessing.crop)
     producer = " ".join(filter(None, [model.producer_name, model.producer_version])) or "unknown"
@@ -497,6 +514,8 @@ def import_onnx(
                 "producer": producer,
                 "layout": layout,
                 "batch": batch,
+                # A final Softmax on the logits output, made an Identity (_drop_final_softmax).
+                "softmax_dropped": softmax_dropped,
             },
             "training": None,
             "evaluation": None,

@@ -292,3 +292,20 @@ def test_an_imported_version_fails_validation_if_it_claims_gradients(
     path.write_text(json.dumps(meta))
     with pytest.raises(MetadataError, match=r"no PyTorch module, yet its capabilities offer \['explain'\]"):
         read_version(path.parent)
+
+
+def test_a_final_softmax_is_dropped_so_probabilities_are_not_squashed_twice(
+    work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = onnx_classifier()
+    model.graph.node[-1].output[0] = "raw"
+    model.graph.node.append(helper.make_node("Softmax", ["raw"], ["logits"], axis=-1))
+    onnx.save_model(model, str(work / "softmax.onnx"))
+    assert _run(_import(work, "softmax.onnx"), capsys)[0] == 0
+    (version,) = scan(work / "repo", strict=True)
+    assert version.metadata["imported"]["softmax_dropped"] is True
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    (probabilities,) = _session(work / "softmax.onnx").run(None, {"image": x})
+    (logits,) = _session(version.onnx_path).run(None, {"image": x})
+    softmax = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(softmax / softmax.sum(1, keepdims=True), probabilities, rtol=1e-5, atol=1e-7)
