@@ -178,6 +178,13 @@ def onnx_classifier(
 
 
 @pytest.fixture(scope="session")
+def build_onnx_classifier() -> Callable[..., Any]:
+    """`onnx_classifier` itself, for tests that edit the graph before saving it (a fixture, because
+    test modules cannot import this conftest by name: every test folder has its own conftest.py)."""
+    return onnx_classifier
+
+
+@pytest.fixture(scope="session")
 def make_onnx_classifier() -> Callable[..., Path]:
     """make_onnx_classifier(path, **options) -> path: `onnx_classifier(**options)` saved at path."""
 

@@ -93,18 +93,18 @@ IMPORTED = "imported"
 
 
 @pytest.fixture(scope="module")
-def fuzz_repository(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fuzz_repository(
+    demo_repository: Path, tmp_path_factory: pytest.TempPathFactory, build_onnx_classifier: Callable[..., Any]
+) -> Path:
     """The demo repository plus "imported": a small NHWC classifier saved with a fixed batch of 1
     (tests/conftest.py onnx_classifier), through `python -m export import` (so transposed to NCHW,
     its batch made dynamic), whose gradient RPCs answer FAILED_PRECONDITION."""
-    from conftest import onnx_classifier
-
     from export.importing import import_onnx
     from export.preprocessing import Preprocessing
 
     base = tmp_path_factory.mktemp("fuzz")
     root = Path(shutil.copytree(demo_repository, base / "repository"))
-    onnx.save_model(onnx_classifier(layout="NHWC", batch=1, classes=4), str(base / "user.onnx"))
+    onnx.save_model(build_onnx_classifier(layout="NHWC", batch=1, classes=4), str(base / "user.onnx"))
     import_onnx(
         base / "user.onnx", root, name=IMPORTED, labels=["a", "b", "c", "d"],
         preprocessing=Preprocessing("RGB", 40, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),

@@ -351,11 +351,9 @@ def _crafted(root: Path, name: str, lenet: Path, location: str, extra: dict[str,
     repository.verify_files(committed)  # the hashes really match
 
 
-def _imported(root: Path, name: str, base: Path) -> Path:
+def _imported(root: Path, name: str, base: Path, onnx_classifier: Callable[..., Any]) -> Path:
     """An imported ONNX model (tests/conftest.py onnx_classifier, its tensors in external data, so
     the version holds model.onnx.data too) as root/name/1; returns the version directory."""
-    from conftest import onnx_classifier
-
     from export.importing import import_onnx
     from export.preprocessing import Preprocessing
 
@@ -403,7 +401,9 @@ SERVED = ["imported", "lenet5"]
 
 
 @pytest.fixture(scope="module")
-def hostile_repository(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hostile_repository(
+    demo_repository: Path, tmp_path_factory: pytest.TempPathFactory, build_onnx_classifier: Callable[..., Any]
+) -> Path:
     """lenet5 (intact) next to a copy with one byte of model.onnx flipped and four crafted models
     whose external data points outside their folder or at a file metadata.json does not list."""
     base = tmp_path_factory.mktemp("hostile")
@@ -419,8 +419,8 @@ def hostile_repository(demo_repository: Path, tmp_path_factory: pytest.TempPathF
     _crafted(root, "evil-unlisted", lenet, "extra.bin", {})
     # Added after the commit, so no sha256 covers it.
     (root / "evil-unlisted" / "1" / "extra.bin").write_bytes(b"\0" * 4096)
-    intact = _imported(root, "imported", base)
-    _flip_one_byte(_imported(root, "imported-tampered", base) / "model.onnx.data")
+    intact = _imported(root, "imported", base, build_onnx_classifier)
+    _flip_one_byte(_imported(root, "imported-tampered", base, build_onnx_classifier) / "model.onnx.data")
     _crafted_import(root, "imported-evil", intact, "../../etc/passwd")
     return root
 

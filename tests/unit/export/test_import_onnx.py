@@ -11,17 +11,18 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import onnx_classifier
 from onnx import TensorProto, helper
 
 from export.__main__ import main
 from export.repository import read_version, scan, verify_files
 
+Build = Callable[..., Any]  # tests/conftest.py build_onnx_classifier
 PREPROCESSING = {"color_mode": "RGB", "resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
 
 
@@ -126,8 +127,9 @@ def test_nhwc_gets_a_transpose_in_front_and_serves_nchw(
 
 
 def test_external_data_inside_the_folder_is_copied_into_the_version(
-    work: Path, capsys: pytest.CaptureFixture[str]
+    work: Path, capsys: pytest.CaptureFixture[str], build_onnx_classifier: Build
 ) -> None:
+    onnx_classifier = build_onnx_classifier
     (work / "weights").mkdir()
     onnx.save_model(
         onnx_classifier(), str(work / "ext.onnx"), save_as_external_data=True,
@@ -143,7 +145,7 @@ def test_external_data_inside_the_folder_is_copied_into_the_version(
     assert _session(version.onnx_path).run(None, {"image": x})[0].shape == (1, 5)
 
 
-def _two_inputs(path: Path) -> None:
+def _two_inputs(path: Path, onnx_classifier: Build) -> None:
     model = onnx_classifier()
     model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch", 5]))
     model.graph.node[-1].output[0] = "raw"
@@ -151,7 +153,7 @@ def _two_inputs(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def _no_batch_axis(path: Path) -> None:
+def _no_batch_axis(path: Path, onnx_classifier: Build) -> None:
     model = onnx_classifier()
     graph = model.graph
     del graph.input[:]
@@ -161,7 +163,7 @@ def _no_batch_axis(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def _text_input(path: Path) -> None:
+def _text_input(path: Path, onnx_classifier: Build) -> None:
     graph = helper.make_graph(
         [helper.make_node("Identity", ["text"], ["logits"])],
         "text",
@@ -171,7 +173,7 @@ def _text_input(path: Path) -> None:
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-def _baked_batch(path: Path) -> None:
+def _baked_batch(path: Path, onnx_classifier: Build) -> None:
     """Batch 1 fixed in a Reshape too: made dynamic, it cannot run a batch of 2."""
     model = onnx_classifier(batch=1)
     graph = model.graph
@@ -181,7 +183,7 @@ def _baked_batch(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def _external_outside(path: Path) -> None:
+def _external_outside(path: Path, onnx_classifier: Build) -> None:
     onnx.save_model(
         onnx_classifier(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
         location="data.bin", size_threshold=0,
@@ -195,8 +197,8 @@ def _external_outside(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def _external_absolute(path: Path) -> None:
-    _external_outside(path)
+def _external_absolute(path: Path, onnx_classifier: Build) -> None:
+    _external_outside(path, onnx_classifier)
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
@@ -205,8 +207,8 @@ def _external_absolute(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def _external_symlink(path: Path) -> None:
-    _external_outside(path)
+def _external_symlink(path: Path, onnx_classifier: Build) -> None:
+    _external_outside(path, onnx_classifier)
     os.symlink(path.parent.parent / "outside.bin", path.parent / "link.bin")
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
@@ -225,7 +227,7 @@ BAD = {
     "external-absolute": (_external_absolute, "an absolute path; external data must be a plain file inside"),
     "external-symlink": (_external_symlink, "a path through the symlink link.bin"),
     "not-onnx": (
-        lambda p: p.write_bytes(b"\x00garbage" * 10),
+        lambda p, _: p.write_bytes(b"\x00garbage" * 10),
         "cannot import bad.onnx: it is not an ONNX model",
     ),
 }
@@ -233,11 +235,11 @@ BAD = {
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_imports_are_refused_and_write_nothing(
-    work: Path, capsys: pytest.CaptureFixture[str], kind: str
+    work: Path, capsys: pytest.CaptureFixture[str], kind: str, build_onnx_classifier: Build
 ) -> None:
     (work / "models").mkdir()
     make, message = BAD[kind]
-    make(work / "models" / "bad.onnx")
+    make(work / "models" / "bad.onnx", build_onnx_classifier)
     before = _tree(work / "repo")
     code, out, err = _run(_import(work, "models/bad.onnx"), capsys)
     assert code == 4, (code, err)
@@ -295,9 +297,9 @@ def test_an_imported_version_fails_validation_if_it_claims_gradients(
 
 
 def test_a_final_softmax_is_dropped_so_probabilities_are_not_squashed_twice(
-    work: Path, capsys: pytest.CaptureFixture[str]
+    work: Path, capsys: pytest.CaptureFixture[str], build_onnx_classifier: Build
 ) -> None:
-    model = onnx_classifier()
+    model = build_onnx_classifier()
     model.graph.node[-1].output[0] = "raw"
     model.graph.node.append(helper.make_node("Softmax", ["raw"], ["logits"], axis=-1))
     onnx.save_model(model, str(work / "softmax.onnx"))
