@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -81,21 +81,39 @@ def _refuse(source: Path, why: str) -> VerificationError:
 # --- 1. external data ----------------------------------------------------------------------------
 
 
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[TensorProto]:
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield attribute.sparse_tensor.values
+                yield attribute.sparse_tensor.indices
+            if attribute.HasField("g"):
+                yield from _graph_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graph_tensors(subgraph)
+
+
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """Every TensorProto a graph holds: initializers, sparse ones, node attributes, subgraphs."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _graph_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _graph_tensors(subgraph)
+    yield from _node_tensors(graph.node)
+
+
+def _model_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto of the model: its graph, its local functions, its training info. (The
+    server checks them all again at load, from the wire format: service/engine/onnx_wire.py.)"""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+    for info in model.training_info:
+        yield from _graph_tensors(info.initialization)
+        yield from _graph_tensors(info.algorithm)
 
 
 def _external_location(tensor: TensorProto) -> str | None:
@@ -110,7 +128,7 @@ def confined_external_data(source: Path, model: onnx.ModelProto) -> dict[str, Pa
     external data) references; VerificationError for one that could read outside source's folder."""
     folder = source.resolve().parent
     found: dict[str, Path] = {}
-    for tensor in _graph_tensors(model.graph):
+    for tensor in _model_tensors(model):
         location = _external_location(tensor)
         if location is None or location in found:
             continue
