@@ -1,4 +1,4 @@
-"""`python -m export {describe,train,onnx,demo}`: the export stage's command line.
+"""`python -m export {describe,train,onnx,import,demo}`: the export stage's command line.
 
 Results go to stdout, progress and errors to stderr. Any bad input ends with one line
 `error: <what is wrong, naming it>` on stderr and a non-zero status (export.errors: 2 usage,
@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from export.errors import ExportError, UsageError
 
@@ -44,6 +44,55 @@ def _seed(text: str) -> int:
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"{value} is not between 0 and 2**63-1")
     return value
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _add_preprocessing_flags(p: argparse.ArgumentParser, default: str) -> None:
+    """--preprocessing FILE and the flags that override its fields (export.user_files)."""
+    g = p.add_argument_group(
+        "preprocessing",
+        f"how an image becomes the model's input, recorded in metadata.json (default: {default})",
+    )
+    g.add_argument(
+        "--preprocessing",
+        type=Path,
+        metavar="FILE",
+        help='JSON: {"color_mode": "RGB"|"L", "resize": N, "crop": N, "mean": [...], "std": [...], '
+        '"invert": false}',
+    )
+    g.add_argument("--color-mode", choices=("RGB", "L"), help="RGB, or L (grayscale)")
+    g.add_argument("--resize", type=_positive_int, metavar="N", help="shorter side after resizing")
+    g.add_argument("--crop", type=_positive_int, metavar="N", help="centre crop, N x N: the input size")
+    g.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per channel, on pixel / 255")
+    g.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per channel, on pixel / 255")
+    g.add_argument(
+        "--invert",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flip pixel values (255 - v) first: a model trained on light-on-dark images",
+    )
+
+
+def _preprocessing_fields(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The file's fields with the flags over them; None when neither was given."""
+    from export.user_files import read_preprocessing_file
+
+    fields = read_preprocessing_file(args.preprocessing) if args.preprocessing is not None else {}
+    for key in ("color_mode", "resize", "crop", "mean", "std", "invert"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = value
+    return fields if fields or args.preprocessing is not None else None
+
+
+def _where(args: argparse.Namespace) -> str:
+    return f"preprocessing {args.preprocessing}" if args.preprocessing is not None else "preprocessing flags"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +140,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--trained-on",
-        help="data set the --weights were trained on (default: the architecture's, e.g. imagenet)",
+        help="data set the --weights were trained on (default: the architecture's, e.g. imagenet, "
+        "unless --labels are given)",
     )
+    p.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        metavar="N",
+        help="classes of a fine-tuned checkpoint (default: read from its classifier head)",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="class names, one per line in output order (required when the classes are not the "
+        "architecture's data set's)",
+    )
+    _add_preprocessing_flags(p, "the architecture's")
+
+    p = sub.add_parser("import", help="import an ONNX image classifier as a new model version")
+    p.add_argument(
+        "source", type=Path, metavar="MODEL.onnx", help="the ONNX model (its external data beside it)"
+    )
+    p.add_argument("--repository", type=Path, required=True, metavar="DIR", help="model repository")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--labels", type=Path, required=True, metavar="FILE", help="class names, one per line")
+    p.add_argument("--version", type=_positive_int, help="version number (default: highest existing + 1)")
+    p.add_argument(
+        "--layout",
+        choices=("auto", "NCHW", "NHWC"),
+        default="auto",
+        help="the input's layout (default auto: where its 1 or 3 channels are); NHWC gets a Transpose "
+        "in front",
+    )
+    p.add_argument("--output", metavar="NAME", help="the logits output, when the graph has several")
+    p.add_argument(
+        "--features-output", metavar="NAME", help="an embedding output [batch, D], served by Embed"
+    )
+    p.add_argument("--trained-on", help="data set the model was trained on (for ModelInfo)")
+    _add_preprocessing_flags(p, "none: color mode, crop, mean and std are required")
 
     p = sub.add_parser("demo", help="train LeNet-5 and export it plus random-weight ImageNet models")
     p.add_argument("--repository", type=Path, required=True, metavar="DIR", help="model repository")
@@ -138,10 +224,16 @@ def _train(args: argparse.Namespace) -> None:
 def _onnx(args: argparse.Namespace) -> None:
     from export.models import get_spec
     from export.publish import export_to_repository
+    from export.user_files import make_preprocessing, read_labels
 
-    get_spec(args.arch)
+    spec = get_spec(args.arch)
     if args.trained_on is not None and args.weights is None:
         raise UsageError("--trained-on describes --weights; without --weights the weights are random")
+    labels = read_labels(args.labels) if args.labels is not None else None
+    fields = _preprocessing_fields(args)
+    preprocessing = (
+        make_preprocessing(fields, spec.preprocessing, _where(args)) if fields is not None else None
+    )
     result = export_to_repository(
         args.arch,
         args.repository,
@@ -152,6 +244,10 @@ def _onnx(args: argparse.Namespace) -> None:
         opset=args.opset,
         seed=args.seed,
         trained_on=args.trained_on,
+        num_classes=args.num_classes,
+        labels=labels,
+        labels_source=f"labels file {args.labels}",
+        preprocessing=preprocessing,
     )
     v = result.verification
     version = result.version
@@ -166,6 +262,34 @@ def _onnx(args: argparse.Namespace) -> None:
     print(line)
 
 
+def _import(args: argparse.Namespace) -> None:
+    from export.importing import import_onnx
+    from export.user_files import make_preprocessing, read_labels
+
+    labels = read_labels(args.labels)
+    preprocessing = make_preprocessing(_preprocessing_fields(args) or {}, None, _where(args))
+    result = import_onnx(
+        args.source,
+        args.repository,
+        name=args.name,
+        labels=labels,
+        labels_source=f"labels file {args.labels}",
+        preprocessing=preprocessing,
+        version=args.version,
+        layout=args.layout,
+        output=args.output,
+        features_output=args.features_output,
+        trained_on=args.trained_on,
+    )
+    version = result.version
+    v = version.metadata["verification"]
+    print(
+        f"{version.name} v{version.version} -> {version.path}  {result.seconds:.1f}s  "
+        f"{result.onnx_bytes / 1e6:.1f} MB  {version.num_classes} classes, input {result.layout}, batch "
+        f"{result.batch}; batch of {v['batch']} equals its rows alone (max abs diff {v['max_abs_diff']:.2e})"
+    )
+
+
 def _demo(args: argparse.Namespace) -> None:
     from export.demo import demo
 
@@ -177,7 +301,7 @@ def _demo(args: argparse.Namespace) -> None:
     demo(args.repository, models, out=sys.stdout, progress=sys.stderr)
 
 
-COMMANDS = {"describe": _describe, "train": _train, "onnx": _onnx, "demo": _demo}
+COMMANDS = {"describe": _describe, "train": _train, "onnx": _onnx, "import": _import, "demo": _demo}
 
 
 def _one_line(text: str) -> str:

@@ -157,14 +157,33 @@ def mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | 
     return "; ".join(problems) or None
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str], arch: str) -> str:
+def read_state_dict(path: str | os.PathLike[str]) -> OrderedDict[str, torch.Tensor]:
+    """The state_dict in checkpoint `path` (read_checkpoint + extract_state_dict)."""
+    return extract_state_dict(read_checkpoint(path), f"checkpoint {path}")
+
+
+def head_classes(state_dict: Mapping[str, torch.Tensor], head: str) -> int | None:
+    """The number of classes the checkpoint's classifier layer `head` (ArchSpec.head, an nn.Linear)
+    outputs: the rows of `<head>.weight`; None when the checkpoint has no such 2-D weight (it is
+    not this architecture's: loading it then names every key that does not fit)."""
+    weight = state_dict.get(f"{head}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    arch: str,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> str:
     """Load checkpoint `path` into `model` (architecture `arch`, for messages); returns its sha256.
+    `state_dict`: the checkpoint's, already read with `read_state_dict` (not read again).
 
     Raises CheckpointError, naming the file, if it is missing, unreadable, unsafe, or does not fit
     the model exactly; in that case the model is left untouched.
     """
-    obj = read_checkpoint(path)
-    state_dict = extract_state_dict(obj, f"checkpoint {path}")
+    if state_dict is None:
+        state_dict = read_state_dict(path)
     problem = mismatch(model, state_dict)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} does not fit {arch}: {problem}")

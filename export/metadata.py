@@ -20,11 +20,16 @@ METADATA = "metadata.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.pt"
 REQUIRED_FILES = (ONNX_FILE, WEIGHTS_FILE)
+# What `architecture` says of a model imported as ONNX (export.importing): no zoo architecture, no
+# weights.pt, no PyTorch module; metadata.json's `imported` object says where it came from.
+IMPORTED_ARCHITECTURE = "imported-onnx"
 DTYPES = ("float32", "float16")
 # Model names are path components and appear in URLs, metric labels and `name:version` selections.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # a plain file name: no "/", no ".."
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# The capabilities that need the PyTorch module (weights.pt): never an import's.
+GRADIENT_CAPABILITIES = ("explain", "dream", "stylize", "feature_maps", "filters")
 
 
 def is_int(value: Any) -> bool:
@@ -99,9 +104,16 @@ def _check_preprocessing(meta: dict[str, Any], where: str) -> None:
         )
 
 
-def _check_files(files: dict[str, Any], where: str) -> None:
-    """`files`: lists REQUIRED_FILES, and only plain file names, each with its sha256 and size."""
-    for required in REQUIRED_FILES:
+def is_imported(meta: Mapping[str, Any]) -> bool:
+    """Whether metadata.json describes an imported ONNX model (export.importing): no weights.pt,
+    no PyTorch module, so no gradient RPCs."""
+    return isinstance(meta.get("imported"), dict)
+
+
+def _check_files(files: dict[str, Any], where: str, imported: bool = False) -> None:
+    """`files`: lists REQUIRED_FILES (model.onnx only for an import), and only plain file names,
+    each with its sha256 and size."""
+    for required in (ONNX_FILE,) if imported else REQUIRED_FILES:
         if required not in files:
             raise MetadataError(f"{where}: 'files' does not list {required}")
     for fname, entry in files.items():
@@ -186,6 +198,20 @@ def _check_optional_fields(meta: dict[str, Any], where: str) -> None:
             _require_field(meta, key, lambda v: v is None or isinstance(v, dict), "an object or null", where)
     if "build_kwargs" in meta:
         _require_field(meta, "build_kwargs", lambda v: isinstance(v, dict), "an object", where)
+    if "imported" in meta:
+        _require_field(meta, "imported", lambda v: isinstance(v, dict), "an object", where)
+        if meta["architecture"] != IMPORTED_ARCHITECTURE:
+            raise MetadataError(
+                f"{where}: an imported model's architecture must be {IMPORTED_ARCHITECTURE!r}, got "
+                f"{json.dumps(meta['architecture'])}"
+            )
+        offered = [k for k in GRADIENT_CAPABILITIES if meta["capabilities"].get(k)]
+        if offered:
+            raise MetadataError(
+                f"{where}: an imported model has no PyTorch module, yet its capabilities offer {offered}"
+            )
+    elif meta["architecture"] == IMPORTED_ARCHITECTURE:
+        raise MetadataError(f"{where}: architecture {IMPORTED_ARCHITECTURE!r} needs the 'imported' object")
 
 
 def validate_metadata(meta: Any, where: str = METADATA) -> dict[str, Any]:
@@ -195,7 +221,8 @@ def validate_metadata(meta: Any, where: str = METADATA) -> dict[str, Any]:
     (object or null: accuracy of model.onnx on a held-out set), `initialization` (object or null:
     the seed and calibration of random weights), `build_kwargs` (object), `features`
     (the embedding output) and `layers` (the addressable layers), which exports before issue 14
-    lack.
+    lack, and `imported` (object: an ONNX model imported with `python -m export import`, which has
+    no weights.pt and offers no gradient capability).
     """
     if not isinstance(meta, dict):
         raise MetadataError(f"{where}: not a JSON object")
@@ -236,7 +263,7 @@ def validate_metadata(meta: Any, where: str = METADATA) -> dict[str, Any]:
         "a sha256 hex digest or null",
     )
     req("files", lambda v: isinstance(v, dict), "an object")
-    _check_files(meta["files"], where)
+    _check_files(meta["files"], where, is_imported(meta))
     req("opset", lambda v: is_int(v) and v >= 1, "a positive integer")
     req("exporters", lambda v: isinstance(v, dict), "an object")
     req("exported_at", lambda v: isinstance(v, str) and bool(v), "a timestamp string")

@@ -6,6 +6,7 @@ Keeping it in one place is what makes a served model see exactly what it was tra
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -25,8 +26,24 @@ class Preprocessing:
     crop: int  # then center-cropped to crop x crop
     mean: tuple[float, ...]  # per channel, applied to pixel / 255
     std: tuple[float, ...]
+    # Pixel values are flipped (v -> 255 - v) before normalization: for a model trained on light
+    # strokes on a dark ground (white-on-black data) that is sent dark-on-light images. A user's
+    # own model declares it (`--preprocessing`); the zoo's models never set it (describe_input).
+    invert: bool = False
 
     def __post_init__(self) -> None:
+        if self.color_mode not in ("L", "RGB"):
+            raise ValueError(f"color_mode must be 'L' or 'RGB', got {self.color_mode!r}")
+        if not self.crop >= 1:
+            raise ValueError(f"crop must be a positive integer, got {self.crop!r}")
+        if not isinstance(self.invert, bool):
+            raise ValueError(f"invert must be true or false, got {self.invert!r}")
+        if not all(math.isfinite(v) for v in self.mean) or not all(
+            math.isfinite(v) and v > 0 for v in self.std
+        ):
+            raise ValueError(
+                f"mean must be finite and std positive numbers, got {list(self.mean)}, {list(self.std)}"
+            )
         channels = 1 if self.color_mode == "L" else 3
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean/std need {channels} values for color mode {self.color_mode}")
@@ -50,6 +67,8 @@ class Preprocessing:
             crop=int(d["crop"]),
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
+            # Absent in metadata.json written before issue 18: no inversion.
+            invert=d.get("invert", False),
         )
 
 
@@ -91,7 +110,7 @@ def to_tensor(image: Image.Image, p: Preprocessing, out: np.ndarray | None = Non
     elif out.shape != (p.channels, p.crop, p.crop) or out.dtype != np.float32:
         shape = (p.channels, p.crop, p.crop)
         raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
-    table = _normalization_table(p.mean, p.std)
+    table = _normalization_table(p.mean, p.std, p.invert)
     if pixels.ndim == 2:
         np.take(table[0], pixels, out=out[0])
     else:
@@ -101,9 +120,13 @@ def to_tensor(image: Image.Image, p: Preprocessing, out: np.ndarray | None = Non
 
 
 @functools.lru_cache(maxsize=256)
-def _normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """[C, 256] float32: row c maps a pixel value v to (v / 255 - mean[c]) / std[c]."""
-    values = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)
+def _normalization_table(mean: tuple[float, ...], std: tuple[float, ...], invert: bool = False) -> np.ndarray:
+    """[C, 256] float32: row c maps a pixel value v to (v / 255 - mean[c]) / std[c], with `invert`
+    to ((255 - v) / 255 - mean[c]) / std[c]."""
+    pixels = np.arange(256, dtype=np.float32)
+    if invert:
+        pixels = np.float32(255.0) - pixels
+    values = pixels * np.float32(1.0 / 255.0)
     m = np.asarray(mean, dtype=np.float32)[:, None]
     s = np.asarray(std, dtype=np.float32)[:, None]
     table = np.ascontiguousarray((values[None, :] - m) / s, dtype=np.float32)
@@ -122,8 +145,9 @@ def describe_input(p: Preprocessing) -> str:
 
     The digits convention matters most: the UCI digits are bright strokes on a dark ground, tightly
     cropped, so a black-on-white drawing reads as another digit (a hand-drawn 7 scored `4 0.60`, its
-    inverse `7 0.986`). No `invert` option is offered: the polarity is the training data's, and a
-    server-side flip per model would only move the surprise to the users who send UCI-like images.
+    inverse `7 0.986`). The zoo's LeNet-5 does not invert: the polarity is the training data's, and a
+    server-side flip would only move the surprise to the users who send UCI-like images. A user's own
+    model may declare `invert` (its users send dark-on-light images); the description then says so.
     """
     if p == DIGITS:
         return (
@@ -137,7 +161,10 @@ def describe_input(p: Preprocessing) -> str:
             "a photo of one ImageNet object class, any size, RGB; the shorter side is resized to 256 "
             "and the centre 224x224 cropped, so keep the object in the middle"
         )
-    return (
+    described = (
         f"a {mode} image, any size; the shorter side is resized to {p.resize} and the centre "
         f"{p.crop}x{p.crop} cropped"
     )
+    if p.invert:
+        described += "; its pixel values are inverted (255 - v) before the model sees them"
+    return described

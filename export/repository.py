@@ -36,7 +36,7 @@ from export.errors import IntegrityError, MetadataError, RepositoryError, Versio
 # The schema and the file names it fixes live in export.metadata. The names re-exported here
 # ("X as X") are the repository's public API used across the repo: the service reads
 # repository.WEIGHTS_FILE, the tests call repository.validate_metadata.
-from export.metadata import FILE_RE, NAME_RE, is_int
+from export.metadata import FILE_RE, NAME_RE, is_imported, is_int
 from export.metadata import METADATA as METADATA
 from export.metadata import ONNX_FILE as ONNX_FILE
 from export.metadata import WEIGHTS_FILE as WEIGHTS_FILE
@@ -122,6 +122,11 @@ class ModelVersion:
     @property
     def fp16(self) -> bool:
         return bool(self.metadata["fp16"])
+
+    @property
+    def imported(self) -> bool:
+        """An ONNX model imported with `python -m export import`: no weights.pt, no PyTorch module."""
+        return is_imported(self.metadata)
 
     @property
     def build_kwargs(self) -> dict[str, Any]:

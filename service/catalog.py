@@ -19,6 +19,7 @@ import numpy as np
 
 from export import repository
 from export.errors import RepositoryError
+from export.metadata import is_imported
 from export.preprocessing import Preprocessing
 from service.errors import NotFound
 from service.model_config import (
@@ -94,6 +95,27 @@ def features_dim(model: LoadedModel) -> int:
     """D, the embedding's length; 0 when the model has no features output."""
     features = (model.metadata or {}).get("features")
     return int(features["shape"][0]) if isinstance(features, dict) else 0
+
+
+# What the gradient RPCs answer (FAILED_PRECONDITION) for a model imported as ONNX: they run on the
+# PyTorch module rebuilt from weights.pt, and an import has neither.
+IMPORTED_NO_GRADIENTS = "imported ONNX model: no PyTorch module"
+
+
+def imported(model: LoadedModel) -> bool:
+    """Whether `model` was imported as ONNX (`python -m export import`, metadata.json `imported`)."""
+    return is_imported(model.metadata or {})
+
+
+def no_features_hint(model: LoadedModel) -> str:
+    """What to do about a version without a features output: re-export a zoo version (the command),
+    import an ONNX model again naming its embedding output."""
+    if imported(model):
+        return (
+            "it is an imported ONNX model whose embedding output was not named; if its graph has one, "
+            "import it again with --features-output NAME"
+        )
+    return f"re-export it: {reexport_command(model)}"
 
 
 def reexport_command(model: LoadedModel) -> str:
@@ -356,7 +378,9 @@ __all__ = [
     "choose_versions",
     "features_dim",
     "features_name",
+    "imported",
     "loaded_model",
+    "no_features_hint",
     "reexport_command",
     "parse_model_selection",
     "select_versions",

@@ -131,3 +131,73 @@ def make_checkpoint() -> Callable[..., Path]:
         return path
 
     return make
+
+
+def onnx_classifier(
+    *,
+    channels: int = 3,
+    side: int = 32,
+    classes: int = 5,
+    layout: str = "NCHW",
+    batch: int | str = "batch",
+    seed: int = 0,
+) -> Any:
+    """A small image classifier as an ONNX ModelProto built with onnx.helper (no exporter, no
+    torch: milliseconds): Conv 3x3 stride 2 -> Relu -> GlobalAveragePool -> Flatten -> Gemm. Input
+    "image" [batch, C, H, W] (layout "NHWC": [batch, H, W, C], transposed inside), output "logits"
+    [batch, classes]; `batch` a symbolic name or a fixed size."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dims = [batch, channels, side, side] if layout == "NCHW" else [batch, side, side, channels]
+    nodes = []
+    first = "image"
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]))
+        first = "nchw"
+    nodes += [
+        helper.make_node("Conv", [first, "w", "b"], ["conv"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, channels, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b"),
+        numpy_helper.from_array(rng.standard_normal((classes, 8)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32) * 0.1, "fc_b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def build_onnx_classifier() -> Callable[..., Any]:
+    """`onnx_classifier` itself, for tests that edit the graph before saving it (a fixture, because
+    test modules cannot import this conftest by name: every test folder has its own conftest.py)."""
+    return onnx_classifier
+
+
+@pytest.fixture(scope="session")
+def make_onnx_classifier() -> Callable[..., Path]:
+    """make_onnx_classifier(path, **options) -> path: `onnx_classifier(**options)` saved at path."""
+
+    def make(path: Path, **options: Any) -> Path:
+        import onnx
+
+        onnx.save_model(onnx_classifier(**options), str(path))
+        return path
+
+    return make

@@ -54,11 +54,16 @@ def select_outputs(model: LoadedModel, outputs: Sequence[str], rows: np.ndarray)
 
 
 def features_missing(model: LoadedModel) -> FailedPrecondition:
-    from service.catalog import reexport_command
+    from service.catalog import imported, no_features_hint
 
+    if imported(model):
+        return FailedPrecondition(
+            f"model {model.name}:{model.version} has no features output: {no_features_hint(model)}",
+            reason="no_features",
+        )
     return FailedPrecondition(
         f"model {model.name}:{model.version} was exported without the features output (embeddings "
-        f"arrived later); re-export it: {reexport_command(model)}",
+        f"arrived later); {no_features_hint(model)}",
         reason="no_features",
     )
 

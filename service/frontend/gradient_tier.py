@@ -102,7 +102,10 @@ class ModelCatalog:
             label = f"{version.name}:{version.version}"
             try:
                 # weights.pt only, cheaply up front: the gradient processes verify every file again.
-                repository.verify_file(version, repository.WEIGHTS_FILE)
+                # An imported ONNX model has none; it stays listed so its gradient RPCs get the
+                # honest FAILED_PRECONDITION (gradients.py), and no process loads it (loading.py).
+                if not version.imported:
+                    repository.verify_file(version, repository.WEIGHTS_FILE)
                 model = loaded_model(
                     version.metadata,
                     provider=provider,

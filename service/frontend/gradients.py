@@ -9,7 +9,8 @@ Filters): the servicer
   tier (`cnnserve worker`).
 
 Order of a local call's checks: ready -> pool configured -> model resolved (NOT_FOUND, before
-anything reaches the pool, so client-chosen names never become metric labels) -> capability ->
+anything reaches the pool, so client-chosen names never become metric labels) -> not an imported
+ONNX model (FAILED_PRECONDITION "imported ONNX model: no PyTorch module") -> capability ->
 the version not refused by the parity self-test -> images decoded (pixel caps) -> `validate_job`
 (caps: INVALID_ARGUMENT naming the cap) -> layer names (`check_layers`, where metadata.json lists
 the layers; else the gradient process checks them) -> `submit(cost=estimate_cost(job), deadline=...)`.
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 import grpc
 import numpy as np
 
+from service.catalog import IMPORTED_NO_GRADIENTS, imported
 from service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from service.frontend import convert
 from service.worker import jobs
@@ -207,6 +209,13 @@ class LocalGradients:
             raise Unavailable(DISABLED_MESSAGE, reason="workers_disabled")
         model = state.resolve_model(name, version)
         rpc.model = model.name
+        if imported(model):
+            raise FailedPrecondition(
+                f"model {model.name!r} version {model.version} does not serve {kind}: "
+                f"{IMPORTED_NO_GRADIENTS} (gradient RPCs run on the PyTorch network; Classify, Embed "
+                "where it has a features output, and the OIP serve it)",
+                reason="imported_onnx",
+            )
         if not model.capabilities.get(kind, False):
             raise InvalidArgument(
                 f"model {model.name!r} version {model.version} ({model.architecture}) "

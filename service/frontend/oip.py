@@ -43,7 +43,9 @@ from service.catalog import (
     UNTRAINED_WARNING,
     features_dim,
     features_name,
+    imported,
     input_name,
+    no_features_hint,
     output_name,
     reexport_command,
 )
@@ -210,6 +212,8 @@ class OpenInference:
             if output.name not in known:
                 hint = (
                     f"; re-export it for `features`: {reexport_command(model)}"
+                    if output.name == "features" and not imported(model)
+                    else f"; {no_features_hint(model)}"
                     if output.name == "features"
                     else ""
                 )

@@ -251,7 +251,8 @@ class ParityError(RuntimeError):
 
 
 def read_version(directory: Path) -> ModelVersion:
-    """The version in `directory`, its architecture known; RuntimeError naming what is wrong."""
+    """The version in `directory`, its architecture known (or an imported ONNX model, which
+    `load_models` leaves out); RuntimeError naming what is wrong."""
     from export import repository
     from export.errors import ExportError
     from export.models import get_spec
@@ -260,7 +261,8 @@ def read_version(directory: Path) -> ModelVersion:
         version = repository.read_version(directory)
     except ExportError as exc:
         raise RuntimeError(str(exc)) from None
-    get_spec(version.architecture)  # UnknownArchitecture names the known ones
+    if not version.imported:
+        get_spec(version.architecture)  # UnknownArchitecture names the known ones
     return version
 
 
@@ -536,7 +538,9 @@ def load_models(config: Mapping[str, Any]) -> LoadedModels:
         # Below the serving process: where they share cores, classification threads win. First, so
         # that a parity process started next inherits it.
         os.nice(nice)
-    versions = [read_version(Path(entry)) for entry in config.get("models", [])]
+    # An imported ONNX model has no weights.pt and no module to build: the serving process answers
+    # its gradient RPCs FAILED_PRECONDITION before any job exists (service/frontend/gradients.py).
+    versions = [v for entry in config.get("models", []) if not (v := read_version(Path(entry))).imported]
     with _verdicts(versions, config) as verdicts:
         device = _torch_device(config)
         reached = verdicts()

@@ -13,6 +13,7 @@ import pytest
 from deploy_helpers import ROOT, require_tool
 
 MARKER = ".demo-complete"
+PORTS = "--grpc-port 8500 --metrics-port 9090 --http-port 8000"  # the Makefile's defaults
 Make = Callable[..., list[str]]
 
 
@@ -56,26 +57,25 @@ def test_serve_models_builds_and_loads_only_the_selected_models(make: Make, tmp_
     selection = "lenet5,resnet50:1+2,lenet5:all"
     assert make("serve", REPOSITORY=str(repository), MODELS=selection) == [
         f"python -m export demo --repository {repository} --models lenet5,resnet50",
-        f"cnnserve serve --repository {repository} --models {selection} --grpc-port 8500 --metrics-port 9090 --http-port 8000",
+        f"cnnserve serve --repository {repository} --models {selection} {PORTS}",
     ]
     assert not (repository / MARKER).exists(), "two models are not the demo set"
     # Already there (or a model of your own): nothing is built, nothing is re-verified.
     publish(repository, "lenet5")
     publish(repository, "mine")
     assert make("serve", REPOSITORY=str(repository), MODELS="mine, lenet5") == [
-        f"cnnserve serve --repository {repository} --models mine, lenet5 --grpc-port 8500 --metrics-port 9090 --http-port 8000"
+        f"cnnserve serve --repository {repository} --models mine, lenet5 {PORTS}"
     ]
     publish(repository, "resnet50")
     assert make("serve", REPOSITORY=str(repository), MODELS="resnet50,vgg19") == [
         f"python -m export demo --repository {repository} --models vgg19",
-        f"cnnserve serve --repository {repository} --models resnet50,vgg19 "
-        "--grpc-port 8500 --metrics-port 9090 --http-port 8000",
+        f"cnnserve serve --repository {repository} --models resnet50,vgg19 {PORTS}",
     ]
 
 
 def test_serve_without_models_builds_the_demo_set_once(make: Make, tmp_path: Path) -> None:
     repository = tmp_path / "repository"
-    serve = f"cnnserve serve --repository {repository} --grpc-port 8500 --metrics-port 9090 --http-port 8000"
+    serve = f"cnnserve serve --repository {repository} {PORTS}"
     assert make("serve", REPOSITORY=str(repository)) == [
         f"python -m export demo --repository {repository}",
         serve,

@@ -1,6 +1,6 @@
-"""Fuzzing a real `python -m service serve` (lenet5 trained, resnet18 random, one gradient worker)
-with hypothesis: over 1,000 mutated requests on every RPC of cnnserve.v1.Inference, the Open
-Inference Protocol and health, plus raw bytes as request bodies.
+"""Fuzzing a real `python -m service serve` (lenet5 trained, resnet18 random, an imported ONNX model
+"imported", one gradient worker) with hypothesis: over 1,000 mutated requests on every RPC of
+cnnserve.v1.Inference, the Open Inference Protocol and health, plus raw bytes as request bodies.
 
 Requests are derived from the proto descriptors (every field of every request message, nested
 messages, oneofs, maps and repeated fields), with domain strategies where random values would
@@ -33,6 +33,7 @@ import gzip
 import io
 import json
 import math
+import shutil
 import struct
 import time
 import urllib.parse
@@ -44,6 +45,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import requests
 from google.protobuf import descriptor
@@ -98,9 +100,32 @@ SERVER_ARGS = (
 )  # fmt: skip
 
 
+IMPORTED = "imported"
+
+
 @pytest.fixture(scope="module")
-def server(demo_repository: Path) -> Iterator[ServerProcess]:
-    yield from module_server(demo_repository, *SERVER_ARGS)
+def fuzz_repository(
+    demo_repository: Path, tmp_path_factory: pytest.TempPathFactory, build_onnx_classifier: Callable[..., Any]
+) -> Path:
+    """The demo repository plus "imported": a small NHWC classifier saved with a fixed batch of 1
+    (tests/conftest.py onnx_classifier), through `python -m export import` (so transposed to NCHW,
+    its batch made dynamic), whose gradient RPCs answer FAILED_PRECONDITION."""
+    from export.importing import import_onnx
+    from export.preprocessing import Preprocessing
+
+    base = tmp_path_factory.mktemp("fuzz")
+    root = Path(shutil.copytree(demo_repository, base / "repository"))
+    onnx.save_model(build_onnx_classifier(layout="NHWC", batch=1, classes=4), str(base / "user.onnx"))
+    import_onnx(
+        base / "user.onnx", root, name=IMPORTED, labels=["a", "b", "c", "d"],
+        preprocessing=Preprocessing("RGB", 40, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    )  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(fuzz_repository: Path) -> Iterator[ServerProcess]:
+    yield from module_server(fuzz_repository, *SERVER_ARGS)
 
 
 # --- hostile images ---------------------------------------------------------------------------------
@@ -233,7 +258,7 @@ def mostly(draw: st.DrawFn, good: st.SearchStrategy[Any], bad: st.SearchStrategy
 
 
 MODEL_NAMES = mostly(
-    st.sampled_from(["lenet5", "resnet18"]),
+    st.sampled_from(["lenet5", "resnet18", IMPORTED]),
     st.one_of(
         st.sampled_from(
             ["vgg19", "", "LENET5", "lenet5\x00", "../../etc/passwd", "model:lenet5", "x" * 300, "lenet5 "]
@@ -279,7 +304,7 @@ HEALTH_SERVICES = st.one_of(
 # --- tensors ------------------------------------------------------------------------------------------
 
 TENSOR_SHAPES = mostly(
-    st.sampled_from([[1, 32, 32], [1, 1, 32, 32], [3, 224, 224], [1, 3, 224, 224]]),
+    st.sampled_from([[1, 32, 32], [1, 1, 32, 32], [3, 224, 224], [1, 3, 224, 224], [2, 3, 32, 32]]),
     st.one_of(
         st.sampled_from(
             [
@@ -770,6 +795,11 @@ def valid_calls() -> list[tuple[descriptor.MethodDescriptor, Any]]:
             )
         ],
     )
+    infer_imported = oip.ModelInferRequest(
+        model_name=IMPORTED,
+        inputs=[oip.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[3, 3, 32, 32])],
+        raw_input_contents=[np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype("<f4").tobytes()],
+    )
     infer_features = oip.ModelInferRequest()
     infer_features.CopyFrom(infer_raw)
     infer_features.outputs.add(name="features")
@@ -847,6 +877,12 @@ def valid_calls() -> list[tuple[descriptor.MethodDescriptor, Any]]:
         (_method("inference.GRPCInferenceService/ModelInfer"), infer_raw),
         (_method("inference.GRPCInferenceService/ModelInfer"), infer_images),
         (_method("inference.GRPCInferenceService/ModelInfer"), infer_features),
+        (_method("inference.GRPCInferenceService/ModelInfer"), infer_imported),
+        (_method("cnnserve.v1.Inference/Classify"), pb.ClassifyRequest(model=IMPORTED, image=rgb, top_k=4)),
+        # The imported model's refusals: FAILED_PRECONDITION, never INTERNAL.
+        (_method("cnnserve.v1.Inference/Explain"), pb.ExplainRequest(model=IMPORTED, images=[rgb])),
+        (_method("cnnserve.v1.Inference/Embed"), pb.EmbedRequest(model=IMPORTED, image=rgb)),
+        (_method("cnnserve.v1.Inference/Dream"), pb.DreamRequest(model=IMPORTED, image=rgb)),
         (_method("inference.GRPCInferenceService/ModelMetadata"), oip.ModelMetadataRequest(name="resnet18")),
         (
             _method("inference.GRPCInferenceService/ModelReady"),
@@ -953,6 +989,7 @@ def _warm_up(server: ServerProcess, tally: Tally) -> None:
         ("Classify", pb.ClassifyRequest(model="lenet5", image=lenet)),
         ("Classify", pb.ClassifyRequest(model="resnet18", image=pb.ImageInput(encoded=BASES["jpeg_rgb64"]))),
         ("ClassifyBatch", pb.ClassifyBatchRequest(model="lenet5", images=[lenet, lenet])),
+        ("Classify", pb.ClassifyRequest(model=IMPORTED, image=pb.ImageInput(encoded=BASES["webp_rgb64"]))),
         ("Embed", pb.EmbedRequest(model="resnet18", image=pb.ImageInput(encoded=BASES["jpeg_rgb64"]))),
         ("Explain", pb.ExplainRequest(model="resnet18", images=[pb.ImageInput(encoded=BASES["png_rgb64"])])),
         (

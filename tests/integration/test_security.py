@@ -9,7 +9,9 @@
 2. Model integrity: a model whose bytes differ from metadata.json's sha256 is refused at startup
    (logged with the file, never reported ready anywhere) while the others serve, and the process
    exits non-zero when nothing is left; ONNX models whose external data escapes their folder are
-   refused before any ONNX Runtime session exists.
+   refused before any ONNX Runtime session exists. The same holds for imported ONNX models
+   (`python -m export import`, no weights.pt): an intact one serves, one whose external data file
+   was changed or whose graph points outside its folder is refused.
 3. Resource caps: a request over each cap gets INVALID_ARGUMENT naming the cap.
 """
 
@@ -349,6 +351,42 @@ def _crafted(root: Path, name: str, lenet: Path, location: str, extra: dict[str,
     repository.verify_files(committed)  # the hashes really match
 
 
+def _imported(root: Path, name: str, base: Path, onnx_classifier: Callable[..., Any]) -> Path:
+    """An imported ONNX model (tests/conftest.py onnx_classifier, its tensors in external data, so
+    the version holds model.onnx.data too) as root/name/1; returns the version directory."""
+    from export.importing import import_onnx
+    from export.preprocessing import Preprocessing
+
+    source = base / f"{name}-source"
+    source.mkdir()
+    onnx.save_model(
+        onnx_classifier(), str(source / "user.onnx"), save_as_external_data=True,
+        all_tensors_to_one_file=True, location="user.bin", size_threshold=0,
+    )  # fmt: skip
+    preprocessing = Preprocessing("RGB", 32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    labels = [f"class {i}" for i in range(5)]
+    return import_onnx(
+        source / "user.onnx", root, name=name, labels=labels, preprocessing=preprocessing
+    ).version.path
+
+
+def _crafted_import(root: Path, name: str, intact: Path, location: str) -> None:
+    """A copy of the imported version `intact` whose model.onnx points its external data at
+    `location`, committed with VersionWriter (true hashes): only the external-data check refuses it."""
+    model = onnx.load(str(intact / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    meta = json.loads((intact / "metadata.json").read_text())
+    for key in ("name", "version", "files"):
+        meta.pop(key)
+    with repository.VersionWriter(root, name, 1) as writer:
+        (writer.path / "model.onnx").write_bytes(model.SerializeToString())
+        committed = writer.commit(meta)
+    repository.verify_files(committed)
+
+
 # name -> (what the server must log about it)
 REFUSED = {
     "tampered": r"tampered/1/model\.onnx sha256 \w+\.\.\. differs from metadata\.json",
@@ -356,11 +394,16 @@ REFUSED = {
     "evil-absolute": r"keeps its data in '/etc/passwd', an absolute path",
     "evil-symlink": r"keeps its data in 'weights\.bin', a path through the symlink weights\.bin",
     "evil-unlisted": r"keeps its data in 'extra\.bin', which metadata\.json does not list",
+    "imported-tampered": r"imported-tampered/1/model\.onnx\.data sha256 \w+\.\.\. differs from metadata",
+    "imported-evil": r"keeps its data in '\.\./\.\./etc/passwd', a path with '\.\.'",
 }
+SERVED = ["imported", "lenet5"]
 
 
 @pytest.fixture(scope="module")
-def hostile_repository(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hostile_repository(
+    demo_repository: Path, tmp_path_factory: pytest.TempPathFactory, build_onnx_classifier: Callable[..., Any]
+) -> Path:
     """lenet5 (intact) next to a copy with one byte of model.onnx flipped and four crafted models
     whose external data points outside their folder or at a file metadata.json does not list."""
     base = tmp_path_factory.mktemp("hostile")
@@ -376,6 +419,9 @@ def hostile_repository(demo_repository: Path, tmp_path_factory: pytest.TempPathF
     _crafted(root, "evil-unlisted", lenet, "extra.bin", {})
     # Added after the commit, so no sha256 covers it.
     (root / "evil-unlisted" / "1" / "extra.bin").write_bytes(b"\0" * 4096)
+    intact = _imported(root, "imported", base, build_onnx_classifier)
+    _flip_one_byte(_imported(root, "imported-tampered", base, build_onnx_classifier) / "model.onnx.data")
+    _crafted_import(root, "imported-evil", intact, "../../etc/passwd")
     return root
 
 
@@ -393,8 +439,9 @@ def test_refused_models_are_logged_and_never_ready_while_the_good_one_serves(
         assert line is not None, f"no refusal logged for {name}:\n{log}"
         assert re.search(reason, line), line
     assert "Traceback" not in log
-    # Only lenet5 serves; the line then says where the start-up time went.
-    assert re.search(r"ready in [\d.]+s: serving lenet5:1 \(\w+\)(; |$)", log, re.MULTILINE), log
+    # Only the intact ones serve; the line then says where the start-up time went.
+    served = ", ".join(rf"{name}:1 \(\w+\)" for name in SERVED)
+    assert re.search(rf"ready in [\d.]+s: serving {served}(; |$)", log, re.MULTILINE), log
 
     health = health_pb2_grpc.HealthStub(hostile_server.channel)
     check = health_pb2.HealthCheckRequest
@@ -402,12 +449,14 @@ def test_refused_models_are_logged_and_never_ready_while_the_good_one_serves(
     assert health.Check(check(service="model:lenet5"), timeout=5).status == SERVING
     inference = pb_grpc.InferenceStub(hostile_server.channel)
     assert [(m.name, m.version) for m in inference.ListModels(pb.ListModelsRequest(), timeout=10).models] == [
-        ("lenet5", 1)
+        (name, 1) for name in SERVED
     ]
     v2 = oip_grpc.GRPCInferenceServiceStub(hostile_server.channel)
     assert v2.ModelReady(oip.ModelReadyRequest(name="lenet5"), timeout=10).ready
     image = pb.ImageInput(encoded=png(32, 32))
     assert inference.Classify(pb.ClassifyRequest(model="lenet5", image=image), timeout=30).classes
+    rgb = pb.ImageInput(encoded=png(48, 40))
+    assert inference.Classify(pb.ClassifyRequest(model="imported", image=rgb), timeout=30).classes
     for name in REFUSED:
         # Registered when the load was planned, and never SERVING (issue 13: a model still loading,
         # or one that failed, is NOT_SERVING rather than unknown).
@@ -438,8 +487,8 @@ def test_no_onnx_runtime_session_is_created_for_a_refused_model(
     )
     try:
         engine.load()
-        assert [m.name for m in engine.models()] == ["lenet5"]
-        assert opened == [hostile_repository / "lenet5" / "1" / "model.onnx"]
+        assert [m.name for m in engine.models()] == SERVED
+        assert sorted(opened) == [hostile_repository / name / "1" / "model.onnx" for name in SERVED]
     finally:
         asyncio.run(engine.stop())
 

@@ -111,8 +111,9 @@ def test_bad_checkpoints_are_refused_and_leave_no_version(
             "features.6.bias, classifier.2.weight, ... and 1 more); 12 unexpected (features.4.weight, "
         )
     elif kind == "wrong-shape":
-        torch.save(build("lenet5", num_classes=2).state_dict(), checkpoint)
-        message = "2 wrongly shaped (classifier.2.weight [2, 84] (model [10, 84])"
+        # (A checkpoint whose classifier head alone differs is a fine-tuned one: test_finetune.)
+        torch.save(build("lenet5", in_channels=3).state_dict(), checkpoint)
+        message = "1 wrongly shaped (features.0.weight [6, 3, 5, 5] (model [6, 1, 5, 5]))"
     else:
         message = f"checkpoint {checkpoint} does not exist"
     repository = tmp_path / "repo"
