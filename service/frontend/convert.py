@@ -167,7 +167,12 @@ def model_info(
         num_classes=model.num_classes,
         labels_count=len(model.labels),
         preprocessing=pb.Preprocessing(
-            color_mode=p.color_mode, resize=p.resize, crop=p.crop, mean=list(p.mean), std=list(p.std)
+            color_mode=p.color_mode,
+            resize=p.resize,
+            crop=p.crop,
+            mean=list(p.mean),
+            std=list(p.std),
+            invert=p.invert,
         ),
         trained=model.trained,
         trained_on=model.trained_on or "",

@@ -271,18 +271,20 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
-    __slots__ = ("color_mode", "resize", "crop", "mean", "std")
+    __slots__ = ("color_mode", "resize", "crop", "mean", "std", "invert")
     COLOR_MODE_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
     CROP_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
+    INVERT_FIELD_NUMBER: _ClassVar[int]
     color_mode: str
     resize: int
     crop: int
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, color_mode: _Optional[str] = ..., resize: _Optional[int] = ..., crop: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+    invert: bool
+    def __init__(self, color_mode: _Optional[str] = ..., resize: _Optional[int] = ..., crop: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., invert: bool = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "versions", "architecture", "input", "output", "num_classes", "labels_count", "labels", "preprocessing", "trained", "trained_on", "parameters", "flops", "execution_provider", "capabilities", "ready", "input_description", "serving", "features", "layers")

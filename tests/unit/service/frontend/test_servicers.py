@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 from servicer_fakes import FakeEngine, FakeModel, Harness, counter, queue_full
 
+from export.preprocessing import DIGITS
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
 from service.errors import GENERIC_INTERNAL_MESSAGE
@@ -330,6 +332,7 @@ def test_list_and_get_model(stub: pb_grpc.InferenceStub) -> None:
     assert list(info.output.shape) == [10] and info.output.name == "logits"
     assert info.num_classes == 10 and info.labels_count == 10 and not info.labels
     assert info.preprocessing.color_mode == "L" and info.preprocessing.crop == 32
+    assert not info.preprocessing.invert  # the zoo's LeNet-5 takes white on black as it learnt
     assert info.trained and info.trained_on == "digits"
     assert info.parameters == 61706 and info.flops == 429_000
     assert info.execution_provider == "CPUExecutionProvider"
@@ -342,6 +345,18 @@ def test_list_and_get_model(stub: pb_grpc.InferenceStub) -> None:
     assert labelled.version == 1 and labelled.labels[3] == "digit 3"
     code, _ = code_of(stub.GetModel, pb.GetModelRequest(name="nope"), timeout=10)
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_get_model_says_when_pixels_are_inverted() -> None:
+    """A model exported with --invert: a client preprocessing images itself from ModelInfo must
+    invert them too."""
+    inverted = dataclasses.replace(DIGITS, invert=True)
+    h = Harness(FakeEngine([FakeModel("dark-on-light", 1, preprocessing=inverted)]))
+    try:
+        info = pb_grpc.InferenceStub(h.channel).GetModel(pb.GetModelRequest(name="dark-on-light"), timeout=10)
+        assert info.preprocessing.invert and info.preprocessing.color_mode == "L"
+    finally:
+        h.close()
 
 
 @pytest.mark.parametrize(
