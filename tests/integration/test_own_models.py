@@ -20,6 +20,7 @@ seconds of imports), its `cnnserve serve` line is the server (test ports, one gr
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import shlex
@@ -51,6 +52,7 @@ SHAPES_PREPROCESSING = (
     '{"color_mode": "RGB", "resize": 72, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}'
 )
 IMPORTED_REASON = "imported ONNX model: no PyTorch module"
+THREE = ("ant", "bee", "wasp")  # the classes of a fine-tuned ResNet-18
 
 
 def readme_blocks() -> list[list[str]]:
@@ -172,6 +174,19 @@ def _fine_tune(model: nn.Module, path: Path) -> float:
     return float((predicted == split.y_test % 2).mean())
 
 
+def write_three_class_resnet18(path: Path) -> None:
+    """ResNet-18 with a 3-class head (seeded weights: what matters here is the head's shape, which
+    the export reads from the checkpoint, and that the gradient workers run the network)."""
+    from export.models import build
+    from export.train import save_checkpoint
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build("resnet18")
+        model.fc = nn.Linear(512, len(THREE))
+    save_checkpoint(model.state_dict(), path)
+
+
 def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
@@ -210,10 +225,18 @@ def own(tmp_path_factory: pytest.TempPathFactory, demo_repository: Path) -> Iter
     try:
         for line in exports:
             run_export(line)
+        # Not in the README: a ReLU network with a head of its own, for the gradient RPCs.
+        write_three_class_resnet18(work / "three.pt")
+        (work / "three.txt").write_text("".join(f"{name}\n" for name in THREE))
+        run_export(
+            "python -m export onnx resnet18 --weights three.pt --labels three.txt --name three "
+            "--repository model_repository"
+        )
     finally:
         os.chdir(cwd)
     args = shlex.split(serve)[2:]
     args = [str(work / a) if args[i - 1] == "--repository" else a for i, a in enumerate(args)]
+    args = [f"{a},three" if args[i - 1] == "--models" else a for i, a in enumerate(args)]  # not the README's
     server = ServerProcess(work / "model_repository", *args, "--workers", "1", "--torch-threads", "1")
     try:
         server.wait_ready()
@@ -362,3 +385,30 @@ def test_the_readme_resnet50_command_exports_a_12_class_fine_tuned_checkpoint(
     meta = version.metadata
     assert meta["num_classes"] == 12 and meta["labels"][-1] == "product 11"
     assert meta["input"]["shape"] == [3, 128, 128] and meta["capabilities"]["explain"]
+
+
+def test_the_gradient_rpcs_work_on_a_fine_tuned_model_with_its_own_classes(own: Own) -> None:
+    """`python -m export onnx resnet18 --weights` with a 3-class head: Explain explains the user's
+    classes (a saliency map of the image's size), Dream and FeatureMaps run on its network."""
+    stub = own.stub
+    image = pb.ImageInput(encoded=(own.work / "photo.png").read_bytes())
+    info = stub.GetModel(pb.GetModelRequest(name="three", include_labels=True), timeout=10)
+    assert (info.num_classes, list(info.labels)) == (3, list(THREE))
+    assert {pb.CAPABILITY_EXPLAIN, pb.CAPABILITY_DREAM, pb.CAPABILITY_FEATURE_MAPS} <= set(info.capabilities)
+    explained = stub.Explain(
+        pb.ExplainRequest(model="three", images=[image], target_classes=[2]), timeout=120
+    ).explanations[0]
+    assert (explained.explained.index, explained.explained.label) == (2, "wasp")
+    assert explained.predicted.label in THREE
+    saliency = np.frombuffer(explained.saliency.data, dtype="<f4")
+    assert saliency.size == math.prod(explained.saliency.shape) and np.abs(saliency).max() > 0
+    assert explained.png.startswith(b"\x89PNG")
+    dream = stub.DreamUnary(
+        pb.DreamRequest(
+            model="three", image=image, layers=[pb.DreamLayer(layer="layer2")], octaves=1, steps=2
+        ),
+        timeout=120,
+    )
+    assert dream.png.startswith(b"\x89PNG")
+    maps = stub.FeatureMaps(pb.FeatureMapsRequest(model="three", image=image, layers=["layer1"]), timeout=60)
+    assert [m.layer for m in maps.maps] == ["layer1"]
