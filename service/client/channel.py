@@ -4,12 +4,18 @@ tools add when no gRPC server was reached at all."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from typing import Any
 
 import grpc
 
 INFERENCE_SERVICE = "cnnserve.v1.Inference"
+DEFAULT_ADDRESS = "localhost:8500"
+# The client commands' default server; the server's own settings never read it (they have no
+# `address` field: `cnnserve serve` binds --host and --grpc-port).
+ADDRESS_ENV = "CNNSERVE_ADDRESS"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_KEEPALIVE_S = 30.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 10.0
@@ -89,6 +95,23 @@ def not_connected(code: grpc.StatusCode, message: str) -> bool:
     """Whether a failure means no gRPC server was reached at all (see connection_hint)."""
     lowered = message.lower()
     return code == grpc.StatusCode.UNAVAILABLE and any(m in lowered for m in _NOT_CONNECTED_MARKERS)
+
+
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    """--address of a client command: host:port of the server's gRPC port, by default
+    $CNNSERVE_ADDRESS when it is set and not empty, else localhost:8500 (`make serve`'s). Read when
+    the parser is built (by `cnnserve`'s main), so the help shows the default in force."""
+    from_env = os.environ.get(ADDRESS_ENV)
+    if from_env:
+        parser.add_argument(
+            "--address", default=from_env, help=f"server host:port (default %(default)s, from ${ADDRESS_ENV})"
+        )
+    else:
+        parser.add_argument(
+            "--address",
+            default=DEFAULT_ADDRESS,
+            help=f"server host:port (default %(default)s, or ${ADDRESS_ENV} when set)",
+        )
 
 
 def connection_hint(address: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from service._proto.cnnserve.v1 import inference_pb2 as pb
 from service.client.api import CnnserveClient
-from service.client.channel import connection_hint, not_connected
+from service.client.channel import add_address_argument, connection_hint, not_connected
 from service.client.results import UNTRAINED_WARNING, ClassifyResult, CnnserveError, StreamResult
 from service.client.score import register_score
 
@@ -131,7 +131,7 @@ def register_classify(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser.add_argument("--model", required=True, help="model name (see `cnnserve models`)")
     parser.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
     parser.add_argument("--top-k", type=int, default=0, help="classes per image (default: the server's, 5)")
-    parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")
+    add_address_argument(parser)
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="deadline per image in seconds (default %(default)s)"
     )
@@ -213,7 +213,7 @@ def register_models(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         epilog=EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")
+    add_address_argument(parser)
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="deadline in seconds (default %(default)s)"
     )

@@ -28,7 +28,7 @@ import grpc
 from tqdm import tqdm
 
 from service.client.api import CnnserveClient
-from service.client.channel import connection_hint, not_connected
+from service.client.channel import add_address_argument, connection_hint, not_connected
 from service.client.gradient_results import (
     EXPLAIN_METHODS,
     DreamResult,
@@ -214,7 +214,7 @@ def _common_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> None
         "so a mistyped -o never costs an earlier result)",
     )
     parser.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
-    parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")
+    add_address_argument(parser)
     parser.add_argument(
         "--timeout", type=float, default=timeout_s, help="deadline in seconds (default %(default)s)"
     )

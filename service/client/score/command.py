@@ -74,7 +74,12 @@ from typing import Any
 import grpc
 
 from service._proto.cnnserve.v1 import inference_pb2_grpc as pb_grpc
-from service.client.channel import connection_hint, default_channel_options, not_connected
+from service.client.channel import (
+    add_address_argument,
+    connection_hint,
+    default_channel_options,
+    not_connected,
+)
 from service.client.results import UNTRAINED_WARNING
 from service.client.score.paths import collect_paths, parse_shard, shard_paths
 from service.client.score.progress import Progress, Summary
@@ -237,7 +242,7 @@ def register_score(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--model", required=True, help="model name (see `cnnserve models`)")
     parser.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
     parser.add_argument("--top-k", type=int, default=0, help="classes per image (default: the server's, 5)")
-    parser.add_argument("--address", default="localhost:8500", help="server host:port (default %(default)s)")
+    add_address_argument(parser)
     parser.add_argument(
         "--output", "-o", default="-", help="output file (default: standard output, not resumable)"
     )

@@ -50,6 +50,14 @@ def test_every_setting_is_a_documented_flag() -> None:
         assert " ".join((field.description or "").split())[:40] in flat, name
 
 
+def test_the_client_commands_address_variable_is_no_server_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CNNSERVE_ADDRESS (the client commands' default server) shares the prefix: `cnnserve serve`
+    in a shell that exports it neither fails on it (extra="forbid") nor reads it."""
+    monkeypatch.setenv("CNNSERVE_ADDRESS", "elsewhere:1")
+    assert "address" not in Settings.model_fields
+    assert serve_settings([]).model_dump() == Settings.model_construct().model_dump()
+
+
 def test_defaults_env_and_flag_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert serve_settings([]) == Settings()
     monkeypatch.setenv("CNNSERVE_MAX_BATCH_SIZE", "8")

@@ -127,6 +127,47 @@ def test_models_json(server: Harness, capsys: pytest.CaptureFixture[str]) -> Non
     assert records[2]["trained"] is False
 
 
+# Each client command with its other required arguments: what --address's default applies to.
+CLIENT_COMMANDS = {
+    "classify": ["classify", "x.png", "--model", "m"],
+    "score": ["score", "x", "--model", "m"],
+    "models": ["models"],
+    "explain": ["explain", "x.png", "--model", "m", "-o", "out.png"],
+    "dream": ["dream", "x.png", "--model", "m", "-o", "out.png"],
+    "stylize": ["stylize", "x.png", "y.png", "-o", "out.png"],
+}
+
+
+def test_every_client_command_takes_its_address_from_cnnserve_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CNNSERVE_ADDRESS names the server once for every client command (a shell, a Job's env);
+    unset or empty: localhost:8500, `make serve`'s; --address wins over it. The help says which."""
+    monkeypatch.delenv("CNNSERVE_ADDRESS", raising=False)
+    for name, argv in CLIENT_COMMANDS.items():
+        assert cli.build_parser().parse_args(argv).address == "localhost:8500", name
+    monkeypatch.setenv("CNNSERVE_ADDRESS", "")
+    assert cli.build_parser().parse_args(["models"]).address == "localhost:8500"
+    monkeypatch.setenv("CNNSERVE_ADDRESS", "scorer.example:9500")
+    parser = cli.build_parser()
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, argv in CLIENT_COMMANDS.items():
+        assert parser.parse_args(argv).address == "scorer.example:9500", name
+        assert parser.parse_args([*argv, "--address", "h:1"]).address == "h:1", name
+        help_text = " ".join(choices[name].format_help().split())
+        assert "(default scorer.example:9500, from $CNNSERVE_ADDRESS)" in help_text, name
+
+
+def test_cnnserve_address_reaches_the_server(
+    server: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CNNSERVE_ADDRESS", server.address)
+    image = str(_png(tmp_path / "x.png"))
+    assert cli.main(["models"]) == 0
+    assert cli.main(["classify", image, "--model", "lenet5"]) == 0
+    assert cli.main(["score", image, "--model", "lenet5", "--quiet", "-o", str(tmp_path / "rows.jsonl")]) == 0
+    assert f"{image}: lenet5 v2" in capsys.readouterr().out
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 1
+
+
 def test_the_model_flag_points_at_cnnserve_models() -> None:
     parser = cli.build_parser()
     for command in ("classify", "score"):
