@@ -266,11 +266,15 @@ class GradientPool(Generic[StateT, JobT, ResultT]):
         """submit's checks, in order and all synchronous (so admission is exact and answered at
         once); then the dispatcher admits the job."""
         if self._state != "running":
-            raise Unavailable(
-                f"the {self._name} worker pool is "
-                + ("shutting down" if self._state in ("closing", "closed") else "not started"),
-                reason="unavailable",
-            )
+            if self._state == "starting":
+                # A server serves classification before its gradient processes have loaded the
+                # models (tens of seconds for VGG-19 on 2 cores): say it is coming, not absent.
+                what = "still starting (its processes load the models first); retry shortly"
+            elif self._state in ("closing", "closed"):
+                what = "shutting down"
+            else:
+                what = "not started"
+            raise Unavailable(f"the {self._name} worker pool is {what}", reason="unavailable")
         label, model = _labels(job)
         self._budget.check_alone(cost, label)
         job_bytes = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)

@@ -133,7 +133,12 @@ def test_close_drains_running_jobs_then_stops_everything_without_zombies() -> No
         )
         with pytest.raises(Unavailable, match="not started"):
             await pool.submit(h.SleepJob(), cost=1.0, deadline=None)
-        await pool.start()
+        starting = asyncio.create_task(pool.start())
+        await asyncio.sleep(0)  # start() has begun: its processes are spawning
+        # what a client calling a server that serves classification already is told meanwhile
+        with pytest.raises(Unavailable, match="is still starting .*; retry shortly"):
+            await pool.submit(h.SleepJob(), cost=1.0, deadline=None)
+        await starting
         pids = list(pool.worker_pids)
         short, _ = await started(pool, h.SleepJob(steps=40, step_s=0.01, announce=True))
         long, _ = await started(pool, h.SleepJob(**LONG, announce=True))
