@@ -42,7 +42,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
+from service.settings import Settings, bind_hint
 
 log = logging.getLogger("service.server")
 
@@ -173,15 +173,19 @@ class Multiprocess:
         try:
             self._hold_port()
         except OSError as exc:
-            log.error("cannot bind gRPC to %s:%d: %s", self.settings.host, self.settings.grpc_port, exc)
+            log.error(
+                "cannot bind gRPC to %s:%d: %s; %s",
+                self.settings.host, self.settings.grpc_port, exc, bind_hint("grpc_port"),
+            )  # fmt: skip
             return 1
         if self.settings.http_port:
             try:
                 self._http_socket = _held_socket(self.settings.host, self.settings.http_port)
             except OSError as exc:
                 log.error(
-                    "cannot bind HTTP/REST to %s:%d: %s", self.settings.host, self.settings.http_port, exc
-                )
+                    "cannot bind HTTP/REST to %s:%d: %s; %s",
+                    self.settings.host, self.settings.http_port, exc, bind_hint("http_port"),
+                )  # fmt: skip
                 self._release_port()
                 return 1
             self.http_port = self._http_socket.getsockname()[1]
@@ -257,8 +261,9 @@ class Multiprocess:
             )
         except OSError as exc:
             log.error(
-                "cannot bind metrics HTTP to %s:%d: %s", self.settings.host, self.settings.metrics_port, exc
-            )
+                "cannot bind metrics HTTP to %s:%d: %s; %s",
+                self.settings.host, self.settings.metrics_port, exc, bind_hint("metrics_port"),
+            )  # fmt: skip
             return None
         server.start()
         http = f"{self.settings.host}:{self.http_port}" if self.http_port else "off"

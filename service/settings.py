@@ -416,3 +416,19 @@ def warmup_sizes_of(spec: str, max_batch: int, *, fixed_shape: bool = False) -> 
     if spec == "none":
         return []
     return [s for s in (int(p) for p in spec.split(",")) if s <= max_batch]
+
+
+# What 0 does to each port setting (their descriptions say the same).
+_PORT_ZERO = {
+    "grpc_port": "0 picks a free one",
+    "metrics_port": "0 picks a free one",
+    "http_port": "0 turns REST off",
+}
+
+
+def bind_hint(field: str) -> str:
+    """The end of a "cannot bind" message for the port setting `field`: which flag and variable
+    choose another port. The usual cause is another process on the port (8000, REST's default, is
+    many development servers' too)."""
+    flag = "--" + field.replace("_", "-")
+    return f"choose another port with {flag} or CNNSERVE_{field.upper()} ({_PORT_ZERO[field]})"

@@ -48,7 +48,7 @@ from service.frontend.state import ServingState
 from service.frontend.triton import add_triton_unimplemented_to_server
 from service.observability import metrics
 from service.observability.http import MetricsHTTPServer
-from service.settings import Settings
+from service.settings import Settings, bind_hint
 
 from .._proto.cnnserve.v1 import inference_pb2, inference_pb2_grpc
 from .._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
@@ -226,13 +226,14 @@ class Server:
         try:
             self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise StartupError(f"cannot bind gRPC to {address}: {exc}") from None
+            raise StartupError(f"cannot bind gRPC to {address}: {exc}; {bind_hint('grpc_port')}") from None
         if self.rest_api is not None and settings.http_port:
             try:
                 sock = bind_socket(settings.host, settings.http_port, share_port=self.share_port)
             except OSError as exc:
                 raise StartupError(
-                    f"cannot bind HTTP/REST to {_address(settings.host, settings.http_port)}: {exc}"
+                    f"cannot bind HTTP/REST to {_address(settings.host, settings.http_port)}: {exc}; "
+                    + bind_hint("http_port")
                 ) from None
             self.rest_server = RestServer(self.rest_api, sock, settings)
             self.http_port = self.rest_server.port
@@ -245,7 +246,8 @@ class Server:
                 if self.rest_server is not None:
                     await self.rest_server.stop()  # not started: closes its socket
                 raise StartupError(
-                    f"cannot bind metrics HTTP to {_address(settings.host, settings.metrics_port)}: {exc}"
+                    f"cannot bind metrics HTTP to {_address(settings.host, settings.metrics_port)}: {exc}; "
+                    + bind_hint("metrics_port")
                 ) from None
             self.metrics_port = self.metrics_server.port
         await server.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import logging
+import socket
 import threading
 import time
 
@@ -221,8 +222,24 @@ def test_run_exits_1_when_the_port_is_taken(caplog: pytest.LogCaptureFixture) ->
         with caplog.at_level(logging.ERROR, logger="service.server"):
             assert asyncio.run(run(settings, FakeEngine())) == 1
         assert f"cannot bind gRPC to 127.0.0.1:{h.server.grpc_port}" in caplog.text
+        hint = "choose another port with --grpc-port or CNNSERVE_GRPC_PORT (0 picks a free one)"
+        assert hint in caplog.text
     finally:
         h.close()
+
+
+def test_a_taken_rest_port_says_which_setting_moves_it(caplog: pytest.LogCaptureFixture) -> None:
+    """8000, REST's default, is many development servers' port too: `make serve` next to one must
+    say how to get past it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=port)
+        with caplog.at_level(logging.ERROR, logger="service.server"):
+            assert asyncio.run(run(settings, FakeEngine())) == 1
+    assert f"cannot bind HTTP/REST to 127.0.0.1:{port}" in caplog.text
+    assert "choose another port with --http-port or CNNSERVE_HTTP_PORT (0 turns REST off)" in caplog.text
 
 
 def test_counters_move_for_each_failure_path() -> None:
