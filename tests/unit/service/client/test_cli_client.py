@@ -138,7 +138,7 @@ CLIENT_COMMANDS = {
 }
 
 
-def test_every_client_command_takes_its_address_from_cnnserve_address(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_client_command_defaults_to_cnnserve_address(monkeypatch: pytest.MonkeyPatch) -> None:
     """CNNSERVE_ADDRESS names the server once for every client command (a shell, a Job's env);
     unset or empty: localhost:8500, `make serve`'s; --address wins over it. The help says which."""
     monkeypatch.delenv("CNNSERVE_ADDRESS", raising=False)
