@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,7 @@ import onnx
 from onnx import TensorProto
 
 from export.errors import UsageError, VerificationError
+from export.external_data import UnsafeLocation, confined_file
 from export.metadata import IMPORTED_ARCHITECTURE, ONNX_FILE
 from export.preprocessing import Preprocessing, describe_input
 from export.repository import ModelVersion, VersionWriter, check_name, sha256_file
@@ -132,32 +133,14 @@ def confined_external_data(source: Path, model: onnx.ModelProto) -> dict[str, Pa
         location = _external_location(tensor)
         if location is None or location in found:
             continue
-
-        def refuse(why: str, tensor: TensorProto = tensor, location: str = location) -> VerificationError:
-            return _refuse(
+        try:
+            found[location] = confined_file(folder, location)
+        except UnsafeLocation as why:
+            raise _refuse(
                 source,
                 f"tensor {tensor.name!r} keeps its data in {location!r}, {why}; external data must be a "
                 "plain file inside the model's folder",
-            )
-
-        if not location or "\x00" in location:
-            raise refuse("an empty or NUL-containing location")
-        posix, windows = PurePosixPath(location), PureWindowsPath(location)
-        if posix.is_absolute() or windows.is_absolute() or windows.drive or location.startswith(("/", "\\")):
-            raise refuse("an absolute path")
-        if ".." in posix.parts or ".." in windows.parts:
-            raise refuse("a path with '..'")
-        candidate = folder / posix
-        part = candidate
-        while part != folder:
-            if part.is_symlink():
-                raise refuse(f"a path through the symlink {part.relative_to(folder)}")
-            part = part.parent
-        if not candidate.is_file():
-            raise refuse("a file that does not exist or is not a regular file")
-        if not candidate.resolve().is_relative_to(folder):
-            raise refuse("a path outside the model folder")
-        found[location] = candidate
+            ) from None
     return found
 
 

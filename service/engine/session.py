@@ -13,12 +13,13 @@ import logging
 import os
 import time
 from collections.abc import Collection, Iterable
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from export.external_data import UnsafeLocation, confined_file
 from service.catalog import ModelLoadError
 from service.engine import onnx_wire
 from service.engine.ort_cache import OptimizedModelCache
@@ -94,38 +95,13 @@ def check_external_data(model_path: Path, listed_files: Collection[str] | None =
 
 
 def _safe_external_path(model_path: Path, folder: Path, tensor: str, location: str) -> Path:
-    def refuse(why: str) -> ModelLoadError:
-        return ModelLoadError(
+    try:
+        return confined_file(folder, location)
+    except UnsafeLocation as why:
+        raise ModelLoadError(
             f"{model_path}: refusing to load: tensor {tensor!r} keeps its data in {location!r}, {why}; "
             "external data must be a plain file inside the model's folder"
-        )
-
-    if not location:
-        raise refuse("an empty location")
-    if "\x00" in location:
-        raise refuse("a location with a NUL byte")
-    # Judge the location as both POSIX and Windows paths: "..\\x" or "C:x" must not slip through.
-    posix, windows = PurePosixPath(location), PureWindowsPath(location)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or location.startswith(("/", "\\")):
-        raise refuse("an absolute path")
-    if ".." in posix.parts or ".." in windows.parts:
-        raise refuse("a path with '..'")
-    candidate = folder / posix
-    # No symlink anywhere between the folder and the file (a link could be swapped after this check).
-    part = candidate
-    while part != folder:
-        if part.is_symlink():
-            raise refuse(f"a path through the symlink {part.relative_to(folder)}")
-        part = part.parent
-    try:
-        resolved = candidate.resolve(strict=True)
-    except (FileNotFoundError, RuntimeError):
-        raise refuse("a file that does not exist") from None
-    if not resolved.is_relative_to(folder):
-        raise refuse("a path outside the model folder")
-    if not resolved.is_file():
-        raise refuse("something that is not a regular file")
-    return resolved
+        ) from None
 
 
 # --- the session -----------------------------------------------------------------------------------
