@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+from cli_runs import run_cli, tree
 
-from export.__main__ import main
 from export.demo import demo
 from export.describe import describe_all
 from export.models import build
@@ -26,37 +26,24 @@ from export.repository import load_metadata, scan
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], code: int, message: str) -> str:
-    got, out, err = _run(argv, capsys)
+    got, out, err = run_cli(argv, capsys)
     assert got == code, (got, err)
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert message in err, err
     return err
 
 
-def _tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
-
-
 @pytest.mark.parametrize("command", ["onnx", "train"])
 def test_unknown_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
     argv = [command, "lenet6"] + (["--repository", str(tmp_path / "r")] if command == "onnx" else [])
     _refused(argv, capsys, 2, "unknown architecture 'lenet6'; known: alexnet, alexnet_torchvision, googlenet")
-    assert _tree(tmp_path) == []
+    assert tree(tmp_path) == []
 
 
 def test_demo_with_an_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _refused(["demo", "--repository", str(tmp_path / "r"), "--models", "resnet18,vgg"], capsys, 2, "'vgg'")
-    assert _tree(tmp_path) == []
+    assert tree(tmp_path) == []
 
 
 def test_argument_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,7 +70,7 @@ def test_argument_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     _refused(["train", "resnet50"], capsys, 2, "only lenet5 can be trained here")
     _refused(["demo", "--repository", str(tmp_path), "--models", ","], capsys, 2, "--models lists no model")
-    assert _tree(tmp_path) == []
+    assert tree(tmp_path) == []
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "code", "wrong-architecture", "wrong-shape"])
@@ -118,10 +105,10 @@ def test_bad_checkpoints_are_refused_and_leave_no_version(
         message = f"checkpoint {checkpoint} does not exist"
     repository = tmp_path / "repo"
     (repository / "lenet5").mkdir(parents=True)
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     argv = ["onnx", "lenet5", "--weights", str(checkpoint), "--repository", str(repository)]
     _refused(argv, capsys, 3, message)
-    assert _tree(tmp_path) == before
+    assert tree(tmp_path) == before
     assert not marker.exists()
 
 
@@ -131,7 +118,7 @@ def test_unwritable_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str
     _refused(["onnx", "lenet5", "--repository", str(tmp_path / "file" / "r")], capsys, 5, "is not writable")
     _refused(["demo", "--repository", str(tmp_path / "file")], capsys, 5, "is not a directory")
     _refused(["demo", "--repository", str(tmp_path / "file" / "r")], capsys, 5, "is not writable")
-    assert _tree(tmp_path) == ["file"]
+    assert tree(tmp_path) == ["file"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
@@ -142,7 +129,7 @@ def test_read_only_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         _refused(["onnx", "lenet5", "--repository", str(repository)], capsys, 5, "Permission denied")
     finally:
         repository.chmod(0o755)
-    assert _tree(repository) == []
+    assert tree(repository) == []
 
 
 def test_permission_denied_is_reported_as_such(
@@ -160,7 +147,7 @@ def test_permission_denied_is_reported_as_such(
 
     monkeypatch.setattr(Path, "mkdir", denied)
     _refused(["onnx", "lenet5", "--repository", str(repository)], capsys, 5, f"{repository} is not writable")
-    assert _tree(repository) == []
+    assert tree(repository) == []
 
 
 def test_an_existing_version_is_refused_and_kept(
@@ -175,7 +162,7 @@ def test_an_existing_version_is_refused_and_kept(
 
 def test_train_then_export_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = tmp_path / "out" / "lenet5.pt"
-    code, out, err = _run(
+    code, out, err = run_cli(
         ["train", "lenet5", "--epochs", "2", "--seed", "1", "--out", str(checkpoint)], capsys
     )
     assert code == 0, err
@@ -186,13 +173,13 @@ def test_train_then_export_the_checkpoint(tmp_path: Path, capsys: pytest.Capture
 
     repository = tmp_path / "repo"
     argv = ["onnx", "lenet5", "--weights", str(checkpoint), "--repository", str(repository), "--fp16"]
-    code, out, err = _run([*argv, "--name", "digits16"], capsys)
+    code, out, err = run_cli([*argv, "--name", "digits16"], capsys)
     assert code == 0, err
     assert out.startswith(f"digits16 v1 -> {repository / 'digits16' / '1'}") and "held-out accuracy" in out
     meta = load_metadata(repository / "digits16" / "1")
     assert meta["source_checkpoint_sha256"] == digest and meta["trained_on"] == "digits"
     assert meta["fp16"] is True and meta["input"]["dtype"] == "float16" and meta["architecture"] == "lenet5"
-    code, _, err = _run([*argv, "--name", "digits16", "--trained-on", "my-digits"], capsys)
+    code, _, err = run_cli([*argv, "--name", "digits16", "--trained-on", "my-digits"], capsys)
     assert code == 0, err
     assert load_metadata(repository / "digits16" / "2")["trained_on"] == "my-digits"
     _refused(
@@ -207,7 +194,7 @@ def test_train_refuses_a_directory_as_output(tmp_path: Path, capsys: pytest.Capt
 def test_describe_prints_the_table_and_writes_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = _run(["describe", "--json", str(tmp_path / "rows.json")], capsys)
+    code, out, err = run_cli(["describe", "--json", str(tmp_path / "rows.json")], capsys)
     assert code == 0, err
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows == json.loads(json.dumps(describe_all()))
@@ -222,7 +209,7 @@ def test_demo_is_idempotent_and_replaces_only_a_corrupt_model(
 ) -> None:
     root = model_repository_copy
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    code, out, err = _run(["demo", "--repository", str(root), "--models", "lenet5,resnet18"], capsys)
+    code, out, err = run_cli(["demo", "--repository", str(root), "--models", "lenet5,resnet18"], capsys)
     assert code == 0, err
     assert [line.split()[:3] for line in out.splitlines()] == [
         ["lenet5", "v1", "up"],
@@ -264,7 +251,7 @@ def test_demo_brings_a_version_from_before_embeddings_up_to_date(
 
 
 def test_demo_exports_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run(["demo", "--repository", str(tmp_path / "r"), "--models", "googlenet"], capsys)
+    code, out, err = run_cli(["demo", "--repository", str(tmp_path / "r"), "--models", "googlenet"], capsys)
     assert code == 0, err
     (line,) = out.splitlines()
     fields = line.split()
@@ -298,4 +285,4 @@ def test_the_real_command_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 3
     assert result.stderr == f"error: checkpoint {missing} does not exist\n" and result.stdout == ""
-    assert _tree(tmp_path) == []
+    assert tree(tmp_path) == []

@@ -11,25 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli, tree
 from PIL import Image
 
-from export.__main__ import main
 from export.models import build
 from export.preprocessing import Preprocessing, to_tensor
 from export.repository import scan, verify_files
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 @pytest.fixture
@@ -51,7 +38,7 @@ def test_a_fine_tuned_checkpoint_exports_with_its_classes_labels_and_preprocessi
     from service.worker.loading import _build_module, _check_version
 
     work = three_classes
-    code, out, err = _run(
+    code, out, err = run_cli(
         ["onnx", "lenet5", "--weights", str(work / "ft.pt"), "--labels", str(work / "labels.txt"),
          "--preprocessing", str(work / "pre.json"), "--name", "shapes", "--repository", str(work / "repo")],
         capsys,
@@ -94,10 +81,10 @@ def test_what_does_not_fit_is_refused_naming_it_and_nothing_is_written(
         ([*labels, "--color-mode", "RGB"], 2, "color_mode RGB needs 3 mean and std values, got 1 and 1"),
     ]  # fmt: skip
     for extra, code, message in cases:
-        got, out, err = _run([*base, *extra], capsys)
+        got, out, err = run_cli([*base, *extra], capsys)
         assert (got, out) == (code, ""), (extra, err)
         assert err.startswith("error: ") and message in err, err
-    assert _tree(work / "repo") == []
+    assert tree(work / "repo") == []
 
 
 def test_invert_flips_pixels_before_normalization() -> None:

@@ -17,26 +17,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_runs import run_cli, tree
 from onnx import TensorProto, helper
 
-from export.__main__ import main
 from export.repository import read_version, scan, verify_files
 
 Build = Callable[..., Any]  # tests/conftest.py build_onnx_classifier
 PREPROCESSING = {"color_mode": "RGB", "resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 @pytest.fixture
@@ -62,7 +49,7 @@ def test_import_writes_a_version_the_engine_can_serve(
     work: Path, make_onnx_classifier: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = make_onnx_classifier(work / "model.onnx")
-    code, out, err = _run(_import(work, "model.onnx", "--trained-on", "my photos"), capsys)
+    code, out, err = run_cli(_import(work, "model.onnx", "--trained-on", "my photos"), capsys)
     assert code == 0, err
     assert "mine v1" in out and "5 classes, input NCHW, batch dynamic" in out
     (version,) = scan(work / "repo", strict=True)
@@ -98,7 +85,7 @@ def test_a_fixed_batch_of_one_is_made_dynamic_and_runs_batches(
     work: Path, make_onnx_classifier: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_onnx_classifier(work / "fixed.onnx", batch=1)
-    code, out, err = _run(_import(work, "fixed.onnx"), capsys)
+    code, out, err = run_cli(_import(work, "fixed.onnx"), capsys)
     assert code == 0, err
     assert "batch made dynamic (was fixed 1)" in out
     (version,) = scan(work / "repo", strict=True)
@@ -114,7 +101,7 @@ def test_nhwc_gets_a_transpose_in_front_and_serves_nchw(
     work: Path, make_onnx_classifier: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = make_onnx_classifier(work / "nhwc.onnx", layout="NHWC")
-    code, out, err = _run(_import(work, "nhwc.onnx"), capsys)
+    code, out, err = run_cli(_import(work, "nhwc.onnx"), capsys)
     assert code == 0, err
     assert "input NHWC" in out
     (version,) = scan(work / "repo", strict=True)
@@ -135,7 +122,7 @@ def test_external_data_inside_the_folder_is_copied_into_the_version(
         onnx_classifier(), str(work / "ext.onnx"), save_as_external_data=True,
         all_tensors_to_one_file=True, location="weights/ext.bin", size_threshold=0,
     )  # fmt: skip
-    code, _, err = _run(_import(work, "ext.onnx"), capsys)
+    code, _, err = run_cli(_import(work, "ext.onnx"), capsys)
     assert code == 0, err
     (version,) = scan(work / "repo", strict=True)
     assert set(version.metadata["files"]) == {"model.onnx", "model.onnx.data"}
@@ -189,33 +176,28 @@ def _external_outside(path: Path, onnx_classifier: Build) -> None:
         location="data.bin", size_threshold=0,
     )  # fmt: skip
     (path.parent / "data.bin").rename(path.parent.parent / "outside.bin")
+    _relocate(path, "../outside.bin")
+
+
+def _relocate(path: Path, location: str) -> None:
+    """Point every external tensor of the model at `path` to `location`."""
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
-                entry.value = "../outside.bin"
+                entry.value = location
     onnx.save_model(model, str(path))
 
 
 def _external_absolute(path: Path, onnx_classifier: Build) -> None:
     _external_outside(path, onnx_classifier)
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = str(path.parent.parent / "outside.bin")
-    onnx.save_model(model, str(path))
+    _relocate(path, str(path.parent.parent / "outside.bin"))
 
 
 def _external_symlink(path: Path, onnx_classifier: Build) -> None:
     _external_outside(path, onnx_classifier)
     os.symlink(path.parent.parent / "outside.bin", path.parent / "link.bin")
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "link.bin"
-    onnx.save_model(model, str(path))
+    _relocate(path, "link.bin")
 
 
 BAD = {
@@ -240,12 +222,12 @@ def test_bad_imports_are_refused_and_write_nothing(
     (work / "models").mkdir()
     make, message = BAD[kind]
     make(work / "models" / "bad.onnx", build_onnx_classifier)
-    before = _tree(work / "repo")
-    code, out, err = _run(_import(work, "models/bad.onnx"), capsys)
+    before = tree(work / "repo")
+    code, out, err = run_cli(_import(work, "models/bad.onnx"), capsys)
     assert code == 4, (code, err)
     assert err.count("\n") == 1 and err.startswith("error: cannot import bad.onnx: "), err
     assert message in err, err
-    assert out == "" and _tree(work / "repo") == before
+    assert out == "" and tree(work / "repo") == before
 
 
 def test_labels_and_preprocessing_that_do_not_fit_are_refused(
@@ -267,18 +249,18 @@ def test_labels_and_preprocessing_that_do_not_fit_are_refused(
         (["--layout", "NHWC"], 4, "(NHWC) has 32 channels but the preprocessing gives 3"),
     ]
     for extra, code, message in cases:
-        got, out, err = _run([*_import(work, "model.onnx"), *extra], capsys)
+        got, out, err = run_cli([*_import(work, "model.onnx"), *extra], capsys)
         assert (got, out) == (code, ""), (extra, err)
         assert message in err, err
     (work / "bad.json").write_text('{"colour_mode": "RGB"}')
-    got, _, err = _run([*_import(work, "model.onnx"), "--preprocessing", str(work / "bad.json")], capsys)
+    got, _, err = run_cli([*_import(work, "model.onnx"), "--preprocessing", str(work / "bad.json")], capsys)
     assert got == 2 and "unknown keys ['colour_mode']" in err
-    got, _, err = _run(
+    got, _, err = run_cli(
         ["import", str(work / "model.onnx"), "--name", "x", "--labels", str(work / "labels.txt"),
          "--repository", str(work / "repo")], capsys,
     )  # fmt: skip
     assert got == 2 and "must give color_mode, crop, mean, std" in err
-    assert _tree(work / "repo") == []
+    assert tree(work / "repo") == []
 
 
 def test_an_imported_version_fails_validation_if_it_claims_gradients(
@@ -287,7 +269,7 @@ def test_an_imported_version_fails_validation_if_it_claims_gradients(
     from export.errors import MetadataError
 
     make_onnx_classifier(work / "model.onnx")
-    assert _run(_import(work, "model.onnx"), capsys)[0] == 0
+    assert run_cli(_import(work, "model.onnx"), capsys)[0] == 0
     path = work / "repo" / "mine" / "1" / "metadata.json"
     meta = json.loads(path.read_text())
     meta["capabilities"]["explain"] = True
@@ -303,7 +285,7 @@ def test_a_final_softmax_is_dropped_so_probabilities_are_not_squashed_twice(
     model.graph.node[-1].output[0] = "raw"
     model.graph.node.append(helper.make_node("Softmax", ["raw"], ["logits"], axis=-1))
     onnx.save_model(model, str(work / "softmax.onnx"))
-    assert _run(_import(work, "softmax.onnx"), capsys)[0] == 0
+    assert run_cli(_import(work, "softmax.onnx"), capsys)[0] == 0
     (version,) = scan(work / "repo", strict=True)
     assert version.metadata["imported"]["softmax_dropped"] is True
     x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
