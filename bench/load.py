@@ -46,6 +46,17 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)  # of the requests finished in the window
     error_samples: list[str] = field(default_factory=list)
 
+    def record(self, ok: bool, t0: float, t1: float, start_at: float, end_at: float) -> None:
+        """One request sent at t0 and answered at t1. Throughput: completions inside the window.
+        Latency: those, whatever their start (a request queued behind the warm-up is still a
+        request the server answered)."""
+        if start_at <= t1 <= end_at:
+            if ok:
+                self.completed += 1
+                self.latencies_s.append(t1 - t0)
+            else:
+                self.errors += 1
+
     def merge(self, other: LoadResult) -> None:
         self.completed += other.completed
         self.errors += other.errors
@@ -84,15 +95,7 @@ async def _unary_load(
                     ok = False
                     if len(result.error_samples) < 5:
                         result.error_samples.append(f"{exc.code().name}: {exc.details()}")
-                t1 = time.time()
-                # Throughput: completions inside the window. Latency: those, whatever their start
-                # (a request queued behind the warm-up is still a request the server answered).
-                if start_at <= t1 <= end_at:
-                    if ok:
-                        result.completed += 1
-                        result.latencies_s.append(t1 - t0)
-                    else:
-                        result.errors += 1
+                result.record(ok, t0, time.time(), start_at, end_at)
 
         await asyncio.gather(*(one_task(stubs[n % connections]) for n in range(concurrency)))
     finally:
@@ -189,12 +192,7 @@ def _rest_load(
                 with lock:
                     if not ok and len(result.error_samples) < 5:
                         result.error_samples.append(error)
-                    if start_at <= t1 <= end_at:
-                        if ok:
-                            result.completed += 1
-                            result.latencies_s.append(t1 - t0)
-                        else:
-                            result.errors += 1
+                    result.record(ok, t0, t1, start_at, end_at)
         finally:
             connection.close()
 
