@@ -107,9 +107,10 @@ def _json(document: Any, status: int = 200, headers: dict[str, str] | None = Non
 
 
 def error_response(status: int, message: str) -> Response:
+    # A 413 keeps the connection: uvicorn reads and drops the rest of the body once the answer is
+    # sent. Closing instead would reset the connection under a client still sending, and a reset
+    # can discard the answer before the client reads it.
     headers = {"Retry-After": "1"} if status in (429, 503) else {}
-    if status == 413:
-        headers["Connection"] = "close"  # its body was left unread
     return _json({"error": message}, status, headers)
 
 
