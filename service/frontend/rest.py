@@ -376,7 +376,10 @@ def _compressed(body: bytes, accept_encoding: str) -> tuple[bytes, str]:
 def bind_socket(host: str, port: int, *, share_port: bool) -> socket.socket:
     """A listening TCP socket on host:port; share_port: SO_REUSEPORT, beside sibling frontends."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose proto says
+    # TCP. Without it uvicorn's answer (headers, then body: two writes) waited on Nagle for the
+    # client's delayed ACK, 40 ms a call (measured: 44 ms for any JSON answer, 0.2 ms for an empty one).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if share_port:
