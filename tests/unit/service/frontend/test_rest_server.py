@@ -33,3 +33,42 @@ def test_accepted_connections_have_nagle_off() -> None:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         h.close()
+
+
+def test_max_concurrent_rpcs_caps_rest_calls_with_a_429() -> None:
+    """The REST calls in progress are capped like gRPC's (max_concurrent_rpcs): one over is a 429
+    naming the setting, with Retry-After, and the cap frees as calls finish."""
+    import asyncio
+    import json
+
+    from starlette.responses import Response
+
+    h = Harness(FakeEngine(), http_port=_free_port(), max_concurrent_rpcs=1)
+    try:
+        api = h.server.rest_api
+        assert api is not None
+
+        async def scenario() -> tuple[int, dict[str, object], str, int]:
+            release = asyncio.Event()
+
+            async def slow(rpc: object) -> Response:
+                await release.wait()
+                return Response(status_code=200)
+
+            async def quick(rpc: object) -> Response:
+                return Response(status_code=200)
+
+            first = asyncio.create_task(api._call("ModelInfer", slow))
+            await asyncio.sleep(0.05)
+            refused = await api._call("ModelInfer", quick)
+            release.set()
+            await first
+            after = await api._call("ModelInfer", quick)
+            body = json.loads(bytes(refused.body))
+            return refused.status_code, body, refused.headers.get("retry-after", ""), after.status_code
+
+        status, body, retry_after, after = h.run(scenario())
+        assert status == 429 and "max_concurrent_rpcs is 1" in str(body["error"]) and retry_after == "1"
+        assert after == 200
+    finally:
+        h.close()
