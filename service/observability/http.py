@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 # (ready?, reason shown when not ready)
 ReadinessProbe = Callable[[], tuple[bool, str]]
 NOT_FOUND_BODY = b"not found: only GET /metrics and GET /healthz\n"
+COLLECT_ATTEMPTS = 3
+COLLECT_RETRY_S = 0.02
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -44,10 +47,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            try:
-                body = encoder(self.server.registry)
-            except Exception:  # noqa: BLE001 - a broken collector must not kill the endpoint silently
-                log.exception("collecting metrics failed")
+            body = self._collect(encoder)
+            if body is None:
                 self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"collecting metrics failed\n")
                 return
             self._send(HTTPStatus.OK, body, content_type)
@@ -59,6 +60,22 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n".encode())
         else:
             self._not_found()
+
+    def _collect(self, encoder: Callable[[CollectorRegistry], bytes]) -> bytes | None:
+        """The exposition, or None when collecting fails COLLECT_ATTEMPTS times in a row. Under
+        `serve --frontends N` the registry reads every process's metrics file, and a file a process
+        is creating that very moment can read as truncated (a fresh-clone CI run saw one scrape fail
+        while a replacement supervisor's children started): such a read is retried, not answered
+        500."""
+        for attempt in range(COLLECT_ATTEMPTS):
+            try:
+                return encoder(self.server.registry)
+            except Exception:  # noqa: BLE001 - a broken collector must not kill the endpoint silently
+                if attempt == COLLECT_ATTEMPTS - 1:
+                    log.exception("collecting metrics failed")
+                    return None
+                time.sleep(COLLECT_RETRY_S)
+        return None
 
     def _not_found(self) -> None:
         if self.command != "GET":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import http.client
 import socket
+import struct
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Metric
 
 from service.observability.http import NOT_FOUND_BODY, MetricsHTTPServer
 
@@ -64,6 +65,33 @@ def test_get_metrics_and_healthz(port: int) -> None:
     assert headers["Content-Type"].startswith("text/plain")
     assert request(port, "GET", "/metrics?name[]=x")[0] == 200
     assert request(port, "GET", "/healthz")[:2] == (200, b"ok\n")
+
+
+class _Flaky:
+    """A collector that fails its first `failures` collections (a metrics file read mid-write)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    def collect(self) -> Iterator[Metric]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise struct.error("unpack_from requires a buffer of at least 8 bytes")
+        yield from Counter("cnnserve_flaky_total", "a counter", registry=None).collect()
+
+
+@pytest.mark.parametrize(("failures", "status"), [(2, 200), (3, 500)])
+def test_a_failed_collection_is_retried_before_it_is_a_500(failures: int, status: int) -> None:
+    registry = CollectorRegistry()
+    registry.register(_Flaky(failures))  # type: ignore[arg-type]
+    server = MetricsHTTPServer("127.0.0.1", 0, registry, lambda: (True, ""))
+    server.start()
+    try:
+        got, body, _ = request(server.port, "GET", "/metrics")
+        assert got == status
+        assert (b"cnnserve_flaky_total 0.0" in body) == (status == 200)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if p not in ("/metrics", "/healthz")])
