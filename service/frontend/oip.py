@@ -156,6 +156,9 @@ class OpenInference:
     def model_metadata(self, name: str, version: str, rpc: Rpc) -> pb.ModelMetadataResponse:
         model = self.resolve(name, version)
         rpc.model = model.name
+        return self.metadata_of(model)
+
+    def metadata_of(self, model: LoadedModel) -> pb.ModelMetadataResponse:
         versions = sorted(m.version for m in self._state.models.models() if m.name == model.name)
         classes = [-1, model.num_classes]
         tensor = pb.ModelMetadataResponse.TensorMetadata

@@ -45,7 +45,7 @@ from starlette.routing import Route
 from service.catalog import UNTRAINED_WARNING
 from service.errors import InvalidArgument, ResourceExhausted, checked_response
 from service.frontend.calls import Rpc
-from service.frontend.oip import EXTENSIONS, OpenInference
+from service.frontend.oip import EXTENSIONS, OpenInference, parse_version
 from service.frontend.rest_tensors import HEADER_LENGTH, metadata_json, parse_infer, render_infer
 from service.observability.metrics import INFLIGHT, child
 
@@ -247,10 +247,10 @@ class RestApi:
 
     async def model_metadata(self, request: Request) -> Response:
         async def work(rpc: Rpc) -> Response:
-            model, version = _target(request)
-            metadata = self._oip.model_metadata(model, version, rpc)
-            document = metadata_json(metadata)
-            if not self._oip.resolve(model, version).trained:
+            loaded = self._oip.resolve(*_target(request))
+            rpc.model = loaded.name
+            document = metadata_json(self._oip.metadata_of(loaded))
+            if not loaded.trained:
                 document["parameters"] = {"untrained": True, "warning": UNTRAINED_WARNING}
             return _json(document)
 
@@ -294,11 +294,7 @@ class RestApi:
             model, version = _target(request)
             top_k = _query_int(query, "top_k", 0)
             timeout_ms = _query_int(query, "timeout_ms", None)
-            version_number = int(version) if version.isdecimal() else -1 if version else 0
-            if version_number < 0:
-                raise InvalidArgument(
-                    f"model version must be a positive integer, got {version!r}", reason="invalid_argument"
-                )
+            version_number = parse_version(version) or 0  # the same rule as /infer's; 0: the latest
             image = await self._body(request)
             grpc_request = cnnserve_pb.ClassifyRequest(
                 model=model, version=version_number, top_k=top_k, image=cnnserve_pb.ImageInput(encoded=image)
